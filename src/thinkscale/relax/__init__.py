@@ -1,0 +1,1 @@
+"""Relaxed data-parallel training (the BAGUA system) on torch.distributed."""
