@@ -1,0 +1,262 @@
+"""The built-in reasoning task: seeded multi-step integer arithmetic, solved one operation per step.
+
+    question:   What is (23 + 58) * 3 - 17?
+    completion: 23 + 58 = 81.\\n\\n81 * 3 = 243.\\n\\n243 - 17 = 226.\\n\\n</think>\\n\\boxed{226}
+
+Designed so a tiny model learns it from scratch in minutes: steps follow evaluation order (left
+operand first), each step is one operation whose operands were either in the question or computed in
+the previous steps, and every intermediate value is an integer inside [min_value, max_value]
+(division only when exact). Questions print with the fewest parentheses that still parse back to the
+same expression tree, so the step order is determined by the question alone.
+
+Splits are disjoint by construction: a stable hash of the question text assigns it to the training
+pool or to the evaluation pool; `test` and `hard` draw from the evaluation pool (and `hard` skips
+questions already in `test`), so a question never appears in two splits whatever the sizes asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field, replace
+from typing import Union
+
+from . import format_completion, format_prompt
+
+OPERATORS = ("+", "-", "*", "/")
+SHAPES = ("chain", "tree")
+SPLITS = ("train", "test", "hard")
+EVAL_POOL_FRACTION = 0.1  # share of all questions reserved for test/hard (by hash of the text)
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+_MAX_ATTEMPTS_PER_PROBLEM = 2000
+
+
+@dataclass(frozen=True)
+class ArithmeticConfig:
+    """Difficulty knobs of the arithmetic task.
+
+    min_ops/max_ops: operations (= reasoning steps) per problem, drawn uniformly.
+    min_digits/max_digits: digits per operand, drawn uniformly (operands have no leading zero, are >= 1).
+    operators: any of "+", "-", "*", "/" ("/" only ever appears as an exact division).
+    max_value: bound on |every intermediate value|; negative values only when allow_negative.
+    shape: "chain" = left to right, e.g. (23 + 58) * 3 - 17; "tree" = random expression trees,
+        e.g. 23 + 58 * (3 - 1), which also need operator precedence and parentheses.
+    """
+
+    min_ops: int = 2
+    max_ops: int = 4
+    min_digits: int = 1
+    max_digits: int = 2
+    operators: tuple[str, ...] = ("+", "-", "*")
+    max_value: int = 999
+    allow_negative: bool = False
+    shape: str = "chain"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_ops <= self.max_ops:
+            raise ValueError(f"need 1 <= min_ops <= max_ops, got min_ops={self.min_ops}, max_ops={self.max_ops}")
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise ValueError(
+                f"need 1 <= min_digits <= max_digits, got min_digits={self.min_digits}, max_digits={self.max_digits}"
+            )
+        if isinstance(self.operators, str) or not self.operators:
+            raise TypeError(f"operators must be a non-empty tuple drawn from {OPERATORS}, got {self.operators!r}")
+        unknown = [op for op in self.operators if op not in OPERATORS]
+        if unknown:
+            raise ValueError(f"unknown operators {unknown}; allowed: {OPERATORS}")
+        if self.max_value < 10 ** self.min_digits - 1:
+            raise ValueError(
+                f"max_value={self.max_value} is below the smallest {self.min_digits}-digit operands can reach; "
+                f"use at least {10 ** self.min_digits - 1}"
+            )
+        if self.shape not in SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; allowed: {SHAPES}")
+
+    def harder(self) -> "ArithmeticConfig":
+        """The held-out harder setting: two more operations and one more digit than this config allows."""
+        return replace(
+            self,
+            min_ops=self.max_ops + 1,
+            max_ops=self.max_ops + 2,
+            max_digits=self.max_digits + 1,
+            max_value=self.max_value * 10 + 9,
+        )
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One question with its exact answer and its solution steps (each "a op b = c", no delimiter)."""
+
+    question: str
+    answer: str
+    steps: tuple[str, ...] = field(default=())
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self.question)
+
+    @property
+    def completion(self) -> str:
+        """The target text after the prompt (the tokenizer appends EOS)."""
+        return format_completion(self.steps, self.answer)
+
+    def to_record(self) -> dict:
+        """A JSONL record in the format `tasks.jsonl` reads."""
+        return {"question": self.question, "answer": self.answer, "solution": self.completion}
+
+
+# An expression tree: an int leaf, or (operator, left, right).
+Expr = Union[int, tuple]
+
+
+class _Rejected(Exception):
+    """A drawn problem broke a constraint (range, exact division); draw again."""
+
+
+def _random_skeleton(rng: random.Random, n_ops: int, config: ArithmeticConfig):
+    """Tree shape with operators and empty leaves (None), `n_ops` internal nodes."""
+    if n_ops == 0:
+        return None
+    op = rng.choice(config.operators)
+    if config.shape == "chain":
+        return (op, _random_skeleton(rng, n_ops - 1, config), None)
+    n_left = rng.randint(0, n_ops - 1)
+    return (op, _random_skeleton(rng, n_left, config), _random_skeleton(rng, n_ops - 1 - n_left, config))
+
+
+def _random_operand(rng: random.Random, config: ArithmeticConfig) -> int:
+    digits = rng.randint(config.min_digits, config.max_digits)
+    return rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+
+def _apply(op: str, a: int, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if b == 0 or a % b != 0:
+        raise _Rejected
+    return a // b
+
+
+def _fill(rng: random.Random, skeleton, config: ArithmeticConfig, steps: list[str]) -> tuple[Expr, int]:
+    """Draw leaves in evaluation order and evaluate; appends one step per operation to `steps`."""
+    if skeleton is None:
+        value = _random_operand(rng, config)
+        return value, value
+    op, left_skeleton, right_skeleton = skeleton
+    left, a = _fill(rng, left_skeleton, config, steps)
+    if op == "/" and right_skeleton is None:
+        # Draw the divisor among the exact divisors of the left value, so division is not mostly rejected.
+        lo, hi = 10 ** (config.min_digits - 1), 10**config.max_digits - 1
+        divisors = [d for d in range(max(lo, 2), min(hi, abs(a)) + 1) if a % d == 0]
+        if not divisors:
+            raise _Rejected
+        right = b = rng.choice(divisors)
+    else:
+        right, b = _fill(rng, right_skeleton, config, steps)
+    value = _apply(op, a, b)
+    lowest = -config.max_value if config.allow_negative else 0
+    if not lowest <= value <= config.max_value:
+        raise _Rejected
+    steps.append(f"{a} {op} {b} = {value}")
+    return (op, left, right), value
+
+
+def render(expr: Expr) -> str:
+    """The expression with the fewest parentheses that still parse back to the same tree."""
+    if isinstance(expr, int):
+        return str(expr)
+    op, left, right = expr
+    left_text, right_text = render(left), render(right)
+    if not isinstance(left, int) and _PRECEDENCE[left[0]] < _PRECEDENCE[op]:
+        left_text = f"({left_text})"
+    # A right operand of equal precedence needs parentheses too: `a + (b + c)` is a different tree
+    # (and a different step order) from `a + b + c`.
+    if not isinstance(right, int) and _PRECEDENCE[right[0]] <= _PRECEDENCE[op]:
+        right_text = f"({right_text})"
+    return f"{left_text} {op} {right_text}"
+
+
+def random_problem(rng: random.Random, config: ArithmeticConfig) -> Problem:
+    """One problem drawn from `rng` (rejection sampling until every constraint holds)."""
+    # Draw the number of operations once: retrying it with the rest would favour short problems,
+    # which stay in range more often.
+    n_ops = rng.randint(config.min_ops, config.max_ops)
+    for _ in range(_MAX_ATTEMPTS_PER_PROBLEM):
+        skeleton = _random_skeleton(rng, n_ops, config)
+        steps: list[str] = []
+        try:
+            expr, value = _fill(rng, skeleton, config, steps)
+        except _Rejected:
+            continue
+        return Problem(question=f"What is {render(expr)}?", answer=str(value), steps=tuple(steps))
+    raise ValueError(
+        f"could not draw a problem within max_value={config.max_value} in {_MAX_ATTEMPTS_PER_PROBLEM} "
+        f"attempts; raise max_value or use fewer operations/digits ({config})"
+    )
+
+
+def in_eval_pool(question: str) -> bool:
+    """Whether `question` belongs to the evaluation pool (test/hard) rather than training; stable across runs."""
+    digest = hashlib.sha256(question.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < EVAL_POOL_FRACTION
+
+
+def generate(
+    config: ArithmeticConfig,
+    n: int,
+    seed: int,
+    split: str = "train",
+    exclude: frozenset[str] | set[str] = frozenset(),
+) -> list[Problem]:
+    """`n` distinct problems for `split`, deterministic for (config, n, seed, split, exclude).
+
+    "train" draws from the training pool, "test" and "hard" from the evaluation pool (see the module
+    docstring); `config` decides the difficulty, so pass `config.harder()` for the hard split.
+    Questions in `exclude` are skipped.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {SPLITS}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    want_eval = split != "train"
+    rng = random.Random(f"thinkscale-arithmetic:{seed}:{split}")
+    problems: list[Problem] = []
+    seen: set[str] = set(exclude)
+    misses = 0
+    # Each accepted problem costs ~1 draw for train and ~10 for the evaluation pool; a long run of
+    # misses means the problem space is too small for `n`.
+    max_misses = 200 * (n + 10) * (10 if want_eval else 1)
+    while len(problems) < n:
+        problem = random_problem(rng, config)
+        if problem.question in seen or in_eval_pool(problem.question) != want_eval:
+            misses += 1
+            if misses > max_misses:
+                raise ValueError(
+                    f"found only {len(problems)} of {n} distinct {split} problems; the problem space of "
+                    f"{config} is too small: allow more operations, digits or operators"
+                )
+            continue
+        seen.add(problem.question)
+        problems.append(problem)
+    return problems
+
+
+def make_splits(
+    config: ArithmeticConfig,
+    seed: int,
+    n_train: int,
+    n_test: int,
+    n_hard: int = 0,
+    hard_config: ArithmeticConfig | None = None,
+) -> dict[str, list[Problem]]:
+    """Train, test and hard splits with pairwise disjoint questions; hard uses `config.harder()` by default."""
+    test = generate(config, n_test, seed, "test")
+    hard_config = config.harder() if hard_config is None else hard_config
+    return {
+        "train": generate(config, n_train, seed, "train"),
+        "test": test,
+        "hard": generate(hard_config, n_hard, seed, "hard", exclude={p.question for p in test}),
+    }
