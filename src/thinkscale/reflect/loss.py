@@ -1,0 +1,88 @@
+"""SPR loss (outcome-supervised step loss) and the trajectory score: pure tensor math."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+POSITIVE_FACTOR = 1.5  # the spec's extra weight on steps of correct trajectories
+MIN_STEP_PROB = 1e-10  # floor on step probabilities inside the geometric mean
+
+
+def trajectory_score(step_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Geometric mean of step probabilities over masked positions: exp(mean log max(sigmoid(s), 1e-10)).
+
+    `step_logits` and `mask` have shape (..., T); returns shape (...). 0.0 where a row has no step.
+    """
+    if step_logits.shape != mask.shape:
+        raise ValueError(f"step_logits {tuple(step_logits.shape)} and mask {tuple(mask.shape)} differ in shape")
+    mask = mask.to(torch.bool)
+    # log(max(sigmoid(s), eps)) == max(logsigmoid(s), log eps), without underflow
+    log_p = F.logsigmoid(step_logits.float()).clamp(min=math.log(MIN_STEP_PROB))
+    count = mask.sum(dim=-1)
+    mean_log = torch.where(mask, log_p, torch.zeros_like(log_p)).sum(dim=-1) / count.clamp(min=1)
+    return torch.where(count > 0, mean_log.exp(), torch.zeros_like(mean_log))
+
+
+def spr_loss(
+    step_logits: torch.Tensor,
+    mask: torch.Tensor,
+    outcome: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Self-supervised process reward loss of the SPRM head (spec: "SPR loss").
+
+    step_logits (B, T) head logits; mask (B, T) scored positions (`step_mask`); outcome (B,) 1 = final
+    answer correct, 0 = wrong; valid (B,) False drops a trajectory entirely (pass
+    ``~(truncated & wrong)``). With `process_group`, the class counts P and N are summed over its ranks
+    (all_reduce SUM, no gradient) before the +1 smoothing, so every rank weights by global counts; the
+    final normalization by sum(weight) stays local. Every rank must call this when a group is given.
+
+    Returns (loss, stats). stats: P, N (smoothed global counts), steps (local scored steps of valid
+    rows), trained_steps (local steps passing the pseudo-label filter), score_correct / score_wrong
+    (mean trajectory score over all rows of that outcome, NaN when the batch has none).
+    """
+    if step_logits.dim() != 2 or mask.shape != step_logits.shape:
+        raise ValueError(
+            f"step_logits and mask must both be (B, T); got {tuple(step_logits.shape)} and {tuple(mask.shape)}"
+        )
+    B = step_logits.shape[0]
+    if outcome.shape != (B,):
+        raise ValueError(f"outcome must have shape ({B},), got {tuple(outcome.shape)}")
+    y_row = outcome.to(step_logits.device, torch.float32)
+    if not torch.all((y_row == 0) | (y_row == 1)):
+        raise ValueError("outcome must hold only 0 (wrong) and 1 (correct)")
+    keep = mask.to(torch.bool)
+    if valid is not None:
+        if valid.shape != (B,):
+            raise ValueError(f"valid must have shape ({B},), got {tuple(valid.shape)}")
+        keep = keep & valid.to(keep.device, torch.bool)[:, None]
+
+    s = step_logits.float()
+    y = y_row[:, None].expand_as(s)  # (B, T)
+    agrees = ((s > 0) & (y == 1)) | ((s < 0) & (y == 0))  # pseudo-label filter
+    w = (keep & agrees).float().detach()
+    counts = torch.stack([(w * y).sum(), (w * (1 - y)).sum()]).detach()
+    if process_group is not None:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=process_group)
+    P, N = counts[0] + 1.0, counts[1] + 1.0
+    T_ = P + N
+    weight = w * (POSITIVE_FACTOR * (N / T_) * y + (P / T_) * (1 - y))
+    bce = F.binary_cross_entropy_with_logits(s, y, reduction="none")
+    loss = (weight * bce).sum() / (weight.sum() + 1e-5)
+
+    with torch.no_grad():
+        scores = trajectory_score(s, mask.to(torch.bool))
+        correct, wrong = y_row == 1, y_row == 0
+        stats = {
+            "P": P.item(),
+            "N": N.item(),
+            "steps": float(keep.sum().item()),
+            "trained_steps": float(w.sum().item()),
+            "score_correct": scores[correct].mean().item() if correct.any() else math.nan,
+            "score_wrong": scores[wrong].mean().item() if wrong.any() else math.nan,
+        }
+    return loss, stats

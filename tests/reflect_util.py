@@ -1,0 +1,52 @@
+"""Shared helpers for the reflect tests: a tiny trained BPE tokenizer and tiny models from a config."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+CORPUS = [
+    "First we add the numbers. Then we check the sum.\n\nThe answer is 12.",
+    "<think>Let us think step by step.\n\nTwo plus two is four.\n\nSo it is 4.</think> The answer is 4.",
+    "Compute 3 times 5 (carefully).\n\nThat is 15!\n\nDone.",
+    "We know x = 2 and y = 3.\n\n\nHence x + y = 5.",
+] * 20
+
+
+@functools.lru_cache(maxsize=None)
+def bpe_tokenizer():
+    """A byte-level BPE trained in well under a second; '.' and '\\n\\n' stay separate tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<eos>", "<think>", "</think>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_policy(kind: str = "llama", vocab_size: int = 320, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """A randomly initialised causal LM of the given family, small enough for CPU tests."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    if kind == "llama":
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+        model = Qwen2ForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    return model.eval()
