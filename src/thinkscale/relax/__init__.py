@@ -1,1 +1,10 @@
-"""Relaxed data-parallel training (the BAGUA system) on torch.distributed."""
+"""Relaxed data-parallel training (the BAGUA system) on torch.distributed.
+
+    from thinkscale.relax import DataParallel, algorithms
+    model = DataParallel(module, optimizer, algorithm="bytegrad")
+"""
+from . import algorithms, quantize
+from .comm import CommunicationError
+from .wrapper import DataParallel
+
+__all__ = ["DataParallel", "algorithms", "quantize", "CommunicationError"]

@@ -1,0 +1,36 @@
+"""Relaxation algorithms, one module each, and the registry that resolves them by name."""
+from __future__ import annotations
+
+from .base import Algorithm, AlgorithmImpl
+from .bytegrad import ByteGrad
+from .gradient_allreduce import GradientAllReduce
+
+# name -> config class. One registry: the engine, the CLI and error messages all read it.
+REGISTRY: dict[str, type[Algorithm]] = {
+    GradientAllReduce.name: GradientAllReduce,
+    ByteGrad.name: ByteGrad,
+}
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def resolve(algorithm: "str | Algorithm", **options) -> Algorithm:
+    """An Algorithm from a name (with options) or an Algorithm instance (options not allowed)."""
+    if isinstance(algorithm, Algorithm):
+        if options:
+            raise TypeError("pass options either to the Algorithm object or with a name, not both")
+        return algorithm
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm must be a name or an Algorithm object, got {type(algorithm).__name__}")
+    try:
+        cls = REGISTRY[algorithm]
+    except KeyError:
+        raise ValueError(
+            f"unknown algorithm {algorithm!r}; choose one of: {', '.join(names())}"
+        ) from None
+    return cls(**options)
+
+
+__all__ = ["Algorithm", "AlgorithmImpl", "ByteGrad", "GradientAllReduce", "REGISTRY", "names", "resolve"]

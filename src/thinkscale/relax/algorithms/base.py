@@ -1,0 +1,72 @@
+"""The algorithm contract: a user-facing config (`Algorithm`) and its per-model runtime (`AlgorithmImpl`).
+
+`Algorithm` is a dataclass of options a user can read in one screen; it holds no process group.
+`Algorithm.reify(engine)` builds the runtime for one wrapped model, which implements any of the hooks
+below. The engine (`DataParallel`) calls them at fixed points of the training loop:
+
+    forward:   before_forward()                      main thread, before the module runs
+    backward:  on_bucket_ready(bucket) -> job|None   a job runs on the ordered comm thread
+               after_backward()                      once every bucket's job finished; grads only
+    step:      before_step() / after_step()          optimizer step pre/post hooks
+
+Hooks must not change parameters before `before_step` (autograd may still need them in backward).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+if TYPE_CHECKING:
+    from ..buckets import Bucket
+    from ..wrapper import DataParallel
+
+
+@dataclass
+class Algorithm:
+    """Base config. Subclasses are dataclasses that set `name` and implement `reify`."""
+
+    name: ClassVar[str] = ""
+    # Whether the engine should refuse an optimizer that does not update every trainable parameter.
+    requires_full_optimizer: ClassVar[bool] = False
+
+    def reify(self, engine: "DataParallel") -> "AlgorithmImpl":
+        raise NotImplementedError
+
+    @property
+    def hierarchical_requested(self) -> bool:
+        return bool(getattr(self, "hierarchical", False))
+
+    def bucket_pad_multiple(self, world_size: int) -> int:
+        """Buckets are padded so their length divides by this (e.g. the world size for chunking)."""
+        return 1
+
+
+class AlgorithmImpl:
+    """Runtime of one algorithm on one wrapped model. Every hook is optional."""
+
+    def __init__(self, engine: "DataParallel"):
+        self.engine = engine
+
+    def before_forward(self) -> None:
+        pass
+
+    def on_bucket_ready(self, bucket: "Bucket") -> Callable[[], None] | None:
+        return None
+
+    def after_backward(self) -> None:
+        pass
+
+    def before_step(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

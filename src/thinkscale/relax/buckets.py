@@ -1,0 +1,96 @@
+"""Gradient buckets: parameters grouped in (approximate) backward order, one flat buffer each.
+
+Parameters are taken in reversed registration order (backward visits the last layers first), split by
+dtype, and a bucket closes once it holds `bucket_bytes` (it may overshoot by one tensor). Each bucket
+owns one contiguous buffer; every parameter's `.grad` is a view into it, so autograd accumulates
+straight into the buffer and a bucket is communicated without packing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Bucket:
+    index: int
+    params: list[torch.nn.Parameter]
+    flat: torch.Tensor  # 1-D, numel >= sum of param sizes (padded for some algorithms)
+    views: list[torch.Tensor] = field(default_factory=list)  # grad views, one per param
+    ready: set[int] = field(default_factory=set)  # ids of params whose grad is final this iteration
+
+    @property
+    def numel(self) -> int:
+        """Elements that belong to parameters (the padding excluded)."""
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def is_ready(self) -> bool:
+        return len(self.ready) == len(self.params)
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of `flat` shaped like each parameter, in this bucket's layout."""
+        out, offset = [], 0
+        for p in self.params:
+            out.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return out
+
+    def attach_grads(self) -> None:
+        """Make every param.grad the bucket view again (after zero_grad(set_to_none=True), say),
+        keeping any gradient already there."""
+        for p, view in zip(self.params, self.views):
+            if p.grad is None:
+                view.zero_()
+                p.grad = view
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+                p.grad = view
+
+
+def plan_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[torch.nn.Parameter]]:
+    """Group parameters into buckets: reversed order, one dtype per bucket, closed at `bucket_bytes`.
+    Buckets are listed in the order backward is expected to complete them (by their first tensor)."""
+    open_by_dtype: dict[torch.dtype, tuple[int, list[torch.nn.Parameter], int]] = {}
+    planned: list[tuple[int, list[torch.nn.Parameter]]] = []
+    for position, p in enumerate(reversed(params)):
+        first, group, size = open_by_dtype.get(p.dtype, (position, [], 0))
+        group.append(p)
+        size += p.numel() * p.element_size()
+        if size >= bucket_bytes:
+            planned.append((first, group))
+            open_by_dtype.pop(p.dtype, None)
+        else:
+            open_by_dtype[p.dtype] = (first, group, size)
+    planned.extend((first, group) for first, group, _ in open_by_dtype.values())
+    return [group for _, group in sorted(planned, key=lambda item: item[0])]
+
+
+def build_buckets(
+    params: list[torch.nn.Parameter], bucket_bytes: int, pad_multiple: int = 1
+) -> list[Bucket]:
+    """Allocate each bucket's flat buffer (padded to `pad_multiple` elements) and attach grad views."""
+    buckets = []
+    for index, group in enumerate(plan_buckets(params, bucket_bytes)):
+        numel = sum(p.numel() for p in group)
+        padded = -(-numel // pad_multiple) * pad_multiple
+        flat = torch.zeros(padded, dtype=group[0].dtype, device=group[0].device)
+        bucket = Bucket(index=index, params=group, flat=flat)
+        bucket.views = bucket.split(flat)
+        bucket.attach_grads()
+        buckets.append(bucket)
+    return buckets
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One new contiguous 1-D copy of `tensors` (weight-space algorithms communicate these)."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive slices of `flat` back into `tensors` in place."""
+    offset = 0
+    for t in tensors:
+        t.data.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

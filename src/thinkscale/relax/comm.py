@@ -1,0 +1,219 @@
+"""Process groups and the handful of collectives the algorithms use.
+
+Everything goes through `Comm`, a process group plus its ranks, so algorithms never juggle global vs
+group ranks and work unchanged on the whole world or on the node leaders of hierarchical mode.
+Collectives are blocking calls: the engine runs them on one ordered background thread (see
+`OrderedExecutor`), which gives overlap with backward and the same launch order on every rank.
+Every group is created with a timeout, so a dead peer surfaces as an error instead of a hang.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+class CommunicationError(RuntimeError):
+    """A collective failed or timed out: most often a peer rank died or stopped calling in."""
+
+
+class Comm:
+    """A process group and the collectives used by the algorithms, addressed by group rank."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+        self.ranks: list[int] = dist.get_process_group_ranks(group) if group is not None else [0]
+        self.size = len(self.ranks)
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+    def _global(self, group_rank: int) -> int:
+        return self.ranks[group_rank]
+
+    def allreduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def allreduce_mean_(self, t: torch.Tensor) -> torch.Tensor:
+        # gloo has no ReduceOp.AVG: sum, then divide.
+        return self.allreduce_sum_(t).div_(self.size)
+
+    def allreduce_min_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return t
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.size > 1:
+            dist.broadcast(t, src=self._global(src), group=self.group)
+        return t
+
+    def reduce_sum_(self, t: torch.Tensor, dst: int = 0) -> torch.Tensor:
+        if self.size > 1:
+            dist.reduce(t, dst=self._global(dst), op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        """Row j of `t` (size rows) goes to rank j; row i of the result came from rank i."""
+        if self.size == 1:
+            return t.clone()
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t.contiguous(), group=self.group)
+        return out
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Stack every rank's `t` along a new first dimension (group rank order)."""
+        if self.size == 1:
+            return t.unsqueeze(0).clone()
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.stack(parts)
+
+    def exchange(self, t: torch.Tensor, peer: int) -> torch.Tensor:
+        """Send `t` to `peer` and receive its tensor of the same shape (blocking, deadlock-free).
+
+        The lower rank sends first; gloo's batched isend/irecv is avoided (known to hang).
+        """
+        if peer == self.rank:
+            return t.clone()
+        received = torch.empty_like(t)
+        src = dst = self._global(peer)
+        if self.rank < peer:
+            dist.send(t.contiguous(), dst=dst, group=self.group)
+            dist.recv(received, src=src, group=self.group)
+        else:
+            dist.recv(received, src=src, group=self.group)
+            dist.send(t.contiguous(), dst=dst, group=self.group)
+        return received
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier(group=self.group)
+
+
+@dataclass
+class Topology:
+    """Who talks to whom: the whole group, and for hierarchical mode the node and the node leaders."""
+
+    world: Comm
+    intra: Comm | None = None  # this rank's node (hierarchical only)
+    leaders: Comm | None = None  # node leaders; None on non-leader ranks (hierarchical only)
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.intra is not None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.intra is None or self.intra.rank == 0
+
+    @property
+    def algorithm_size(self) -> int:
+        """How many participants the algorithm itself has: ranks when flat, nodes when hierarchical."""
+        return self.world.size // self.intra.size if self.hierarchical else self.world.size
+
+    @property
+    def algorithm_comm(self) -> Comm | None:
+        """The group an algorithm runs on: every rank when flat, node leaders when hierarchical."""
+        return self.leaders if self.hierarchical else self.world
+
+    def run(self, t: torch.Tensor, op: Callable[[torch.Tensor, Comm], None], average: bool) -> None:
+        """Apply `op(t, comm)` in place: directly when flat; when hierarchical, reduce to the node
+        leader (averaged over the node when `average`), run `op` among leaders, broadcast back."""
+        if not self.hierarchical:
+            op(t, self.world)
+            return
+        self.intra.reduce_sum_(t, dst=0)
+        if self.is_leader:
+            if average:
+                t.div_(self.intra.size)
+            op(t, self.leaders)
+        self.intra.broadcast_(t, src=0)
+
+
+def make_topology(
+    process_group: dist.ProcessGroup | None,
+    hierarchical: bool,
+    timeout: timedelta,
+    local_world_size: int | None = None,
+) -> Topology:
+    """Create this wrapper's own groups (so user collectives on the default group never interleave with
+    ours). Must be called by every rank of `process_group` in the same order.
+
+    Hierarchical mode needs >= 2 nodes of >= 2 ranks each; otherwise it is pointless and the flat
+    algorithm runs (logged), so that a one-machine run exercises the algorithm itself.
+    """
+    base = process_group if process_group is not None else dist.group.WORLD
+    ranks = dist.get_process_group_ranks(base)
+    world = Comm(dist.new_group(ranks=ranks, timeout=timeout))
+    if not hierarchical:
+        return Topology(world=world)
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or world.size
+    if world.size % local != 0:
+        raise ValueError(
+            f"hierarchical mode: group size {world.size} is not a multiple of LOCAL_WORLD_SIZE={local}; "
+            "every node must run the same number of processes"
+        )
+    nodes = world.size // local
+    if nodes < 2 or local < 2:
+        logger.info("hierarchical mode off: %d node(s) x %d process(es); running the flat algorithm",
+                    nodes, local)
+        return Topology(world=world)
+    my_node = world.rank // local
+    intra = None
+    for node in range(nodes):  # every rank must create every group, in the same order
+        g = dist.new_group(ranks=ranks[node * local:(node + 1) * local], timeout=timeout)
+        if node == my_node:
+            intra = Comm(g)
+    leaders_group = dist.new_group(ranks=ranks[::local], timeout=timeout)
+    leaders = Comm(leaders_group) if world.rank % local == 0 else None
+    return Topology(world=world, intra=intra, leaders=leaders)
+
+
+class OrderedExecutor:
+    """One background thread running communication jobs in submission order.
+
+    Same order on every rank -> collectives match up; the thread lets them overlap backward compute.
+    `wait()` re-raises a job's error (wrapped in CommunicationError) and never blocks past `timeout_s`.
+    """
+
+    def __init__(self, timeout_s: float, name: str = "relax-comm"):
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: list[tuple[str, Future]] = []
+
+    def submit(self, what: str, fn: Callable[[], None]) -> None:
+        self._pending.append((what, self._pool.submit(fn)))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for what, fut in pending:
+            try:
+                fut.result(timeout=self.timeout_s)
+            except FutureTimeout as exc:
+                raise CommunicationError(
+                    f"{what} did not finish within {self.timeout_s:.0f}s: a peer rank is probably dead "
+                    "or not calling in"
+                ) from exc
+            except CommunicationError:
+                raise
+            except Exception as exc:
+                raise CommunicationError(
+                    f"{what} failed ({type(exc).__name__}: {exc}); a peer rank may have died"
+                ) from exc
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

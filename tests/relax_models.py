@@ -1,0 +1,31 @@
+"""Small models and data shared by the relax tests (importable in spawned ranks)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def small_mlp(seed: int = 0, d_in: int = 8, hidden: int = 16, d_out: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                         nn.Linear(hidden, d_out))
+
+
+def rank_batch(rank: int, step: int, batch: int = 8, d_in: int = 8, d_out: int = 4):
+    """Different data per rank and per step, reproducible anywhere."""
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(batch, d_in, generator=g), torch.randn(batch, d_out, generator=g)
+
+
+def least_squares(rank: int, n: int = 64, d: int = 10, seed: int = 0):
+    """Per-rank shard of one least-squares problem (same true weights everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    w_true = torch.randn(d, 1, generator=g)
+    g_rank = torch.Generator().manual_seed(seed + 1 + rank)
+    x = torch.randn(n, d, generator=g_rank)
+    y = x @ w_true + 0.01 * torch.randn(n, 1, generator=g_rank)
+    return x, y
+
+
+def params_vector(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
