@@ -12,6 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "eval": ("thinkscale.commands.eval", "sample k answers per question, grade them, report accuracy of each selection strategy vs k"),
 }
 
 

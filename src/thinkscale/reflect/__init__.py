@@ -10,7 +10,7 @@ from .generate import sample
 from .scoring import rescore, score_sequences
 from .grade import answers_equivalent, extract_answer, extract_boxed, grade
 from .select import EFFORT_K, STRATEGIES, effort_to_k, select
-from .evaluate import EvalConfig  # the function: thinkscale.reflect.evaluate.evaluate (module name kept unshadowed)
+from .evaluate import EvalConfig  # evaluate() itself: thinkscale.reflect.evaluate.evaluate
 
 __all__ = ["Candidate"]
 __all__ += ["grade", "extract_boxed", "extract_answer", "answers_equivalent"]

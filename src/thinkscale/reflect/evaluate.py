@@ -46,6 +46,7 @@ class EvalConfig:
     ks: tuple[int, ...] = (1, 2, 4, 8)
     temperature: float = 0.6
     top_p: float = 0.95
+    repetition_penalty: float = 1.0  # 1 = off; the MetaStone-S1 release samples with 1.05
     max_new_tokens: int = 2048
     batch_size: int | None = None  # sequences per sampler call; None lets the sampler decide
     seed: int | None = 0
@@ -61,6 +62,8 @@ class EvalConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -253,6 +256,7 @@ def make_model_sampler(model, tokenizer, config: EvalConfig) -> SampleFn:
 
     def sampler(prompts: list[str], k: int, seed: int | None) -> list[list[Candidate]]:
         return sample(model, tokenizer, prompts, k=k, temperature=config.temperature, top_p=config.top_p,
-                      max_new_tokens=config.max_new_tokens, seed=seed, batch_size=config.batch_size)
+                      max_new_tokens=config.max_new_tokens, seed=seed, batch_size=config.batch_size,
+                      repetition_penalty=config.repetition_penalty)
 
     return sampler

@@ -1,0 +1,131 @@
+"""`thinkscale eval`: sample k answers per question with a reflective model, grade them, and report
+accuracy of every selection strategy (SPRM best-of-k, majority, weighted vote, pass@k) against k.
+
+    thinkscale eval --model runs/grpo/final --data test.jsonl --mode high
+    thinkscale eval --model DIR --data test.jsonl --k 1,2,4,8 --out runs/eval/mine   # rerun resumes
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from thinkscale.reflect.select import EFFORT_K
+
+logger = logging.getLogger(__name__)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _k_list(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated positive integers, e.g. 1,2,4,8")
+    return tuple(sorted({_positive_int(p) for p in parts}))
+
+
+def ks_for_effort(k_max: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to k_max, and k_max itself: the curve a reasoning-effort mode sits on."""
+    ks, k = [], 1
+    while k < k_max:
+        ks.append(k)
+        k *= 2
+    return tuple(ks + [k_max])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="model directory: a Hugging Face causal LM (with its tokenizer), optionally "
+                             "with sprm_head.safetensors and reflect_config.json as saved by ReflectiveModel")
+    parser.add_argument("--data", required=True, metavar="FILE",
+                        help='JSONL file with one {"question": ..., "answer": ...} object per line')
+    effort = parser.add_mutually_exclusive_group()
+    effort.add_argument("--mode", choices=list(EFFORT_K),
+                        help="reasoning effort: samples per question k = "
+                             + ", ".join(f"{m} {k}" for m, k in EFFORT_K.items())
+                             + "; reports k = 1, 2, 4, ... up to it (default: medium)")
+    effort.add_argument("--k", type=_k_list, metavar="LIST",
+                        help="comma-separated group sizes to report, e.g. 1,2,4,8 (the largest is the number "
+                             "of samples per question); instead of --mode")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output folder (default: runs/eval/<model>-<data>-k<max k>); rerunning into the "
+                             "same folder skips the questions already done")
+    parser.add_argument("--head", metavar="PATH",
+                        help="SPRM head file or folder (default: sprm_head.safetensors in --model; "
+                             "without one the head is untrained and sprm/weighted are meaningless)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default 0.6)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="repetition penalty, 1 = off (default 1.0; the MetaStone-S1 release used 1.05)")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=2048,
+                        help="longest completion in tokens; longer ones are cut and usually wrong (default 2048)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="sequences decoded together (default: one question's k samples at a time)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="base random seed; question i's samples use seed + i (default 0)")
+    parser.add_argument("--think-end", metavar="TAG",
+                        help="answers count only after this tag (default: the model's think-end tag, if it has "
+                             "one); 'none' searches the whole completion")
+    parser.add_argument("--grade-timeout", type=float, default=5.0,
+                        help="seconds allowed for one answer comparison by math-verify (default 5)")
+    parser.add_argument("--device", default=None,
+                        help="torch device for the model, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def default_out_dir(model: str, data: str, k_max: int) -> Path:
+    return Path("runs") / "eval" / f"{Path(model).resolve().name}-{Path(data).stem}-k{k_max}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from thinkscale.reflect.evaluate import EvalConfig, evaluate, make_model_sampler
+    from thinkscale.reflect.report import markdown_table
+    from thinkscale.tasks.jsonl import read_examples
+
+    ks = args.k if args.k is not None else ks_for_effort(EFFORT_K[args.mode or "medium"])
+    try:
+        examples = read_examples(args.data)  # bad data fails here, before the model loads
+    except (OSError, ValueError) as error:
+        print(f"thinkscale eval: error: {error}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out) if args.out is not None else default_out_dir(args.model, args.data, max(ks))
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from thinkscale.reflect.model import ReflectiveModel
+
+    device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    rm = ReflectiveModel.from_pretrained(args.model, head=args.head).to(device)
+    if not rm.head_is_trained:
+        logger.warning("the SPRM head is untrained: sprm@k and weighted@k only show chance")
+    think_end = _think_end(rm) if args.think_end is None else (None if args.think_end == "none" else args.think_end)
+
+    config = EvalConfig(ks=ks, temperature=args.temperature, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.batch_size, seed=args.seed, think_end=think_end,
+                        grade_timeout_s=args.grade_timeout)
+    logger.info("evaluating %d questions, k = %s, into %s", len(examples), list(ks), out_dir)
+    report = evaluate(examples, make_model_sampler(rm, tokenizer, config), config, out_dir,
+                      format_prompt=lambda question: rm.format_prompt(question, tokenizer),
+                      plots=not args.no_plots)
+    print(markdown_table(report))
+    print(f"wrote {out_dir}")
+    return 0
+
+
+def _think_end(rm) -> str | None:
+    tags = getattr(rm, "think_tags", None)
+    if tags is None:
+        tags = rm.config.think_tags
+    return None if tags is None else tags[1]
