@@ -81,6 +81,8 @@ def test_summarize():
     report = summarize(hand_example(), [1, 2, 4])
     assert report["num_questions"] == 2
     assert report["pass@1"] == pytest.approx(0.5)
+    assert report["answered_fraction"] == pytest.approx(7 / 8)  # Q1 s0 has no box
+    assert report["truncated_fraction"] == 0.0
     assert report["by_k"]["2"]["groups_per_question"] == 2
     assert report["by_k"]["4"]["accuracy"] == pytest.approx(EXPECTED[4])
     with pytest.raises(ValueError, match="at least 8"):

@@ -39,7 +39,9 @@ def markdown_table(report: dict) -> str:
         "# Evaluation report",
         "",
         f"{report['num_questions']} questions, {report['samples_per_question']} samples each; "
-        f"pass@1 (mean over all samples) = {100 * report['pass@1']:.1f}%.",
+        f"pass@1 (mean over all samples) = {100 * report['pass@1']:.1f}%; "
+        f"{100 * report['answered_fraction']:.1f}% of samples gave an answer, "
+        f"{100 * report['truncated_fraction']:.1f}% hit the token limit.",
         "Accuracy in %, over disjoint groups of k samples per question (mean over groups, then questions).",
         "",
         "| " + " | ".join(header) + " |",
