@@ -24,7 +24,7 @@ def bpe_tokenizer():
     tok.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<eos>", "<think>", "</think>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=320, special_tokens=specials, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
@@ -45,8 +45,24 @@ def tiny_policy(kind: str = "llama", vocab_size: int = 320, hidden: int = 32, la
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
         model = Qwen2ForCausalLM(cfg)
     elif kind == "gpt2":
-        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common)
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, tie_word_embeddings=False, **common)
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(kind)
     return model.eval()
+
+
+def favor_tokens(model, tokenizer, texts=(".", "\n", " we", " is"), eos_scale: float = 0.0, scale: float = 300.0):
+    """Make a random model emit mostly the given token texts, so that sampled text has steps.
+
+    Output rows of all other tokens are zeroed (logit 0); the favored rows are scaled up. EOS gets
+    `eos_scale` (0: logit 0, rarely sampled)."""
+    ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(t))[0] for t in texts]
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        keep = weight[ids].clone()
+        eos_row = weight[tokenizer.eos_token_id].clone()
+        weight.zero_()
+        weight[ids] = keep * scale
+        weight[tokenizer.eos_token_id] = eos_row * eos_scale
+    return model
