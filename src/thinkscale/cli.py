@@ -12,6 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "sft": ("thinkscale.commands.sft", "supervised fine-tuning on worked solutions (built-in task or JSONL), data-parallel with relax"),
     "eval": ("thinkscale.commands.eval", "sample k answers per question, grade them, report accuracy of each selection strategy vs k"),
 }
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, add_help=False)
         p.set_defaults(_module=module_name)
         # Arguments are added lazily in main() for the chosen command only.
     return parser
