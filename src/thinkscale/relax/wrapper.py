@@ -150,6 +150,16 @@ class DataParallel(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.load_algorithm_state_dict(state)
 
+    def abort(self) -> None:
+        """Stop the algorithm's background communication (async model averaging); every rank calls it."""
+        if self._impl is not None:
+            self._impl.abort()
+
+    def resume(self) -> None:
+        """Restart background communication stopped by `abort()`; every rank calls it."""
+        if self._impl is not None:
+            self._impl.resume()
+
     def close(self) -> None:
         """Remove hooks and stop background work (idempotent)."""
         for handle in self._hooks:
@@ -255,6 +265,7 @@ def _check_optimizer(optimizer, params, names, algorithm: Algorithm) -> None:
         if algorithm.requires_full_optimizer:
             raise ValueError(f"algorithm {algorithm.name!r} needs the optimizer: DataParallel(module, optimizer, ...)")
         return
+    algorithm.validate_optimizer(optimizer)
     covered = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [names.get(id(p), "?") for p in params if id(p) not in covered]
     if missing and algorithm.requires_full_optimizer:

@@ -40,6 +40,10 @@ class Algorithm:
         """Buckets are padded so their length divides by this (e.g. the world size for chunking)."""
         return 1
 
+    def validate_optimizer(self, optimizer) -> None:
+        """Raise if `optimizer` (never None here) cannot drive this algorithm. Called at wrap time on
+        every world size, so a mismatch fails under plain `python` too."""
+
 
 class AlgorithmImpl:
     """Runtime of one algorithm on one wrapped model. Every hook is optional."""
@@ -67,6 +71,12 @@ class AlgorithmImpl:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def abort(self) -> None:
+        """Stop background communication, if the algorithm runs any (collective: every rank calls it)."""
+
+    def resume(self) -> None:
+        """Restart what `abort` stopped (collective: every rank calls it)."""
 
     def close(self) -> None:
         pass
