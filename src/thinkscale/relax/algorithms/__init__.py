@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from .base import Algorithm, AlgorithmImpl
 from .bytegrad import ByteGrad
+from .decentralized import Decentralized
 from .gradient_allreduce import GradientAllReduce
+from .low_precision_decentralized import LowPrecisionDecentralized
 
 # name -> config class. One registry: the engine, the CLI and error messages all read it.
 REGISTRY: dict[str, type[Algorithm]] = {
     GradientAllReduce.name: GradientAllReduce,
     ByteGrad.name: ByteGrad,
+    Decentralized.name: Decentralized,
+    LowPrecisionDecentralized.name: LowPrecisionDecentralized,
 }
 
 
@@ -33,4 +37,7 @@ def resolve(algorithm: "str | Algorithm", **options) -> Algorithm:
     return cls(**options)
 
 
-__all__ = ["Algorithm", "AlgorithmImpl", "ByteGrad", "GradientAllReduce", "REGISTRY", "names", "resolve"]
+__all__ = [
+    "Algorithm", "AlgorithmImpl", "ByteGrad", "GradientAllReduce", "REGISTRY", "names", "resolve",
+    "Decentralized", "LowPrecisionDecentralized",
+]
