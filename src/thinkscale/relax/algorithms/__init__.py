@@ -1,11 +1,13 @@
 """Relaxation algorithms, one module each, and the registry that resolves them by name."""
 from __future__ import annotations
 
+from .async_model_average import AsyncModelAverage
 from .base import Algorithm, AlgorithmImpl
 from .bytegrad import ByteGrad
 from .decentralized import Decentralized
 from .gradient_allreduce import GradientAllReduce
 from .low_precision_decentralized import LowPrecisionDecentralized
+from .qadam import QAdam, QAdamOptimizer
 
 # name -> config class. One registry: the engine, the CLI and error messages all read it.
 REGISTRY: dict[str, type[Algorithm]] = {
@@ -13,6 +15,8 @@ REGISTRY: dict[str, type[Algorithm]] = {
     ByteGrad.name: ByteGrad,
     Decentralized.name: Decentralized,
     LowPrecisionDecentralized.name: LowPrecisionDecentralized,
+    QAdam.name: QAdam,
+    AsyncModelAverage.name: AsyncModelAverage,
 }
 
 
@@ -40,4 +44,5 @@ def resolve(algorithm: "str | Algorithm", **options) -> Algorithm:
 __all__ = [
     "Algorithm", "AlgorithmImpl", "ByteGrad", "GradientAllReduce", "REGISTRY", "names", "resolve",
     "Decentralized", "LowPrecisionDecentralized",
+    "QAdam", "QAdamOptimizer", "AsyncModelAverage",
 ]

@@ -1,0 +1,263 @@
+"""QAdam: Adam whose first moment travels 8-bit quantized after a full-precision warm-up.
+
+    opt = QAdamOptimizer(module.parameters(), lr=1e-3, warmup_steps=100)
+    model = DataParallel(module, opt, algorithm="qadam")      # or algorithm=QAdam(opt)
+
+Steps are numbered t = 1, 2, ... (the Adam step count).
+- Warm-up, t <= warmup_steps: gradients are averaged in full precision (allreduce, mean) and the step is
+  exactly torch.optim.Adam (bias correction, L2 weight decay added to the gradient).
+- Compression, t > warmup_steps: each rank folds its *local* gradient into the first moment,
+  m <- beta1 * m + (1 - beta1) * (g_i + weight_decay * x), and m (not g) is averaged with ByteGrad. This
+  runs in the bucket-ready hook, so it overlaps backward. The second moment v is frozen and
+  x <- x - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps), bias corrections still using t.
+  After the exchange every rank holds the same m, v and x (ByteGrad ends bit-identical).
+
+Where this differs from the source (BAGUA's QAdam), each a documented defect there:
+- Weight decay is kept after warm-up. The source ignored it once compression began; here it is added to
+  the local gradient before the momentum update, the same L2 form warm-up Adam uses, so the two phases
+  optimise the same objective.
+- The switch step keeps its gradient. The source re-initialised its buckets at the switch and lost one
+  averaged gradient; here the phase of each step is decided from the step count on every rank, and the
+  first compressed step folds its gradient into m like every later one.
+- warmup_steps=0 works. With no Adam step v would stay 0 and m / eps would explode. Rule: a parameter
+  whose first step is already compressed initialises v = (1 - beta2) * g^2 from that step's gradient
+  averaged in full precision (one extra allreduce, once), i.e. exactly what Adam's first step stores.
+- No NaNs: eps must be > 0, so elements with v = 0 divide by eps, never 0 / 0. (Caveat shared with the
+  source and 1-bit Adam: an element whose gradient was exactly zero through warm-up keeps v = 0 and
+  later steps it by up to lr * |m_hat| / eps; warm up long enough for every parameter to get gradient.)
+- No phase "reset": the engine's buckets serve both phases; the momentum lives in flat buffers aligned
+  with the gradient buckets, and the optimizer's `exp_avg` state tensors are views of them.
+
+After warm-up `param.grad` holds this rank's local gradient (only m is averaged), so clipping gradients
+between backward and step has no effect there. World size 1: `QAdamOptimizer` alone does the same math
+without communication.
+"""
+from __future__ import annotations
+
+from dataclasses import InitVar, dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from .base import Algorithm, AlgorithmImpl
+from .bytegrad import bytegrad_average_
+
+
+# ----- pure math ------------------------------------------------------------------------------------
+def decayed_gradient(grad: torch.Tensor, param: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    """g + weight_decay * x: L2 weight decay the way torch.optim.Adam applies it (a new tensor)."""
+    return grad if weight_decay == 0 else grad.add(param, alpha=weight_decay)
+
+
+def update_first_moment_(m: torch.Tensor, grad: torch.Tensor, beta1: float) -> None:
+    """m <- beta1 * m + (1 - beta1) * grad, in place (lerp, as torch.optim.Adam computes it)."""
+    m.lerp_(grad, 1 - beta1)
+
+
+def update_second_moment_(v: torch.Tensor, grad: torch.Tensor, beta2: float) -> None:
+    """v <- beta2 * v + (1 - beta2) * grad^2, in place."""
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def adam_update_(param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, beta1: float,
+                 beta2: float, eps: float, step: int) -> None:
+    """x <- x - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), in place (torch Adam's
+    operation order, so warm-up matches it to the last bits)."""
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(m, denom, value=-lr / bias_correction1)
+
+
+# ----- optimizer ------------------------------------------------------------------------------------
+class QAdamOptimizer(torch.optim.Optimizer):
+    """Adam with a warm-up phase, then a frozen second moment (see the module docstring).
+
+    Args:
+        params: parameters or parameter groups (groups may override lr, betas, eps, weight_decay).
+        lr: learning rate.
+        warmup_steps: number of ordinary Adam steps before the first moment is communicated quantized
+            (0 allowed: v then starts from the first step's gradient).
+        betas: (beta1, beta2) as in Adam.
+        eps: added to sqrt(v_hat); must be > 0 (v can be 0 for some elements once it is frozen).
+        weight_decay: L2 penalty added to the gradient, in both phases.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, warmup_steps: int = 100,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0 (the frozen second moment may hold zeros), got {eps}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        defaults = dict(lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.warmup_steps = warmup_steps
+        self.steps_taken = 0  # optimizer steps done; step t = steps_taken + 1 is the next one
+        self._momentum_averaged = False  # set by the QAdam runtime once m of the coming step is averaged
+
+    @property
+    def next_step_is_warmup(self) -> bool:
+        return self.steps_taken < self.warmup_steps
+
+    def bind_momentum(self, param: torch.Tensor, buffer: torch.Tensor) -> None:
+        """Make `buffer` (a view into a flat communication buffer) hold `param`'s first moment, keeping
+        any value already there (e.g. from warm-up or a loaded checkpoint)."""
+        state = self.state[param]
+        current = state.get("exp_avg")
+        if current is not None and current.data_ptr() == buffer.data_ptr():
+            return
+        if current is None:
+            buffer.zero_()
+        else:
+            buffer.copy_(current)
+        state["exp_avg"] = buffer
+
+    def mark_momentum_averaged(self) -> None:
+        """Tell the next `step()` that every first moment is already updated and averaged."""
+        self._momentum_averaged = True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        warmup = self.next_step_is_warmup
+        averaged, self._momentum_averaged = self._momentum_averaged, False
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                if "exp_avg_sq" not in state:
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                first_step = state.get("step", 0) == 0
+                state["step"] = state.get("step", 0) + 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                grad = decayed_gradient(p.grad, p, group["weight_decay"])
+                if warmup:
+                    update_first_moment_(m, grad, beta1)
+                    update_second_moment_(v, grad, beta2)
+                else:
+                    if not averaged:  # alone (no engine): the local gradient is the average
+                        update_first_moment_(m, grad, beta1)
+                    if first_step:  # never had an Adam step: v as Adam's first step would set it
+                        update_second_moment_(v, grad, beta2)
+                adam_update_(p, m, v, group["lr"], beta1, beta2, group["eps"], state["step"])
+        self.steps_taken += 1
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        steps = [s.get("step", 0) for s in self.state.values()]
+        self.steps_taken = int(max(steps, default=0))
+
+
+# ----- algorithm ------------------------------------------------------------------------------------
+_HYPER_PARAMETERS = ("lr", "betas", "eps", "weight_decay")
+
+
+@dataclass
+class QAdam(Algorithm):
+    """Quantized Adam. Hyper-parameters come from the `QAdamOptimizer`; either name it here,
+    `QAdam(opt)`, or use `algorithm="qadam"`. Values given explicitly (`lr=...`, ...) must equal the
+    optimizer's: a mismatch is an error rather than a silent override. `hierarchical` applies with
+    >= 2 nodes of >= 2 processes (node-local averaging in full precision, ByteGrad among leaders)."""
+
+    name = "qadam"
+    requires_full_optimizer = True
+    optimizer: InitVar[QAdamOptimizer | None] = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    hierarchical: bool = True
+
+    def __post_init__(self, optimizer: QAdamOptimizer | None) -> None:
+        self._optimizer = None
+        if optimizer is not None:
+            self.validate_optimizer(optimizer)
+            self._optimizer = optimizer
+            # record the effective values, so the saved algorithm config says what ran
+            for key in _HYPER_PARAMETERS:
+                setattr(self, key, optimizer.defaults[key])
+            self.warmup_steps = optimizer.warmup_steps
+
+    def validate_optimizer(self, optimizer) -> None:
+        if not isinstance(optimizer, QAdamOptimizer):
+            raise TypeError(
+                f"algorithm 'qadam' needs a thinkscale.relax.algorithms.QAdamOptimizer, got "
+                f"{type(optimizer).__name__}; create it with QAdamOptimizer(params, lr=..., warmup_steps=...)"
+            )
+        if self._optimizer is not None and optimizer is not self._optimizer:
+            raise ValueError("QAdam(optimizer) names a different optimizer than the one given to DataParallel")
+        actual = {key: optimizer.defaults[key] for key in _HYPER_PARAMETERS}
+        actual["warmup_steps"] = optimizer.warmup_steps
+        for key, value in actual.items():
+            wanted = getattr(self, key)
+            if wanted is not None and (tuple(wanted) if key == "betas" else wanted) != value:
+                raise ValueError(
+                    f"qadam option {key}={wanted!r} differs from the optimizer's {key}={value!r}; "
+                    "set hyper-parameters on QAdamOptimizer (the algorithm reads them from there)"
+                )
+
+    def reify(self, engine):
+        self.validate_optimizer(engine.optimizer)
+        return _QAdamImpl(engine)
+
+    def bucket_pad_multiple(self, world_size: int) -> int:
+        return world_size  # ByteGrad splits each momentum bucket into one chunk per participant
+
+
+def _mean(t: torch.Tensor, comm) -> None:
+    comm.allreduce_mean_(t)
+
+
+def _bytegrad_mean(t: torch.Tensor, comm) -> None:
+    bytegrad_average_(t, comm, average=True)
+
+
+class _QAdamImpl(AlgorithmImpl):
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.optimizer: QAdamOptimizer = engine.optimizer
+        self.group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
+        # one flat momentum buffer per gradient bucket, same layout and padding
+        self.momenta = {b.index: torch.zeros_like(b.flat) for b in engine.buckets}
+        self.momentum_views = {b.index: b.split(self.momenta[b.index]) for b in engine.buckets}
+
+    def on_bucket_ready(self, bucket):
+        optimizer, topology = self.optimizer, self.engine.topology
+        momentum, views = self.momenta[bucket.index], self.momentum_views[bucket.index]
+        for p, view in zip(bucket.params, views):
+            optimizer.bind_momentum(p, view)  # re-binds after a checkpoint load replaced the state
+        if optimizer.next_step_is_warmup:
+            return lambda: topology.run(bucket.flat, _mean, True)
+        init_second_moment = optimizer.steps_taken == 0  # warmup_steps == 0: v from this step
+        groups = [self.group_of[id(p)] for p in bucket.params]
+
+        def job():
+            with torch.no_grad():
+                for p, grad, m, group in zip(bucket.params, bucket.views, views, groups):
+                    grad = decayed_gradient(grad, p.detach(), group["weight_decay"])
+                    update_first_moment_(m, grad, group["betas"][0])
+                if init_second_moment:
+                    topology.run(bucket.flat, _mean, True)  # full-precision g for v, this step only
+                momentum[bucket.numel:].zero_()  # padding must not widen the chunk's min/max
+                topology.run(momentum, _bytegrad_mean, True)
+
+        return job
+
+    def after_backward(self):
+        if not self.optimizer.next_step_is_warmup:
+            self.optimizer.mark_momentum_averaged()

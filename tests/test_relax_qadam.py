@@ -1,0 +1,285 @@
+"""QAdam: warm-up equals Adam + allreduce (and torch DDP + Adam), the compressed phase by hand,
+weight decay after warm-up, warmup_steps=0, config errors."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from distributed_harness import run_ranks
+from relax_models import least_squares, params_vector, rank_batch, small_mlp
+from thinkscale.relax import DataParallel, algorithms
+from thinkscale.relax.algorithms import QAdam, QAdamOptimizer
+
+LR, WD, BETAS, EPS = 1e-2, 0.01, (0.9, 0.999), 1e-8
+
+
+# ----- single process: the optimizer's math ----------------------------------------------------------
+def test_optimizer_alone_equals_torch_adam_during_warmup():
+    ours_module = small_mlp(seed=0)
+    ref_module = copy.deepcopy(ours_module)
+    ours = QAdamOptimizer(ours_module.parameters(), lr=LR, warmup_steps=10, weight_decay=WD)
+    ref = torch.optim.Adam(ref_module.parameters(), lr=LR, weight_decay=WD)
+    for step in range(5):
+        x, y = rank_batch(0, step)
+        for module, opt in ((ours_module, ours), (ref_module, ref)):
+            opt.zero_grad()
+            nn.functional.mse_loss(module(x), y).backward()
+            opt.step()
+    assert torch.equal(params_vector(ours_module), params_vector(ref_module))
+
+
+def _scalar_qadam_reference(x, grads, lr, warmup, beta1, beta2, eps, wd):
+    """The documented update rule for one scalar, in Python floats."""
+    m = v = 0.0
+    for t, g in enumerate(grads, start=1):
+        g = g + wd * x
+        m = beta1 * m + (1 - beta1) * g
+        if t <= warmup or t == 1:  # v: Adam during warm-up; initialised at step 1 when warmup == 0
+            v = beta2 * v + (1 - beta2) * g * g
+        x = x - lr / (1 - beta1 ** t) * m / ((v / (1 - beta2 ** t)) ** 0.5 + eps)
+    return x, m, v
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_zero_gradient_parameter_decays_by_the_formula_after_warmup(warmup):
+    start = [2.0, -1.0]
+    p = nn.Parameter(torch.tensor(start, dtype=torch.float64))
+    opt = QAdamOptimizer([p], lr=0.1, warmup_steps=warmup, weight_decay=0.5)
+    for _ in range(5):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    for i, x0 in enumerate(start):
+        x, m, v = _scalar_qadam_reference(x0, [0.0] * 5, 0.1, warmup, *BETAS, EPS, 0.5)
+        assert p[i].item() == pytest.approx(x, rel=1e-12)
+        assert opt.state[p]["exp_avg"][i].item() == pytest.approx(m, rel=1e-12)
+        assert opt.state[p]["exp_avg_sq"][i].item() == pytest.approx(v, rel=1e-12)
+    assert abs(p[0].item()) < 2.0 - 0.2  # it did shrink after warm-up (no decay would keep it near 2)
+
+
+def test_switch_step_folds_in_its_gradient():
+    grads = [0.3, -0.2, 0.5, 0.1]  # warm-up steps 1-2, switch at step 3
+    p = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = QAdamOptimizer([p], lr=0.05, warmup_steps=2, weight_decay=WD)
+    for g in grads:
+        p.grad = torch.tensor([g], dtype=torch.float64)
+        opt.step()
+    x, m, v = _scalar_qadam_reference(1.0, grads, 0.05, 2, *BETAS, EPS, WD)
+    assert p.item() == pytest.approx(x, rel=1e-12)
+    assert opt.state[p]["exp_avg"].item() == pytest.approx(m, rel=1e-12)
+    assert opt.state[p]["exp_avg_sq"].item() == pytest.approx(v, rel=1e-12)  # frozen after step 2
+
+
+def _least_squares_loss(model, x, y):
+    return nn.functional.mse_loss(model(x), y)
+
+
+def test_warmup_zero_alone_trains_without_nan():
+    x, y = least_squares(0)
+    model = nn.Linear(10, 1)
+    opt = QAdamOptimizer(model.parameters(), lr=0.1, warmup_steps=0)
+    first = _least_squares_loss(model, x, y).item()
+    for _ in range(60):
+        opt.zero_grad()
+        _least_squares_loss(model, x, y).backward()
+        opt.step()
+    last = _least_squares_loss(model, x, y).item()
+    assert torch.isfinite(params_vector(model)).all()
+    assert last < 0.05 * first, (first, last)
+
+
+def test_state_dict_round_trip_restores_the_phase():
+    module = small_mlp()
+    opt = QAdamOptimizer(module.parameters(), warmup_steps=3)
+    for step in range(4):
+        opt.zero_grad()
+        nn.functional.mse_loss(module(rank_batch(0, step)[0]), rank_batch(0, step)[1]).backward()
+        opt.step()
+    fresh = QAdamOptimizer(module.parameters(), warmup_steps=3)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.steps_taken == 4 and not fresh.next_step_is_warmup
+
+
+# ----- configuration ----------------------------------------------------------------------------------
+def test_config_takes_hyper_parameters_from_the_optimizer():
+    module = small_mlp()
+    opt = QAdamOptimizer(module.parameters(), lr=3e-3, warmup_steps=7, weight_decay=0.1)
+    config = QAdam(opt)
+    assert (config.lr, config.warmup_steps, config.betas, config.weight_decay) == (3e-3, 7, BETAS, 0.1)
+    DataParallel(module, opt, algorithm=config)  # same optimizer: fine
+    DataParallel(module, opt, algorithm="qadam", lr=3e-3)  # matching explicit value: fine
+    assert isinstance(algorithms.resolve("qadam"), QAdam)
+
+
+def test_config_errors():
+    module = small_mlp()
+    opt = QAdamOptimizer(module.parameters(), lr=1e-3)
+    with pytest.raises(TypeError, match="needs a thinkscale.relax.algorithms.QAdamOptimizer, got Adam"):
+        DataParallel(module, torch.optim.Adam(module.parameters()), algorithm="qadam")
+    with pytest.raises(ValueError, match="lr=0.5 differs from the optimizer's lr=0.001"):
+        DataParallel(module, opt, algorithm="qadam", lr=0.5)
+    with pytest.raises(ValueError, match="warmup_steps=5 differs"):
+        QAdam(opt, warmup_steps=5)
+    other = QAdamOptimizer(module.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="different optimizer"):
+        DataParallel(module, other, algorithm=QAdam(opt))
+    with pytest.raises(ValueError, match="needs the optimizer"):
+        DataParallel(module, None, algorithm="qadam")
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        QAdamOptimizer(module.parameters(), eps=0.0)
+    with pytest.raises(ValueError, match="warmup_steps must be an integer >= 0"):
+        QAdamOptimizer(module.parameters(), warmup_steps=-1)
+
+
+# ----- distributed ------------------------------------------------------------------------------------
+def _grads(module, loss):
+    module.zero_grad()
+    loss.backward()
+    return [p.grad.detach().clone() for p in module.parameters()]
+
+
+def _qadam_ranks(rank, world):
+    out = {}
+    # A: 5 warm-up steps against torch DDP + torch Adam (different init per rank: broadcast fixes it).
+    base = small_mlp(seed=rank)
+    module, ddp_module = copy.deepcopy(base), copy.deepcopy(base)
+    opt = QAdamOptimizer(module.parameters(), lr=LR, warmup_steps=6, weight_decay=WD)
+    model = DataParallel(module, opt, algorithm="qadam", bucket_size_mb=0.0005)  # several buckets
+    ddp = DDP(ddp_module)
+    ddp_opt = torch.optim.Adam(ddp.parameters(), lr=LR, weight_decay=WD)
+    for step in range(5):
+        x, y = rank_batch(rank, step)
+        for m, o in ((model, opt), (ddp, ddp_opt)):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    out["warmup_diff"] = (params_vector(module) - params_vector(ddp_module)).abs().max().item()
+    out["buckets"] = len(model.buckets)
+
+    # A': step 6 (last warm-up), then the switch step 7 checked by hand.
+    for step in (5, 6):
+        if step == 6:
+            params = list(module.parameters())
+            x6 = [p.detach().clone() for p in params]
+            m6 = [opt.state[p]["exp_avg"].clone() for p in params]
+            v6 = [opt.state[p]["exp_avg_sq"].clone() for p in params]
+            ref = copy.deepcopy(module)
+            x, y = rank_batch(rank, step)
+            local = _grads(ref, nn.functional.mse_loss(ref(x), y))
+            # expected averaged momentum: mean over ranks of beta1 m + (1 - beta1)(g_r + wd x)
+            expected_m = [BETAS[0] * m + (1 - BETAS[0]) * (g + WD * w) for m, g, w in zip(m6, local, x6)]
+            for t in expected_m:
+                torch.distributed.all_reduce(t)
+                t /= world
+        x, y = rank_batch(rank, step)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    m7 = [opt.state[p]["exp_avg"] for p in params]
+    v7 = [opt.state[p]["exp_avg_sq"] for p in params]
+    t = 7
+    formula = [w - LR / (1 - BETAS[0] ** t) * m / ((v / (1 - BETAS[1] ** t)).sqrt() + EPS)
+               for w, m, v in zip(x6, m7, v7)]
+    out["switch_m_err"] = max((a - b).abs().max().item() for a, b in zip(m7, expected_m))
+    # what dropping the switch step's gradient would give instead
+    out["switch_m_without_grad"] = max((a - BETAS[0] * b).abs().max().item() for a, b in zip(m7, m6))
+    out["switch_m_range"] = max((m.max() - m.min()).item() for m in expected_m)
+    out["switch_x_err"] = max((p.detach() - f).abs().max().item() for p, f in zip(params, formula))
+    out["switch_v_frozen"] = all(torch.equal(a, b) for a, b in zip(v6, v7))
+
+    # B: a regression task keeps improving after warm-up; a zero-gradient parameter decays by the rule.
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 1)
+    lin.register_parameter("idle", nn.Parameter(torch.tensor([2.0, -1.0])))
+    opt_b = QAdamOptimizer(lin.parameters(), lr=0.1, warmup_steps=5, weight_decay=0.5)
+    model_b = DataParallel(lin, opt_b, algorithm="qadam", bucket_size_mb=1e-6)  # a bucket per tensor
+    xb, yb = least_squares(rank)
+    losses = []
+    for _ in range(40):
+        opt_b.zero_grad()
+        loss = nn.functional.mse_loss(model_b(xb), yb) + 0.0 * lin.idle.sum()
+        loss.backward()
+        opt_b.step()
+        losses.append(loss.item())
+    out["b_losses"] = losses
+    out["b_params"] = params_vector(lin)
+
+    # C: warmup_steps=0; v after step 1 = (1 - beta2) * (full-precision mean gradient)^2.
+    torch.manual_seed(1)
+    lin_c = nn.Linear(10, 1)
+    opt_c = QAdamOptimizer(lin_c.parameters(), lr=0.1, warmup_steps=0)
+    model_c = DataParallel(lin_c, opt_c, algorithm="qadam")
+    ref_c = copy.deepcopy(lin_c)
+    mean_g = _grads(ref_c, nn.functional.mse_loss(ref_c(xb), yb))
+    for g in mean_g:
+        torch.distributed.all_reduce(g)
+        g /= world
+    losses_c = []
+    for step in range(60):
+        opt_c.zero_grad()
+        loss = nn.functional.mse_loss(model_c(xb), yb)
+        loss.backward()
+        opt_c.step()
+        losses_c.append(loss.item())
+        if step == 0:
+            out["c_v_err"] = max((opt_c.state[p]["exp_avg_sq"] - (1 - BETAS[1]) * g * g).abs().max().item()
+                                 for p, g in zip(lin_c.parameters(), mean_g))
+    out["c_losses"] = losses_c
+    out["c_params"] = params_vector(lin_c)
+    return out
+
+
+def test_qadam_two_ranks():
+    results = run_ranks(_qadam_ranks, 2, timeout=180)
+    r0, r1 = results
+    for r in results:
+        # warm-up: exactly DDP + Adam
+        assert r["buckets"] > 1
+        assert r["warmup_diff"] < 1e-6, r["warmup_diff"]
+        # switch step: its gradient is in m (up to two 8-bit quantizations of values within the range)
+        assert r["switch_m_err"] <= 2 * r["switch_m_range"] / 255 + 1e-6, r
+        assert r["switch_m_without_grad"] > 10 * r["switch_m_err"], r
+        assert r["switch_x_err"] < 1e-6, r
+        assert r["switch_v_frozen"]
+        # regression after warm-up keeps falling, no NaN
+        losses = r["b_losses"]
+        assert all(torch.isfinite(torch.tensor(losses)))
+        assert losses[-1] < 0.1 * losses[0] and losses[-1] < 0.5 * losses[5], losses  # step 5: warm-up ends
+        # warmup_steps=0
+        assert r["c_v_err"] < 1e-7, r["c_v_err"]
+        assert torch.isfinite(torch.tensor(r["c_losses"])).all()
+        assert r["c_losses"][-1] < 0.05 * r["c_losses"][0], r["c_losses"]
+    # ByteGrad leaves every rank bit-identical, so replicas never drift apart
+    assert torch.equal(r0["b_params"], r1["b_params"])
+    assert torch.equal(r0["c_params"], r1["c_params"])
+    # zero-gradient parameter after warm-up: decays as the single-process formula says (m is exchanged
+    # through 8-bit quantization, hence the tolerance; the idle tensor's chunks hold one value each)
+    idle = r0["b_params"][-2:]
+    for value, x0 in zip(idle.tolist(), [2.0, -1.0]):
+        x, _, _ = _scalar_qadam_reference(x0, [0.0] * 40, 0.1, 5, *BETAS, EPS, 0.5)
+        assert value == pytest.approx(x, rel=1e-4, abs=1e-5)
+
+
+def _hierarchical(rank, world):
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 1)
+    opt = QAdamOptimizer(lin.parameters(), lr=0.1, warmup_steps=2)
+    model = DataParallel(lin, opt, algorithm="qadam")
+    x, y = least_squares(rank)
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model.topology.hierarchical, losses, params_vector(lin)
+
+
+def test_qadam_hierarchical_four_ranks():
+    results = run_ranks(_hierarchical, 4, env={"LOCAL_WORLD_SIZE": "2"}, timeout=180)
+    for hierarchical, losses, params in results:
+        assert hierarchical
+        assert losses[-1] < 0.5 * losses[0], losses
+        assert torch.equal(params, results[0][2])
