@@ -172,8 +172,30 @@ def _quadratic(rank, world, steps, lr):
     return module.x.detach().clone()
 
 
+def _eval_forward_does_not_communicate(rank):
+    module = small_mlp(seed=0)
+    opt = torch.optim.SGD(module.parameters(), lr=LR)
+    model = DataParallel(module, opt, algorithm="decentralized", hierarchical=False)
+    launched = []
+    submit = model.executor.submit
+    model.executor.submit = lambda what, fn: (launched.append(what), submit(what, fn))
+    x, y = rank_batch(rank, 0)
+    if rank == 0:  # evaluation on one rank only must not start a collective the others never join
+        with torch.no_grad():
+            model(x)
+    counts = [len(launched)]
+    for _ in range(2):  # two forwards in one step: one communication
+        loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    counts.append(len(launched))
+    model.close()
+    return counts
+
+
 def _world2(rank, world):
     return {
+        "eval_forward": _eval_forward_does_not_communicate(rank),
         "shift_one": _decentralized_trace(rank, 2, peer_selection_mode="shift_one", hierarchical=False),
         "lpd": _lpd_trace(rank, 3, hierarchical=False),
     }
@@ -244,6 +266,11 @@ def _pair_average(xs, r, k):
 
 def test_shift_one_step_is_pair_average_minus_lr_grad_n2(world2):
     _check_trace(world2, "shift_one", _pair_average)
+
+
+def test_only_the_first_training_forward_of_a_step_communicates(world2):
+    for result in world2:
+        assert result["eval_forward"] == [0, 1]
 
 
 def test_shift_one_step_is_pair_average_minus_lr_grad_n4(world4):

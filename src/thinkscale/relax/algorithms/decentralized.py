@@ -4,7 +4,8 @@ Per communication step (spec/relax.md, "decentralized"):
 
     x_{t+1}^i = avg(x_t^i, x_t^j, ...) - lr * grad f_i(x_t^i)
 
-The average is launched before forward on a copy of the weights (snapshotted on the main thread), so it
+The average is launched before the first training forward of a step (grad enabled; evaluation forwards
+under no_grad never communicate) on a copy of the weights (snapshotted on the main thread), so it
 overlaps forward and backward; the job is waited at the end of backward; in the optimizer's step pre-hook
 the weights are replaced by the averaged copy and the optimizer then applies the gradient that was
 taken at the pre-averaging weights. Communication happens on steps where (step - 1) % interval == 0
@@ -116,6 +117,10 @@ class _DecentralizedImpl(AlgorithmImpl):
         self._launched_at: int | None = None  # engine.iteration of the launched communication
 
     def before_forward(self) -> None:
+        if not torch.is_grad_enabled():
+            # an evaluation forward (no_grad / inference_mode), maybe on some ranks only: launching here
+            # could leave a collective no peer joins. The next training forward launches instead.
+            return
         iteration = self.engine.iteration
         if self._launched_at == iteration or not should_communicate(iteration, self.config.communication_interval):
             return  # already launched by an earlier forward of this iteration, or a local-SGD step
