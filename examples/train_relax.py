@@ -145,7 +145,7 @@ def algorithm_options(args: argparse.Namespace) -> dict:
 
 def _accepted_kwargs(fn, **candidates) -> dict:
     params = inspect.signature(fn).parameters
-    return {k: v for k, v in candidates.items() if k in params}
+    return {k: v for k, v in candidates.items() if k in params and v is not None}
 
 
 def make_optimizer(args: argparse.Namespace, params) -> torch.optim.Optimizer:
@@ -163,12 +163,8 @@ def wrap(args, module: nn.Module, optimizer, world_size: int, device: torch.devi
             return module
         return nn.parallel.DistributedDataParallel(
             module, device_ids=[device] if device.type == "cuda" else None, bucket_cap_mb=args.bucket_size_mb)
-    options = algorithm_options(args)
-    config_fields = {f.name for f in dataclasses.fields(algorithms.REGISTRY[args.algorithm])}
-    if "optimizer" in config_fields:  # an algorithm that wants its optimizer in the config
-        options["optimizer"] = optimizer
     return DataParallel(module, optimizer, algorithm=args.algorithm, bucket_size_mb=args.bucket_size_mb,
-                        timeout_s=args.timeout_s, **options)
+                        timeout_s=args.timeout_s, **algorithm_options(args))
 
 
 def quantizer_path() -> dict:

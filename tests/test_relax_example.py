@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed_harness import free_port
 
@@ -72,3 +73,17 @@ def test_bad_arguments_are_rejected_with_the_allowed_values(capsys):
     args = example.parse_args(["--algorithm", "bytegrad", "--hierarchical", "false", "--steps", "10"])
     assert example.algorithm_options(args) == {"hierarchical": False}
     assert args.lr == 0.05 and args.timing_warmup == 2
+
+
+def test_qadam_gets_its_optimizer_and_options():
+    example = _load_example()
+    from thinkscale.relax import algorithms
+    from torch import nn
+
+    args = example.parse_args(["--algorithm", "qadam", "--warmup-steps", "7"])
+    optimizer = example.make_optimizer(args, nn.Linear(2, 2).parameters())
+    assert isinstance(optimizer, algorithms.QAdamOptimizer)
+    assert optimizer.defaults["lr"] == 1e-3 and optimizer.warmup_steps == 7
+    assert example.algorithm_options(args) == {"warmup_steps": 7, "lr": 1e-3}
+    sgd = example.make_optimizer(example.parse_args(["--algorithm", "ddp"]), nn.Linear(2, 2).parameters())
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9
