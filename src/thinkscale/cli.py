@@ -13,7 +13,9 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("thinkscale.commands.sft", "supervised fine-tuning on worked solutions (built-in task or JSONL), data-parallel with relax"),
+    "grpo": ("thinkscale.commands.grpo", "joint GRPO + SPR training: the policy learns from outcome reward, its SPRM head learns to score steps"),
     "eval": ("thinkscale.commands.eval", "sample k answers per question, grade them, report accuracy of each selection strategy vs k"),
+    "demo": ("thinkscale.commands.demo", "the whole pipeline on the built-in task: data, SFT, GRPO, eval at k = 1..32; writes runs/demo/"),
 }
 
 

@@ -1,0 +1,153 @@
+"""`thinkscale grpo`: joint GRPO + SPR training of the policy and its SPRM head, data-parallel with relax.
+
+    thinkscale grpo --model runs/sft --out runs/grpo                 # questions from runs/sft/data/train.jsonl
+    thinkscale grpo --model runs/sft --out runs/grpo --nproc 2 --algorithm bytegrad
+    thinkscale grpo --model my-model-dir --data questions.jsonl --eval-data test.jsonl --out runs/grpo
+    torchrun --nproc_per_node 2 -m thinkscale.cli grpo --model runs/sft --out runs/grpo
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from thinkscale.relax import algorithms
+    from thinkscale.train.grpo import GRPOOptions
+
+    d = GRPOOptions(model="", out="")
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+
+    io = parser.add_argument_group("model, data and output")
+    io.add_argument("--model", required=True,
+                    help="starting model directory (an SFT output: policy + tokenizer [+ SPRM head]); "
+                         "without sprm_head.safetensors a fresh head is trained")
+    io.add_argument("--out", required=True, help="output directory: policy + trained SPRM head + tokenizer + "
+                                                 "reflect_config.json + metrics.jsonl")
+    io.add_argument("--data", help="JSONL of questions with answers (default: MODEL/data/train.jsonl)")
+    io.add_argument("--eval-data", help="JSONL of test questions for the final evaluation "
+                                        "(default: MODEL/data/test.jsonl when present)")
+    io.add_argument("--overwrite", action="store_true", help="retrain even if --out holds a finished run")
+
+    r = parser.add_argument_group("rollouts")
+    r.add_argument("--steps", type=_positive_int, default=d.steps, help="training steps (one rollout batch each)")
+    r.add_argument("--prompts-per-step", type=_positive_int, default=d.prompts_per_step,
+                   help="questions per step on each rank")
+    r.add_argument("--group-size", type=_positive_int, default=d.group_size,
+                   help="rollouts per question (GRPO group, >= 2)")
+    r.add_argument("--max-new-tokens", type=_positive_int, default=d.max_new_tokens,
+                   help="longest rollout; longer ones are truncated (and skipped by the SPR loss when wrong)")
+    r.add_argument("--temperature", type=_non_negative_float, default=d.temperature, help="sampling temperature")
+    r.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass (1: off)")
+
+    o = parser.add_argument_group("optimization")
+    o.add_argument("--nproc", type=_positive_int, default=1, help="local worker processes (ignored under torchrun)")
+    o.add_argument("--algorithm", default=d.algorithm, help=f"relax algorithm: {', '.join(algorithms.names())}")
+    o.add_argument("--lr", type=_positive_float, default=d.lr, help="policy learning rate (AdamW)")
+    o.add_argument("--head-lr", type=_positive_float, default=d.head_lr, help="SPRM head learning rate (AdamW)")
+    o.add_argument("--updates-per-batch", type=_positive_int, default=d.updates_per_batch,
+                   help="joint policy + head updates on each rollout batch (PPO epochs; ratios clipped)")
+    o.add_argument("--clip-ratio", type=_positive_float, default=d.clip_ratio, help="PPO clip range")
+    o.add_argument("--kl-coef", type=_non_negative_float, default=d.kl_coef,
+                   help="weight of the k3 KL to the starting policy")
+    o.add_argument("--entropy-coef", type=_non_negative_float, default=d.entropy_coef, help="entropy bonus weight")
+    o.add_argument("--grad-clip", type=_non_negative_float, default=d.grad_clip, help="policy grad-norm clip (0: off)")
+    o.add_argument("--head-grad-clip", type=_non_negative_float, default=d.head_grad_clip,
+                   help="SPRM head grad-norm clip (0: off)")
+    o.add_argument("--seed", type=int, default=d.seed, help="seed for prompt order, sampling and the fresh head")
+
+    e = parser.add_argument_group("evaluation (rank 0, on the evaluation questions)")
+    e.add_argument("--eval-questions", type=_non_negative_int, default=d.eval_questions,
+                   help="questions for the final evaluation (0: skip)")
+    e.add_argument("--eval-samples", type=_positive_int, default=d.eval_samples,
+                   help="sampled answers per question for SPRM best-of-k and score separation")
+    e.add_argument("--eval-before", action="store_true", help="also evaluate the starting model (for comparison)")
+
+
+def options_from_args(args: argparse.Namespace):
+    from thinkscale.relax import algorithms
+    from thinkscale.train.grpo import GRPOOptions
+
+    algorithms.resolve(args.algorithm)  # an unknown name fails here, listing the valid ones
+    return GRPOOptions(
+        model=args.model, out=args.out, data=args.data, eval_data=args.eval_data, algorithm=args.algorithm,
+        steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size, lr=args.lr,
+        head_lr=args.head_lr, clip_ratio=args.clip_ratio, kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
+        grad_clip=args.grad_clip, head_grad_clip=args.head_grad_clip, updates_per_batch=args.updates_per_batch,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        eval_questions=args.eval_questions, eval_samples=args.eval_samples, eval_before=args.eval_before,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from thinkscale.train import checkpoint
+    from thinkscale.train.grpo import load_data, run_grpo
+    from thinkscale.train.launch import WorkerFailedError, launch
+
+    try:
+        options = options_from_args(args)
+        load_data(options)  # bad data fails here with file:line, before any worker starts
+    except (TypeError, ValueError, OSError) as e:
+        print(f"thinkscale grpo: error: {e}", file=sys.stderr)
+        return 2
+    if checkpoint.is_done(options.out) and not args.overwrite:
+        print(f"{options.out} already holds a finished GRPO run (use --overwrite to retrain)")
+        _print_summary(checkpoint.load_state(options.out))
+        return 0
+    try:
+        summary = launch(run_grpo, args=(options,), nproc=args.nproc)
+    except WorkerFailedError as e:
+        print(f"thinkscale grpo: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("thinkscale grpo: interrupted", file=sys.stderr)
+        return 130
+    if summary is not None:  # rank 0 (or the only process)
+        _print_summary(summary)
+        print(f"model and SPRM head saved to {options.out}")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _print_summary(summary: dict) -> None:
+    first, last = summary.get("first", {}), summary.get("last", {})
+    print(f"steps {summary.get('steps')}  time {summary.get('train_time_s', 0):.1f} s  "
+          f"reward {_fmt(first.get('reward_mean'))} -> {_fmt(last.get('reward_mean'))}  "
+          f"SPRM score correct/wrong {_fmt(last.get('score_correct'))}/{_fmt(last.get('score_wrong'))}  "
+          f"pair accuracy {_fmt(last.get('score_pair_acc'))}")
+    for key in ("eval_before", "eval"):
+        if key in summary:
+            ev = summary[key]
+            parts = ", ".join(f"{k} {_fmt(v) if isinstance(v, float) or v is None else v}" for k, v in ev.items())
+            print(f"{'before' if key == 'eval_before' else 'after'}: {parts}")
