@@ -1,0 +1,339 @@
+"""Supervised fine-tuning on worked solutions, data-parallel with `thinkscale.relax`.
+
+    result = launch(run_sft, args=(SFTOptions(out="runs/sft"),), nproc=2)
+
+Every rank builds the same data, tokenizer and initial policy from the options (all deterministic
+for a seed; the tokenizer is checked to agree across ranks), trains on its own shard of the
+examples, and rank 0 evaluates pass@1 on a few test questions and writes the output directory:
+
+    out/  config.json, model.safetensors, tokenizer files  (AutoModelForCausalLM/AutoTokenizer load it)
+          reflect_config.json   prompt template, step delimiter, think tags (ReflectiveModel reads it)
+          stage_state.json      options, steps, loss, tokens/s, time, pass@1
+          data/{train,test,hard}.jsonl  the built-in task's splits (when the built-in task was used)
+          done                  marker: a rerun skips this stage
+
+The loss is the mean cross-entropy over completion tokens only (the prompt is context, not target).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..tasks import THINK_END, completion_from_solution, format_prompt, reflect_config
+from ..tasks.arithmetic import ArithmeticConfig, make_splits
+from ..tasks.jsonl import Example, read_examples, write_jsonl
+from ..tasks.policy import PolicyConfig, build_policy, count_parameters
+from ..tasks.tokenizer import train_tokenizer
+from . import checkpoint
+from .launch import is_main_process, rank, world_size
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value the HF loss skips
+
+
+@dataclass
+class SFTOptions:
+    """Everything one SFT run needs (picklable: it travels to spawned workers).
+
+    Data: `data` (JSONL with solutions) or, when None, the built-in arithmetic task (`task`,
+    `num_train`, `num_test`, `num_hard` problems). Model: `model` (a local HF model directory whose
+    tokenizer already has the think tags and delimiter) or, when None, a fresh `policy` with a
+    tokenizer trained on the training text. Length: `steps` optimizer steps, or `epochs` passes over
+    each rank's shard when `steps` is None. `batch_size` is per rank.
+    """
+
+    out: str
+    data: str | None = None
+    eval_data: str | None = None
+    model: str | None = None
+    task: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    num_train: int = 20000
+    num_test: int = 500
+    num_hard: int = 200
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    algorithm: str = "gradient_allreduce"
+    steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_len: int = 160
+    seed: int = 0
+    log_every: int = 25
+    eval_questions: int = 100
+    eval_temperature: float = 0.0
+    eval_max_new_tokens: int = 96
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (or None to use epochs), got {self.steps}")
+        if self.steps is None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        for name in ("batch_size", "max_len", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.eval_questions < 0 or self.eval_temperature < 0:
+            raise ValueError("warmup_steps, eval_questions and eval_temperature must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+def encode_example(tokenizer, question: str, completion: str) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for one example: prompt then completion + EOS; prompt labels ignored.
+
+    Prompt and completion are encoded separately so the prompt tokens are exactly what the policy
+    is given at inference time.
+    """
+    prompt_ids = tokenizer.encode(format_prompt(question), add_special_tokens=False)
+    completion_ids = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids/labels/attention_mask of shape (B, T_max)."""
+    length = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """Rank `rank`'s share: every world_size-th item, all shards cut to the same length so every
+    rank runs the same number of steps (collectives must match)."""
+    per_rank = len(items) // world_size
+    return items[rank::world_size][:per_rank]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total_steps` (step counts from 0)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batches(examples: list, batch_size: int, seed: int, rank: int):
+    """Endless batches over `examples`, reshuffled every epoch (different order on every rank)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + rank)
+    while True:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield [examples[i] for i in order[start : start + batch_size]]
+
+
+# ----------------------------------------------------------------------------- data and model
+
+def load_data(options: SFTOptions) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
+    """(training examples with solutions, evaluation examples, splits to save with the model)."""
+    if options.data is None:
+        splits = make_splits(options.task, options.seed, options.num_train, options.num_test, options.num_hard)
+        as_examples = {
+            name: [Example(p.question, p.answer, p.completion) for p in problems] for name, problems in splits.items()
+        }
+        return as_examples["train"], as_examples["test"], as_examples
+    train = read_examples(options.data)
+    missing = [i for i, e in enumerate(train) if e.solution is None]
+    if missing:
+        raise ValueError(
+            f"{options.data}: SFT needs a 'solution' for every example; {len(missing)} lack one "
+            f"(first: example {missing[0] + 1})"
+        )
+    evaluation = read_examples(options.eval_data) if options.eval_data is not None else []
+    return train, evaluation, {}
+
+
+def load_model_and_tokenizer(options: SFTOptions, train: list[Example]):
+    if options.model is not None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(options.model)
+        model = AutoModelForCausalLM.from_pretrained(options.model)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {options.model} has no EOS token; SFT appends EOS to every target")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention anyway
+        return model, tokenizer
+    texts = (format_prompt(e.question) + completion_from_solution(e.solution, e.answer) for e in train)
+    tokenizer = train_tokenizer(texts)
+    model = build_policy(options.policy, tokenizer, seed=options.seed)
+    return model, tokenizer
+
+
+def _check_same_tokenizer_everywhere(tokenizer) -> None:
+    """Each rank trained its own tokenizer; training must not proceed if they differ."""
+    if world_size() == 1:
+        return
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    digest = int.from_bytes(hashlib.sha256(vocab.encode()).digest()[:7], "big")
+    mine = torch.tensor([digest], dtype=torch.long)
+    low, high = mine.clone(), mine.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if low.item() != high.item():
+        raise RuntimeError("ranks built different tokenizers from the same data; pass --model with a saved one")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_pass_at_1(model, tokenizer, examples: list[Example], temperature: float, max_new_tokens: int,
+                       seed: int) -> dict:
+    """pass@1 with reflect's sampler and grader: one sample per question (greedy at temperature 0)."""
+    from ..reflect import ReflectiveModel, grade, sample
+
+    reflective = ReflectiveModel(model, config=None)
+    prompts = [format_prompt(e.question) for e in examples]
+    candidates = sample(reflective, tokenizer, prompts, k=1, temperature=temperature, top_p=1.0,
+                        max_new_tokens=max_new_tokens, seed=seed, batch_size=64, score=False)
+    correct = [grade(c[0].text, e.answer, think_end=THINK_END) for c, e in zip(candidates, examples)]
+    finished = sum(c[0].finished for c in candidates)
+    return {
+        "pass@1": sum(correct) / len(correct),
+        "questions": len(correct),
+        "finished": finished / len(correct),
+        "temperature": temperature,
+        "samples": [{"question": e.question, "answer": e.answer, "completion": c[0].text, "correct": ok}
+                    for e, c, ok in list(zip(examples, candidates, correct))[:5]],
+    }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def run_sft(options: SFTOptions) -> dict | None:
+    """One rank's SFT run (call through `train.launch.launch`). Rank 0 returns the summary."""
+    from ..relax import DataParallel
+
+    torch.manual_seed(options.seed)
+    train, evaluation, splits = load_data(options)
+    model, tokenizer = load_model_and_tokenizer(options, train)
+    _check_same_tokenizer_everywhere(tokenizer)
+    encoded = []
+    for e in train:
+        ids, labels = encode_example(tokenizer, e.question, completion_from_solution(e.solution, e.answer))
+        if len(ids) <= options.max_len:
+            encoded.append((ids, labels))
+    if len(encoded) < len(train):
+        logger.warning("dropped %d of %d examples longer than max_len=%d tokens",
+                       len(train) - len(encoded), len(train), options.max_len)
+    local = shard(encoded, rank(), world_size())
+    if len(local) < options.batch_size:
+        raise ValueError(f"each rank has {len(local)} examples, fewer than batch_size={options.batch_size}; "
+                         "use more data, fewer processes or a smaller batch")
+    steps_per_epoch = len(local) // options.batch_size
+    total_steps = options.steps if options.steps is not None else max(1, round(options.epochs * steps_per_epoch))
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(0.9, 0.95),
+                                  weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, options.warmup_steps, total_steps, options.min_lr_ratio))
+    dp = DataParallel(model, optimizer, algorithm=options.algorithm)
+    if is_main_process():
+        logger.info("SFT: %d parameters, %d examples on %d rank(s), %d steps of %d x %d, algorithm %s",
+                    count_parameters(model), len(encoded), world_size(), total_steps, world_size(),
+                    options.batch_size, options.algorithm)
+
+    history, window_loss, window_tokens = [], 0.0, 0
+    start = window_start = time.perf_counter()
+    total_tokens = 0
+    data = batches(local, options.batch_size, options.seed, rank())
+    progress = tqdm(total=total_steps, desc="sft", disable=not is_main_process(), dynamic_ncols=True)
+    try:
+        for step in range(total_steps):
+            batch = collate(next(data), tokenizer.pad_token_id)
+            loss = dp(**batch).loss
+            loss.backward()
+            if options.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens = int(batch["attention_mask"].sum())
+            window_loss += loss.item()
+            window_tokens += tokens
+            total_tokens += tokens
+            progress.update(1)
+            if (step + 1) % options.log_every == 0 or step + 1 == total_steps:
+                stats = _reduce_mean([window_loss / ((step % options.log_every) + 1), window_tokens])
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step + 1, "loss": stats[0],
+                          "tokens_per_s": stats[1] * world_size() / elapsed, "lr": scheduler.get_last_lr()[0]}
+                history.append(record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if is_main_process():
+                    logger.info("step %d/%d loss %.4f tokens/s %.0f lr %.2e", step + 1, total_steps,
+                                record["loss"], record["tokens_per_s"], record["lr"])
+                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    finally:
+        progress.close()
+        dp.close()
+    train_time = time.perf_counter() - start
+    total_tokens = _reduce_mean([total_tokens])[0] * world_size()
+    if not is_main_process():
+        return None  # rank 0 evaluates and saves alone: no collective after this point
+
+    summary = {
+        "steps": total_steps,
+        "examples_seen": total_steps * options.batch_size * world_size(),
+        "final_loss": history[-1]["loss"],
+        "train_time_s": train_time,
+        "tokens_per_s": total_tokens / train_time,
+        "parameters": count_parameters(model),
+        "world_size": world_size(),
+        "history": history,
+    }
+    model.eval()
+    if evaluation and options.eval_questions > 0:
+        eval_start = time.perf_counter()
+        summary["eval"] = evaluate_pass_at_1(model, tokenizer, evaluation[: options.eval_questions],
+                                             options.eval_temperature, options.eval_max_new_tokens, options.seed)
+        summary["eval"]["time_s"] = time.perf_counter() - eval_start
+        logger.info("pass@1 on %d test questions: %.3f (%.1f s)", summary["eval"]["questions"],
+                    summary["eval"]["pass@1"], summary["eval"]["time_s"])
+
+    def write_splits(stage_dir: Path) -> None:
+        for name, examples in splits.items():
+            write_jsonl(stage_dir / "data" / f"{name}.jsonl", (e.to_record() for e in examples))
+
+    state = {"stage": "sft", "options": _jsonable(asdict(options)), **summary}
+    checkpoint.save_stage(options.out, model, tokenizer, state=state,
+                          extra_json={"reflect_config.json": reflect_config()}, write_extra=write_splits)
+    return summary
+
+
+def _reduce_mean(values: list[float]) -> list[float]:
+    """Mean over ranks of each value (identity without a process group)."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / world_size()).tolist()
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
