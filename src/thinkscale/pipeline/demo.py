@@ -1,0 +1,264 @@
+"""The demo pipeline: the built-in arithmetic task, trained with relax and scaled at test time with reflect.
+
+    report = run_demo(DemoConfig())                    # what `thinkscale demo` runs
+    report = run_demo(DemoConfig.quick_profile())      # same stages, tiny sizes (CI smoke test)
+
+Stages (each skipped when its folder under `out` is already finished):
+    data   the task's train/test/hard splits as JSONL (data/{train,test,hard}.jsonl)
+    sft    supervised fine-tuning on worked solutions, `nproc` workers with a relax algorithm (sft/)
+    grpo   joint GRPO + SPR training of the policy and its SPRM head, `nproc` workers (grpo/)
+    eval   k = 1..32 samples per question on test and hard with the GRPO model, plus pass@1 of the SFT
+           model on the same questions (eval/<model>-<split>/), questions shared among `nproc` workers
+then the combined report (report.json, report.md, PNG plots) is written from the stage outputs.
+
+The budgets of the default profile aim at ~15 minutes on a 2-core CPU machine: SFT ~4-5 min,
+GRPO ~4 min, eval ~4 min. Every size the stages use is a field below, so the budget is readable in
+one place; fields left None use the stage's own default (`SFTOptions`, `GRPOOptions`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..reflect.evaluate import EvalConfig
+from ..tasks import THINK_END
+from ..tasks.arithmetic import ArithmeticConfig, make_splits
+from ..tasks.jsonl import write_jsonl
+from ..tasks.policy import PolicyConfig
+from ..train import checkpoint
+from ..train.launch import launch, rank
+from .evaluation import EvalJob, evaluate_shards, merge_shards
+from .stages import Stage, StageResult, mark_done, remove_outputs, run_stages
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("test", "hard")
+STAGE_NAMES = ("data", "sft", "grpo", "eval")
+RECORD_FILE = "pipeline.json"
+LOG_DIR = "logs"
+REPORT_FILES = ("report.json", "report.md", "training_curves.png", "sprm_separation.png",
+                "accuracy_vs_k_test.png", "accuracy_vs_k_hard.png")
+EVAL_KS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class DemoConfig:
+    """Everything `thinkscale demo` decides. The defaults are the full demo (~15 min on 2 cores)."""
+
+    out: str = "runs/demo"
+    nproc: int = 2
+    algorithm: str = "gradient_allreduce"
+    seed: int = 0
+    profile: str = "default"  # "default" or "quick"; recorded in the report
+    # data: the built-in task; hard = two more operations and one more digit than training
+    task: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    num_train: int = 20000
+    num_test: int = 200  # test questions evaluated with 32 samples each
+    num_hard: int = 100
+    # sft (~4-5 min): None = SFTOptions' default
+    policy: PolicyConfig | None = None
+    sft_steps: int | None = None
+    sft_batch_size: int | None = None
+    sft_eval_questions: int | None = None
+    # grpo (~4 min): None = GRPOOptions' default
+    grpo_steps: int | None = None
+    grpo_prompts_per_step: int | None = None
+    grpo_group_size: int | None = None
+    grpo_max_new_tokens: int | None = None
+    grpo_eval_questions: int = 0  # GRPO's own end-of-stage check; the eval stage measures more, so off
+    # eval (~4 min): sampling as in the MetaStone-S1 release (temperature 0.6, top-p 0.95)
+    ks: tuple[int, ...] = EVAL_KS
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 128  # enough for the hard split's 5-6 steps; longer answers count as wrong
+    eval_batch_size: int | None = None  # None: one question's samples at a time
+    sft_eval_samples: int = 8  # samples per question for the SFT model's pass@1 (same questions, same sampling)
+
+    def __post_init__(self) -> None:
+        if self.nproc < 1:
+            raise ValueError(f"nproc must be >= 1, got {self.nproc}")
+        if self.profile not in ("default", "quick"):
+            raise ValueError(f"profile must be 'default' or 'quick', got {self.profile!r}")
+        for name in ("num_train", "num_test", "num_hard", "sft_eval_samples", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.ks = tuple(sorted(set(self.ks)))
+        if not self.ks or self.ks[0] < 1:
+            raise ValueError(f"ks must be positive integers, got {self.ks}")
+
+    @classmethod
+    def quick_profile(cls, **overrides) -> "DemoConfig":
+        """The same stages with tiny sizes: a couple of minutes, for smoke tests (accuracy is not the point)."""
+        quick = dict(
+            profile="quick", num_train=2000, num_test=8, num_hard=6,
+            policy=PolicyConfig(hidden_size=64, num_layers=2, num_heads=4),
+            sft_steps=60, sft_batch_size=32, sft_eval_questions=8,
+            grpo_steps=3, grpo_prompts_per_step=4, grpo_group_size=4, grpo_max_new_tokens=48,
+            max_new_tokens=48, sft_eval_samples=2,
+        )
+        quick.update(overrides)
+        return cls(**quick)
+
+    # -- where things go ------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return Path(self.out)
+
+    def data_file(self, split: str) -> Path:
+        return self.root / "data" / f"{split}.jsonl"
+
+    def eval_dir(self, model: str, split: str) -> Path:
+        return self.root / "eval" / f"{model}-{split}"
+
+
+# ----------------------------------------------------------------------------- stage options
+
+def sft_options(config: DemoConfig):
+    from ..train.sft import SFTOptions
+
+    overrides = {"policy": config.policy, "steps": config.sft_steps, "batch_size": config.sft_batch_size,
+                 "eval_questions": config.sft_eval_questions}
+    return SFTOptions(out=str(config.root / "sft"), data=str(config.data_file("train")),
+                      eval_data=str(config.data_file("test")), algorithm=config.algorithm, seed=config.seed,
+                      **{k: v for k, v in overrides.items() if v is not None})
+
+
+def grpo_options(config: DemoConfig):
+    from ..train.grpo import GRPOOptions
+
+    overrides = {"steps": config.grpo_steps, "prompts_per_step": config.grpo_prompts_per_step,
+                 "group_size": config.grpo_group_size, "max_new_tokens": config.grpo_max_new_tokens,
+                 "eval_questions": config.grpo_eval_questions}
+    return GRPOOptions(out=str(config.root / "grpo"), model=str(config.root / "sft"),
+                       data=str(config.data_file("train")), algorithm=config.algorithm, seed=config.seed,
+                       **{k: v for k, v in overrides.items() if v is not None})
+
+
+def eval_jobs(config: DemoConfig) -> list[EvalJob]:
+    """The GRPO model with every k on each split, and the SFT model's pass@1 on the same questions."""
+    def eval_config(ks):
+        return EvalConfig(ks=ks, temperature=config.temperature, top_p=config.top_p,
+                          max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
+                          seed=config.seed, think_end=THINK_END)
+
+    jobs = []
+    for split in SPLITS:
+        jobs.append(EvalJob(f"grpo-{split}", str(config.root / "grpo"), str(config.data_file(split)),
+                            str(config.eval_dir("grpo", split)), eval_config(config.ks)))
+    for split in SPLITS:
+        jobs.append(EvalJob(f"sft-{split}", str(config.root / "sft"), str(config.data_file(split)),
+                            str(config.eval_dir("sft", split)), eval_config((1, config.sft_eval_samples))))
+    return jobs
+
+
+# ----------------------------------------------------------------------------- stage bodies
+
+def make_data(config: DemoConfig) -> None:
+    splits = make_splits(config.task, config.seed, config.num_train, config.num_test, config.num_hard)
+
+    def write(stage_dir: Path) -> None:
+        for name, problems in splits.items():
+            write_jsonl(stage_dir / f"{name}.jsonl", (p.to_record() for p in problems))
+
+    state = {"stage": "data", "seed": config.seed, "task": _jsonable(config.task.__dict__),
+             "hard_task": _jsonable(config.task.harder().__dict__),
+             "sizes": {name: len(problems) for name, problems in splits.items()}}
+    checkpoint.save_stage(config.root / "data", state=state, write_extra=write)
+
+
+def run_on_workers(config: DemoConfig, stage: str, fn, *args):
+    """`fn(*args)` on `config.nproc` local workers, each logging to logs/<stage>-rank<r>.log."""
+    log_dir = config.root / LOG_DIR
+    log_dir.mkdir(parents=True, exist_ok=True)
+    level = logging.getLogger().getEffectiveLevel()
+    return launch(_logged_worker, args=(fn, args, str(log_dir / stage), level), nproc=config.nproc,
+                  timeout_s=1800.0)
+
+
+def _logged_worker(fn, args: tuple, log_prefix: str, level: int):
+    """Worker body: log to a per-rank file (and warnings to the console in a fresh worker), run `fn(*args)`."""
+    root = logging.getLogger()
+    added = [logging.FileHandler(f"{log_prefix}-rank{rank()}.log", encoding="utf-8")]
+    added[0].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    if not root.handlers:  # a spawned worker; in-process (nproc 1) the command's console handler exists
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter(f"[rank {rank()}] %(levelname)s %(name)s: %(message)s"))
+        added.append(console)
+    for handler in added:
+        root.addHandler(handler)
+    previous_level = root.level
+    root.setLevel(level)
+    try:
+        return fn(*args)
+    finally:
+        root.setLevel(previous_level)
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def train_sft(config: DemoConfig) -> None:
+    from ..train.sft import run_sft
+
+    run_on_workers(config, "sft", run_sft, sft_options(config))
+
+
+def train_grpo(config: DemoConfig) -> None:
+    from ..train.grpo import run_grpo
+
+    run_on_workers(config, "grpo", run_grpo, grpo_options(config))
+
+
+def run_eval(config: DemoConfig) -> None:
+    jobs = eval_jobs(config)
+    run_on_workers(config, "eval", evaluate_shards, jobs)
+    for job in jobs:
+        merge_shards(job, config.nproc)
+    mark_done(config.root / "eval", {"jobs": [job.name for job in jobs]})
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def build_stages(config: DemoConfig) -> list[Stage]:
+    root = config.root
+    return [
+        Stage("data", root / "data", lambda: make_data(config), "generate the train/test/hard splits"),
+        Stage("sft", root / "sft", lambda: train_sft(config),
+              f"supervised fine-tuning, {config.nproc} workers, {config.algorithm}"),
+        Stage("grpo", root / "grpo", lambda: train_grpo(config),
+              f"GRPO + SPRM head, {config.nproc} workers, {config.algorithm}"),
+        Stage("eval", root / "eval", lambda: run_eval(config),
+              f"k = {', '.join(map(str, config.ks))} on test and hard, {config.nproc} workers"),
+    ]
+
+
+def clear_outputs(config: DemoConfig) -> list[Path]:
+    """What `--fresh` deletes: this pipeline's stage folders, logs, record and report files only."""
+    return remove_outputs(config.root, [*STAGE_NAMES, LOG_DIR, RECORD_FILE, *REPORT_FILES])
+
+
+def run_demo(config: DemoConfig, fresh: bool = False, announce=None) -> tuple[dict, list[StageResult]]:
+    """Run (or resume) every stage, then write the combined report; returns (report, stage results)."""
+    from .report import build_report, write_report
+
+    if fresh:
+        removed = clear_outputs(config)
+        if removed:
+            logger.info("--fresh: removed %d earlier outputs in %s", len(removed), config.root)
+    config.root.mkdir(parents=True, exist_ok=True)
+    results = run_stages(build_stages(config), record=config.root / RECORD_FILE, announce=announce)
+    report = build_report(config, results)
+    write_report(report, config.root)
+    return report, results
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
