@@ -19,6 +19,8 @@ import time
 import torch
 
 from thinkscale.reflect import ReflectiveModel, sample, score_sequences
+from thinkscale.reflect.generate import decode
+from thinkscale.reflect.scoring import scores_from_features
 
 TEXT = ["First we add the numbers. Then we check the sum.\n\nThe answer is 12.",
         "Let us think step by step.\n\nTwo plus two is four.\n\nSo it is 4.",
@@ -116,6 +118,12 @@ def main() -> None:
         print(f"  {name:40s} wall min {best:7.3f}s (median {statistics.median(ts):7.3f}s) "
               f"overhead {100 * (best - base) / base:+6.2f}% | cpu min {cbest:7.3f}s "
               f"overhead {100 * (cbest - cpu_base) / cpu_base:+6.2f}%")
+    # the fused path's own work after decoding (step masks + head at scored positions), timed alone
+    rows = decode(rm, [prompt_ids] * args.k, args.new_tokens, set(), 0, temperature=1.0, top_p=0.95,
+                  generator=torch.Generator(device=args.device).manual_seed(0), keep_features=True)
+    post, _, _ = timed(lambda: [scores_from_features(rm, tok, prompt_ids, r.tokens, r.features) for r in rows])
+    print(f"  fused post-processing alone (step mask + head): {1000 * post:.1f} ms = "
+          f"{100 * post / base:.2f}% of generation")
     max_diff = 0.0
     for c, (ref_steps, _) in zip(scored, results["generation + rescoring (batched)"]):
         max_diff = max([max_diff] + [abs(a - b) for a, b in zip(c.step_scores, ref_steps)])

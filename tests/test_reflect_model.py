@@ -92,6 +92,12 @@ def test_save_load_round_trip(tmp_path, caplog):
     assert other.head_is_trained and other.config.think_tags == ("<a>", "</a>")
 
 
+def test_directory_without_head_gets_a_fresh_one(tmp_path):
+    tiny_policy("gpt2").save_pretrained(tmp_path)
+    rm = ReflectiveModel.from_pretrained(str(tmp_path))
+    assert not rm.head_is_trained and rm.head.hidden_size == 32 and rm.config == ReflectConfig()
+
+
 def test_head_path_missing_and_mismatched(tmp_path):
     with pytest.raises(FileNotFoundError, match="SPRM head file not found"):
         ReflectiveModel.from_pretrained(tiny_policy("llama"), head=tmp_path / "nope.safetensors")

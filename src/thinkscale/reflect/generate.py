@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .candidate import Candidate
-from .model import ReflectiveModel
+from .model import ReflectiveModel, capture_output
 from .scoring import scores_from_features
 
 logger = logging.getLogger(__name__)
@@ -81,40 +81,42 @@ def decode(rm: ReflectiveModel, prompts: Sequence[Sequence[int]], max_new_tokens
         ids[b, P - len(p):] = torch.tensor(list(p), device=device)
         attn[b, P - len(p):] = 1
     positions = (attn.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-    next_pos = attn.sum(dim=1, keepdim=True)  # (B, 1)
     seen = None
     if repetition_penalty != 1.0:
         vocab = rm.policy.get_output_embeddings().weight.shape[0]
-        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, attn.bool())
+        # count real prompt tokens per id (scatter_add, so a pad id that is also a real token stays seen)
+        seen = torch.zeros(B, vocab, dtype=torch.long, device=device).scatter_add_(1, ids, attn) > 0
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(rm.policy.forward).parameters else {}
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
 
-    out = rm(ids, attention_mask=attn, position_ids=positions, use_cache=True, compute_step_logits=False,
-             return_features=keep_features, **extra)
-    features = [out.features[:, -1]] if keep_features else []  # (B, c): the position predicting token 0
+    next_pos = attn.sum(dim=1, keepdim=True)  # (B, 1)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    features: list[torch.Tensor] = []  # features[g]: (B, c) at the position that predicts token g
     generated: list[torch.Tensor] = []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
-    for step in range(max_new_tokens):
-        token = next_tokens(out.logits[:, -1], temperature, top_p, repetition_penalty, seen, generator)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        generated.append(token)
-        lengths += (~done).long()
-        done |= torch.isin(token, eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)
-        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-        out = rm(token[:, None], attention_mask=attn, position_ids=next_pos, cache=out.cache, use_cache=True,
-                 compute_step_logits=False, return_features=keep_features)
-        next_pos = next_pos + 1
-        if keep_features:
-            features.append(out.features[:, -1])
+    with contextlib.ExitStack() as stack:
+        # one hook for the whole loop; without it this is plain generation
+        captured = stack.enter_context(capture_output(rm.feature_layer)) if keep_features else None
+        out = rm(ids, attention_mask=attn, position_ids=positions, use_cache=True, compute_step_logits=False, **extra)
+        for step in range(max_new_tokens):
+            if captured is not None:
+                features.append(captured.value[:, -1])
+            token = next_tokens(out.logits[:, -1], temperature, top_p, repetition_penalty, seen, generator)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            generated.append(token)
+            lengths += (~done).long()
+            done |= torch.isin(token, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+            out = rm(token[:, None], attention_mask=attn, position_ids=next_pos, cache=out.cache, use_cache=True,
+                     compute_step_logits=False)
+            next_pos = next_pos + 1
 
     tokens = torch.stack(generated, dim=1).tolist()  # (B, G)
-    feats = torch.stack(features, dim=1) if keep_features else None  # (B, G or G-1, c)
+    feats = torch.stack(features, dim=1) if keep_features else None  # (B, G, c)
     results = []
     for b in range(B):
         n = int(lengths[b])

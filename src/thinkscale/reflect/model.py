@@ -140,7 +140,7 @@ class ReflectiveModel(nn.Module):
         forward_params = inspect.signature(policy.forward).parameters
         # transformers >= 5.x calls the KV cache `cache`, earlier versions `past_key_values`
         self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
-        self._step_tokens: dict[int, StepTokens] = {}
+        self._step_tokens: dict[tuple, StepTokens] = {}
 
     @property
     def feature_layer(self) -> nn.Module:
@@ -177,7 +177,7 @@ class ReflectiveModel(nn.Module):
 
         A think tag the tokenizer does not write as one token switches the think-region rule off, with a warning.
         """
-        key = id(tokenizer)
+        key = (id(tokenizer), getattr(tokenizer, "name_or_path", None), len(tokenizer))
         if key not in self._step_tokens:
             delimiter = delimiter_token_ids(tokenizer, self.config.step_delimiter)
             start_id = end_id = None
