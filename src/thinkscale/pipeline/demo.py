@@ -74,7 +74,7 @@ class DemoConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     max_new_tokens: int = 128  # enough for the hard split's 5-6 steps; longer answers count as wrong
-    eval_batch_size: int | None = None  # None: one question's samples at a time
+    eval_batch_size: int | None = 160  # rows decoded together: 5 questions x 32 samples (~20% faster than 32)
     sft_eval_samples: int = 8  # samples per question for the SFT model's pass@1 (same questions, same sampling)
 
     def __post_init__(self) -> None:
