@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..tasks import THINK_END, completion_from_solution, format_prompt, reflect_
 from ..tasks.arithmetic import ArithmeticConfig, make_splits
 from ..tasks.jsonl import Example, read_examples, write_jsonl
 from ..tasks.policy import PolicyConfig, build_policy, count_parameters
+from ..relax import DataParallel
 from ..tasks.tokenizer import train_tokenizer
 from . import checkpoint
 from .launch import is_main_process, rank, world_size
@@ -46,9 +48,10 @@ class SFTOptions:
     """Everything one SFT run needs (picklable: it travels to spawned workers).
 
     Data: `data` (JSONL with solutions) or, when None, the built-in arithmetic task (`task`,
-    `num_train`, `num_test`, `num_hard` problems). Model: `model` (a local HF model directory whose
-    tokenizer already has the think tags and delimiter) or, when None, a fresh `policy` with a
-    tokenizer trained on the training text. Length: `steps` optimizer steps, or `epochs` passes over
+    `num_train`, `num_test`, `num_hard` problems). Model: `model` (a local HF model directory; any
+    tokenizer works, one that writes the think tags and delimiter as single tokens suits the SPRM
+    best) or, when None, a fresh `policy` with a tokenizer trained on the training text.
+    With a decentralized relax algorithm the replicas differ slightly; rank 0's is the one saved. Length: `steps` optimizer steps, or `epochs` passes over
     each rank's shard when `steps` is None. `batch_size` is per rank.
     """
 
@@ -75,7 +78,7 @@ class SFTOptions:
     log_every: int = 25
     eval_questions: int = 100
     eval_temperature: float = 0.0
-    eval_max_new_tokens: int = 96
+    eval_max_new_tokens: int | None = None  # None: max_len (no training example is longer)
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -220,13 +223,20 @@ def evaluate_pass_at_1(model, tokenizer, examples: list[Example], temperature: f
 
 # ----------------------------------------------------------------------------- the stage
 
+def training_device() -> torch.device:
+    """This rank's GPU when CUDA is available (LOCAL_RANK picks it), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def run_sft(options: SFTOptions) -> dict | None:
     """One rank's SFT run (call through `train.launch.launch`). Rank 0 returns the summary."""
-    from ..relax import DataParallel
-
     torch.manual_seed(options.seed)
     train, evaluation, splits = load_data(options)
     model, tokenizer = load_model_and_tokenizer(options, train)
+    device = training_device()
+    model.to(device)
     _check_same_tokenizer_everywhere(tokenizer)
     encoded = []
     for e in train:
@@ -261,7 +271,7 @@ def run_sft(options: SFTOptions) -> dict | None:
     progress = tqdm(total=total_steps, desc="sft", disable=not is_main_process(), dynamic_ncols=True)
     try:
         for step in range(total_steps):
-            batch = collate(next(data), tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in collate(next(data), tokenizer.pad_token_id).items()}
             loss = dp(**batch).loss
             loss.backward()
             if options.grad_clip > 0:
@@ -306,8 +316,9 @@ def run_sft(options: SFTOptions) -> dict | None:
     model.eval()
     if evaluation and options.eval_questions > 0:
         eval_start = time.perf_counter()
+        max_new_tokens = options.max_len if options.eval_max_new_tokens is None else options.eval_max_new_tokens
         summary["eval"] = evaluate_pass_at_1(model, tokenizer, evaluation[: options.eval_questions],
-                                             options.eval_temperature, options.eval_max_new_tokens, options.seed)
+                                             options.eval_temperature, max_new_tokens, options.seed)
         summary["eval"]["time_s"] = time.perf_counter() - eval_start
         logger.info("pass@1 on %d test questions: %.3f (%.1f s)", summary["eval"]["questions"],
                     summary["eval"]["pass@1"], summary["eval"]["time_s"])
