@@ -57,6 +57,8 @@ def grpo_summary(stage_dir: Path) -> dict:
     curves = {name: [[r[GRPO_KEYS["step"]], r[key]] for r in records if r.get(key) is not None]
               for name, key in GRPO_KEYS.items() if name != "step"}
     summary = {key: state.get(key) for key in ("steps", "train_time_s", "world_size")}
+    # GRPO's own means over the first and last 10% of steps (reward, score_correct/wrong/gap, kl, ...)
+    summary["first_steps"], summary["last_steps"] = state.get("first"), state.get("last")
     summary["curves"] = curves
     for name in ("reward", "kl", "score_correct", "score_wrong"):
         summary[f"final_{name}"] = curves[name][-1][1] if curves[name] else None
@@ -165,6 +167,23 @@ def final_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _grpo_windows(grpo: dict) -> str:
+    """Reward and SPRM scores of the rollouts, first vs last 10% of the GRPO steps."""
+    first, last = grpo.get("first_steps"), grpo.get("last_steps")
+    if not first or not last:
+        return (f"final reward {_num(grpo['final_reward'])}, SPRM score correct "
+                f"{_num(grpo['final_score_correct'])} vs wrong {_num(grpo['final_score_wrong'])}.")
+    return (f"rollout reward {_num(first.get('reward_mean'))} (steps {first.get('steps')}) -> "
+            f"{_num(last.get('reward_mean'))} (steps {last.get('steps')}); SPRM score correct vs wrong "
+            f"{_num(first.get('score_correct'))} vs {_num(first.get('score_wrong'))} -> "
+            f"{_num(last.get('score_correct'))} vs {_num(last.get('score_wrong'))} "
+            f"(gap {_num(last.get('score_gap'), sign=True)}); KL {_num(last.get('kl'))}.")
+
+
+def _secs(value) -> str:
+    return "-" if value is None else f"{value:.0f} s"
+
+
 def _num(value, sign: bool = False) -> str:
     if value is None:
         return "-"
@@ -215,13 +234,13 @@ def markdown(report: dict) -> str:
     lines += ["", f"(k = {next(iter(report['targets'].values()))['k_max']}; gap closed = (sprm@k - pass@1) / "
               "(pass@k - pass@1), in %.)", "", "## Training", "",
               f"- SFT: {sft['steps']} steps, final loss {_num(sft['final_loss'])}, "
-              f"{_num(sft['train_time_s'])} s, greedy pass@1 {_pct(sft.get('greedy_pass@1'))}% on "
+              f"{_secs(sft['train_time_s'])}, greedy pass@1 {_pct(sft.get('greedy_pass@1'))}% on "
               f"{sft.get('greedy_eval_questions', '-')} test questions.",
-              f"- GRPO: {grpo['steps']} steps, final reward {_num(grpo['final_reward'])}, KL {_num(grpo['final_kl'])}, "
-              f"SPRM score correct {_num(grpo['final_score_correct'])} vs wrong {_num(grpo['final_score_wrong'])}.",
+              f"- GRPO: {grpo['steps']} steps, {_secs(grpo['train_time_s'])}; " + _grpo_windows(grpo),
               "", "## Stages", "", "| stage | this run | seconds | seconds when it ran |", "|---|---|---:|---:|"]
     for name, s in report["stages"].items():
-        lines.append(f"| {name} | {s['status']} | {s['seconds']:.1f} | {_num(s['seconds_when_run'])} |")
+        when = "-" if s["seconds_when_run"] is None else f"{s['seconds_when_run']:.1f}"
+        lines.append(f"| {name} | {s['status']} | {s['seconds']:.1f} | {when} |")
     lines += ["", "## Plots", ""]
     for png, title in PLOTS.items():
         lines.append(f"![{title}]({png})")
