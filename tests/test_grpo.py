@@ -175,11 +175,22 @@ def test_bad_data_names_the_line(model_dir, tmp_path):
         run_grpo(GRPOOptions(model=str(model_dir), out=str(tmp_path / "o"), data=str(data)))
 
 
+def test_backbone_grad_scale_overrides_the_saved_config(model_dir):
+    from thinkscale.train.grpo import load_model
+
+    rm, _ = load_model(GRPOOptions(model=str(model_dir), out="o"))
+    assert rm.config.backbone_grad_scale == 1e-4  # the spec's value, from the config default
+    rm, _ = load_model(GRPOOptions(model=str(model_dir), out="o", backbone_grad_scale=0.5))
+    assert rm.config.backbone_grad_scale == 0.5
+
+
 def test_options_reject_meaningless_values():
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         GRPOOptions(model="m", out="o", group_size=1)
     with pytest.raises(ValueError, match="head_lr must be > 0"):
         GRPOOptions(model="m", out="o", head_lr=0.0)
+    with pytest.raises(ValueError, match="backbone_grad_scale"):
+        GRPOOptions(model="m", out="o", backbone_grad_scale=2.0)
 
 
 def cli(*args, timeout=120):

@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--grad-clip", type=_non_negative_float, default=d.grad_clip, help="policy grad-norm clip (0: off)")
     o.add_argument("--head-grad-clip", type=_non_negative_float, default=d.head_grad_clip,
                    help="SPRM head grad-norm clip (0: off)")
+    o.add_argument("--backbone-grad-scale", type=_non_negative_float, default=None,
+                   help="share of the SPR-loss gradient that reaches the policy (default: the model's reflect "
+                        "config, 1e-4 as in the spec)")
     o.add_argument("--seed", type=int, default=d.seed, help="seed for prompt order, sampling and the fresh head")
 
     e = parser.add_argument_group("evaluation (rank 0, on the evaluation questions)")
@@ -101,7 +104,8 @@ def options_from_args(args: argparse.Namespace):
         model=args.model, out=args.out, data=args.data, eval_data=args.eval_data, algorithm=args.algorithm,
         steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size, lr=args.lr,
         head_lr=args.head_lr, clip_ratio=args.clip_ratio, kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
-        grad_clip=args.grad_clip, head_grad_clip=args.head_grad_clip, updates_per_batch=args.updates_per_batch,
+        grad_clip=args.grad_clip, head_grad_clip=args.head_grad_clip, backbone_grad_scale=args.backbone_grad_scale,
+        updates_per_batch=args.updates_per_batch,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         eval_questions=args.eval_questions, eval_samples=args.eval_samples, eval_before=args.eval_before,
     )

@@ -62,6 +62,11 @@ class GRPOOptions:
     used when present, else a fresh head is trained. `data`: JSONL of questions with answers (default:
     `model`/data/train.jsonl); `eval_data` likewise (default `model`/data/test.jsonl when present).
     `prompts_per_step` is per rank: a step samples prompts_per_step * group_size rollouts on every rank.
+
+    Defaults are tuned for the built-in task's tiny policy (~2.7M parameters) after SFT: 40 steps of
+    8 x 8 rollouts per rank take ~4 min with 2 workers on 2 CPU cores. Policy lr 1e-5 keeps pass@1
+    (1e-4 collapsed the policy: KL 0.7, pass@1 0.29 -> 0.01); head lr 1e-3 (3e-3 saturates every score
+    at 1.0). Rollouts at temperature 0.8: more mixed groups than the test-time 0.6, close to its distribution.
     """
 
     model: str
@@ -69,7 +74,7 @@ class GRPOOptions:
     data: str | None = None
     eval_data: str | None = None
     algorithm: str = "gradient_allreduce"
-    steps: int = 60
+    steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 8
     lr: float = 1e-5
@@ -80,15 +85,17 @@ class GRPOOptions:
     entropy_coef: float = 0.001
     grad_clip: float = 1.0
     head_grad_clip: float = 1.0
+    backbone_grad_scale: float | None = None  # None: the model's reflect config (spec: 1e-4)
     updates_per_batch: int = 1
     max_new_tokens: int = 96
-    temperature: float = 1.0
+    temperature: float = 0.8
     top_p: float = 1.0
     seed: int = 0
     log_every: int = 10
     eval_questions: int = 100
     eval_samples: int = 8
-    eval_temperature: float = 1.0
+    eval_temperature: float = 0.6  # test-time sampling of the MetaStone-S1 release
+    eval_top_p: float = 0.95
     eval_before: bool = False
 
     def __post_init__(self) -> None:
@@ -105,8 +112,10 @@ class GRPOOptions:
                      "grad_clip", "head_grad_clip"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.backbone_grad_scale is not None and not 0 <= self.backbone_grad_scale <= 1:
+            raise ValueError(f"backbone_grad_scale must be in [0, 1], got {self.backbone_grad_scale}")
+        if not (0 < self.top_p <= 1 and 0 < self.eval_top_p <= 1):
+            raise ValueError(f"top_p and eval_top_p must be in (0, 1], got {self.top_p} and {self.eval_top_p}")
         if self.eval_questions < 0 or self.eval_samples < 1:
             raise ValueError("eval_questions must be >= 0 and eval_samples >= 1")
 
@@ -200,7 +209,7 @@ def load_model(options: GRPOOptions):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer in {options.model} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of every loss
-    rm = ReflectiveModel.from_pretrained(options.model)
+    rm = ReflectiveModel.from_pretrained(options.model, backbone_grad_scale=options.backbone_grad_scale)
     return rm, tokenizer
 
 
@@ -384,7 +393,7 @@ def evaluate(rm, tokenizer, examples: list[Example], options: GRPOOptions) -> di
                     batch_size=64, score=False)
     pass_at_1 = sum(grade(g[0].text, e.answer, think_end=think_end) for g, e in zip(greedy, examples)) / len(examples)
     k = options.eval_samples
-    groups = sample(rm, tokenizer, prompts, k=k, temperature=options.eval_temperature, top_p=options.top_p,
+    groups = sample(rm, tokenizer, prompts, k=k, temperature=options.eval_temperature, top_p=options.eval_top_p,
                     max_new_tokens=options.max_new_tokens, seed=options.seed + 12345, batch_size=64)
     correct = torch.tensor([[grade(c.text, e.answer, think_end=think_end) for c in g] for g, e in zip(groups, examples)])
     scores = torch.tensor([[c.score for c in g] for g in groups])
