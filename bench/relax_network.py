@@ -179,7 +179,7 @@ def timed(fn, *a, reps=5):
     return best, r
 t0 = time.perf_counter(); mm, q = quantize.compress(t, chunks); first_compress = time.perf_counter() - t0
 t0 = time.perf_counter(); quantize.decompress(mm, q); first_decompress = time.perf_counter() - t0
-compiled = {k: (v is not getattr(quantize, "_" + k + "_eager")) for k, v in quantize._compiled.items()}
+compiled = {k: v == "compiled" for k, v in quantize.compiled_status().items()}
 c_s, (mm_c, q_c) = timed(quantize.compress, t, chunks)
 e_s, (mm_e, q_e) = timed(quantize.compress_eager, t, chunks)
 cd_s, d_c = timed(quantize.decompress, mm_c, q_c)

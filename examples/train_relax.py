@@ -167,14 +167,6 @@ def wrap(args, module: nn.Module, optimizer, world_size: int, device: torch.devi
                         timeout_s=args.timeout_s, **algorithm_options(args))
 
 
-def quantizer_path() -> dict:
-    """Which quantizer functions ran compiled in this process (our own module's cache)."""
-    cache = getattr(quantize, "_compiled", {})
-    eager = {"compress": getattr(quantize, "_compress_eager", None),
-             "decompress": getattr(quantize, "_decompress_eager", None)}
-    return {name: ("compiled" if fn is not eager.get(name) else "eager (fallback)") for name, fn in cache.items()}
-
-
 # ----- training --------------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
@@ -221,7 +213,7 @@ def train(args: argparse.Namespace) -> dict:
         "median_step_ms": statistics.median(measured),
         "first_step_ms": step_ms[0], "step_ms": step_ms,
         "first_loss": losses[0], "final_loss": losses[-1],
-        "quantizer": quantizer_path(),
+        "quantizer": quantize.compiled_status(),
     }
     if rank == 0:
         print(f"[train_relax] done: mean step {summary['mean_step_ms']:.1f} ms over {len(measured)} steps "

@@ -100,6 +100,13 @@ def decompress(minmax: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return _run("decompress", _decompress_eager, q.numel(), minmax, q2)
 
 
+def compiled_status() -> dict[str, str]:
+    """For each quantizer function used so far in this process: "compiled" or "eager (fallback)".
+    Functions only ever called on small tensors (the eager path by design) are not listed."""
+    eager = {"compress": _compress_eager, "decompress": _decompress_eager}
+    return {name: "eager (fallback)" if fn is eager[name] else "compiled" for name, fn in _compiled.items()}
+
+
 def compress_eager(t: torch.Tensor, chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The eager reference (always uncompiled); `compress` must produce the same bytes."""
     return _compress_eager(t, chunks)
