@@ -166,6 +166,8 @@ def _equivalent_cached(a: str, b: str, timeout_s: float) -> bool:
     norm_a, norm_b = normalize_answer(a), normalize_answer(b)
     if norm_a and norm_a == norm_b:
         return True
+    if _NUMBER.fullmatch(norm_a) and _NUMBER.fullmatch(norm_b):
+        return False  # two plain decimals in canonical form that differ: math-verify cannot disagree
     return _math_verify_equal(a, b, timeout_s)
 
 
