@@ -53,14 +53,19 @@ class DemoConfig:
     algorithm: str = "gradient_allreduce"
     seed: int = 0
     profile: str = "default"  # "default" or "quick"; recorded in the report
-    # data: the built-in task; hard = two more operations and one more digit than training
-    task: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    # data: the built-in task; hard = two more operations and one more digit than training.
+    # Sized so a ~1M-parameter policy learns it in ~2 minutes on 2 cores and is right often but not
+    # always (test-time scaling needs diversity): 2-4 additions/subtractions of one-digit operands.
+    task: ArithmeticConfig = field(default_factory=lambda: ArithmeticConfig(
+        min_ops=2, max_ops=4, min_digits=1, max_digits=1, operators=("+", "-"), max_value=99))
     num_train: int = 20000
     num_test: int = 200  # test questions evaluated with 32 samples each
     num_hard: int = 100
     # sft (~4-5 min): None = SFTOptions' default
-    policy: PolicyConfig | None = None
-    sft_steps: int | None = None
+    policy: PolicyConfig | None = field(default_factory=lambda: PolicyConfig(
+        hidden_size=128, num_layers=4, num_heads=4))
+    sft_steps: int | None = 450
+    sft_lr: float | None = 3e-3
     sft_batch_size: int | None = None
     sft_eval_questions: int | None = None
     # grpo (~4 min): None = GRPOOptions' default
@@ -119,7 +124,8 @@ class DemoConfig:
 def sft_options(config: DemoConfig):
     from ..train.sft import SFTOptions
 
-    overrides = {"policy": config.policy, "steps": config.sft_steps, "batch_size": config.sft_batch_size,
+    overrides = {"policy": config.policy, "steps": config.sft_steps, "lr": config.sft_lr,
+                 "batch_size": config.sft_batch_size,
                  "eval_questions": config.sft_eval_questions}
     return SFTOptions(out=str(config.root / "sft"), data=str(config.data_file("train")),
                       eval_data=str(config.data_file("test")), algorithm=config.algorithm, seed=config.seed,
