@@ -184,6 +184,16 @@ def test_spr_loss_by_hand():
     assert s.grad[0, 1] == 0 and s.grad[1, 1] == 0 and s.grad[0, 3] == 0
 
 
+def test_spr_loss_without_pseudo_label_filter_trains_every_step():
+    s, mask, y = _two_trajectories()
+    loss, stats = spr_loss(s, mask, y, pseudo_label_filter=False)
+    # every masked step counts: P = 3 + 1, N = 3 + 1
+    wp, wn = 1.5 * 4 / 8, 4 / 8
+    num = wp * (softplus(-0.5) + softplus(1.0) + softplus(-2.0)) + wn * (softplus(-0.5) + softplus(1.0) + softplus(-3.0))
+    assert loss.item() == pytest.approx(num / (3 * wp + 3 * wn + 1e-5), rel=1e-6)
+    assert (stats["P"], stats["N"], stats["trained_steps"]) == (4, 4, 6)
+
+
 def test_spr_loss_valid_excludes_rows_and_nan_stats():
     s, mask, y = _two_trajectories()
     loss, stats = spr_loss(s, mask, y, valid=torch.tensor([True, False]))

@@ -73,6 +73,7 @@ class DemoConfig:
     grpo_prompts_per_step: int | None = None
     grpo_group_size: int | None = None
     grpo_max_new_tokens: int | None = None
+    grpo_spr_filter_warmup_steps: int | None = None
     grpo_eval_questions: int = 0  # GRPO's own end-of-stage check; the eval stage measures more, so off
     # eval (~4 min): sampling as in the MetaStone-S1 release (temperature 0.6, top-p 0.95)
     ks: tuple[int, ...] = EVAL_KS
@@ -137,7 +138,8 @@ def grpo_options(config: DemoConfig):
 
     overrides = {"steps": config.grpo_steps, "prompts_per_step": config.grpo_prompts_per_step,
                  "group_size": config.grpo_group_size, "max_new_tokens": config.grpo_max_new_tokens,
-                 "eval_questions": config.grpo_eval_questions}
+                 "eval_questions": config.grpo_eval_questions,
+                 "spr_filter_warmup_steps": config.grpo_spr_filter_warmup_steps}
     return GRPOOptions(out=str(config.root / "grpo"), model=str(config.root / "sft"),
                        data=str(config.data_file("train")), algorithm=config.algorithm, seed=config.seed,
                        **{k: v for k, v in overrides.items() if v is not None})

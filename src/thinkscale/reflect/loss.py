@@ -32,8 +32,14 @@ def spr_loss(
     outcome: torch.Tensor,
     valid: torch.Tensor | None = None,
     process_group: dist.ProcessGroup | None = None,
+    pseudo_label_filter: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Self-supervised process reward loss of the SPRM head (spec: "SPR loss").
+
+    `pseudo_label_filter=False` trains every scored step on its trajectory's outcome (class-balanced the
+    same way). The spec's filter keeps only steps whose prediction already agrees with the outcome; with a
+    fresh head on a small model it can lock in a head that scores every step low (a step of a correct
+    trajectory predicted negative is never trained again), so trainers may warm up without it.
 
     step_logits (B, T) head logits; mask (B, T) scored positions (`step_mask`); outcome (B,) 1 = final
     answer correct, 0 = wrong; valid (B,) False drops a trajectory entirely (pass
@@ -64,7 +70,7 @@ def spr_loss(
     s = step_logits.float()
     y = y_row[:, None].expand_as(s)  # (B, T)
     agrees = ((s > 0) & (y == 1)) | ((s < 0) & (y == 0))  # pseudo-label filter
-    w = (keep & agrees).float().detach()
+    w = (keep & agrees if pseudo_label_filter else keep).float().detach()
     counts = torch.stack([(w * y).sum(), (w * (1 - y)).sum()]).detach()
     if process_group is not None:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=process_group)

@@ -87,6 +87,9 @@ class GRPOOptions:
     head_grad_clip: float = 1.0
     backbone_grad_scale: float | None = None  # None: the model's reflect config (spec: 1e-4)
     updates_per_batch: int = 1
+    # Steps (from the start) whose SPR loss skips the pseudo-label filter; 0 = the spec's loss throughout.
+    # A fresh head on a small policy can collapse to scoring every step low under the filter.
+    spr_filter_warmup_steps: int = 0
     max_new_tokens: int = 96
     temperature: float = 0.8
     top_p: float = 1.0
@@ -103,6 +106,8 @@ class GRPOOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.spr_filter_warmup_steps < 0:
+            raise ValueError(f"spr_filter_warmup_steps must be >= 0, got {self.spr_filter_warmup_steps}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2: GRPO compares rollouts within a group, got {self.group_size}")
         for name in ("lr", "head_lr", "clip_ratio"):
@@ -284,7 +289,8 @@ def reference_log_probs(reference, batch: RolloutBatch) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the joint update
 
 def joint_update(dp, rm, tokenizer, optimizer, batch: RolloutBatch, ref_logp: torch.Tensor,
-                 old_logp: torch.Tensor | None, options: GRPOOptions, process_group) -> tuple[torch.Tensor, dict]:
+                 old_logp: torch.Tensor | None, options: GRPOOptions, process_group,
+                 pseudo_label_filter: bool = True) -> tuple[torch.Tensor, dict]:
     """One forward (policy + step logits), total = L_SPR + policy loss, one backward, clip, step.
 
     Returns (the log-probs of this forward, detached - the old log-probs for later updates, stats).
@@ -306,7 +312,8 @@ def joint_update(dp, rm, tokenizer, optimizer, batch: RolloutBatch, ref_logp: to
                          attention_mask=batch.attention_mask)
     from ..reflect import spr_loss
 
-    spr, spr_stats = spr_loss(out.step_logits, steps, batch.rewards, batch.valid, process_group)
+    spr, spr_stats = spr_loss(out.step_logits, steps, batch.rewards, batch.valid, process_group,
+                              pseudo_label_filter=pseudo_label_filter)
     loss = spr + policy_loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -450,7 +457,7 @@ def run_grpo(options: GRPOOptions) -> dict | None:
             old_logp, update_stats = None, []
             for _ in range(options.updates_per_batch):
                 old_logp, stats = joint_update(dp, rm, tokenizer, optimizer, batch, ref_logp, old_logp, options,
-                                               process_group)
+                                               process_group, step >= options.spr_filter_warmup_steps)
                 update_stats.append(stats)
             metrics = step_metrics(batch, info, update_stats, options.group_size)
             metrics = {"step": step + 1, **metrics, "rollout_time_s": rollout_time,
