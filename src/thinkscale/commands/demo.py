@@ -12,18 +12,9 @@ import argparse
 import logging
 import os
 import sys
+from thinkscale.commands.argtypes import positive_int
 
 logger = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true",
                         help="delete this pipeline's earlier outputs in --out and start from scratch "
                              "(default: resume, skipping finished stages)")
-    parser.add_argument("--nproc", type=_positive_int, default=2,
+    parser.add_argument("--nproc", type=positive_int, default=2,
                         help="local worker processes for training and evaluation (default: 2)")
     parser.add_argument("--algorithm", default="gradient_allreduce",
                         help="relax algorithm for SFT and GRPO, one of: " + ", ".join(algorithms.names())

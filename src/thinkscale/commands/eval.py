@@ -12,25 +12,16 @@ import sys
 from pathlib import Path
 
 from thinkscale.reflect.select import EFFORT_K
+from thinkscale.commands.argtypes import positive_int
 
 logger = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _k_list(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise argparse.ArgumentTypeError("expected comma-separated positive integers, e.g. 1,2,4,8")
-    return tuple(sorted({_positive_int(p) for p in parts}))
+    return tuple(sorted({positive_int(p) for p in parts}))
 
 
 def ks_for_effort(k_max: int) -> tuple[int, ...]:
@@ -66,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="repetition penalty, 1 = off (default 1.0; the MetaStone-S1 release used 1.05)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=2048,
+    parser.add_argument("--max-new-tokens", type=positive_int, default=2048,
                         help="longest completion in tokens; longer ones are cut and usually wrong (default 2048)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="sequences decoded together (default: one question's k samples at a time)")
     parser.add_argument("--seed", type=int, default=0,
                         help="base random seed; question i's samples use seed + i (default 0)")

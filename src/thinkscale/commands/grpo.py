@@ -9,34 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
+from thinkscale.commands.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,39 +31,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--overwrite", action="store_true", help="retrain even if --out holds a finished run")
 
     r = parser.add_argument_group("rollouts")
-    r.add_argument("--steps", type=_positive_int, default=d.steps, help="training steps (one rollout batch each)")
-    r.add_argument("--prompts-per-step", type=_positive_int, default=d.prompts_per_step,
+    r.add_argument("--steps", type=positive_int, default=d.steps, help="training steps (one rollout batch each)")
+    r.add_argument("--prompts-per-step", type=positive_int, default=d.prompts_per_step,
                    help="questions per step on each rank")
-    r.add_argument("--group-size", type=_positive_int, default=d.group_size,
+    r.add_argument("--group-size", type=positive_int, default=d.group_size,
                    help="rollouts per question (GRPO group, >= 2)")
-    r.add_argument("--max-new-tokens", type=_positive_int, default=d.max_new_tokens,
+    r.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens,
                    help="longest rollout; longer ones are truncated (and skipped by the SPR loss when wrong)")
-    r.add_argument("--temperature", type=_non_negative_float, default=d.temperature, help="sampling temperature")
+    r.add_argument("--temperature", type=non_negative_float, default=d.temperature, help="sampling temperature")
     r.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass (1: off)")
 
     o = parser.add_argument_group("optimization")
-    o.add_argument("--nproc", type=_positive_int, default=1, help="local worker processes (ignored under torchrun)")
+    o.add_argument("--nproc", type=positive_int, default=1, help="local worker processes (ignored under torchrun)")
     o.add_argument("--algorithm", default=d.algorithm, help=f"relax algorithm: {', '.join(algorithms.names())}")
-    o.add_argument("--lr", type=_positive_float, default=d.lr, help="policy learning rate (AdamW)")
-    o.add_argument("--head-lr", type=_positive_float, default=d.head_lr, help="SPRM head learning rate (AdamW)")
-    o.add_argument("--updates-per-batch", type=_positive_int, default=d.updates_per_batch,
+    o.add_argument("--lr", type=positive_float, default=d.lr, help="policy learning rate (AdamW)")
+    o.add_argument("--head-lr", type=positive_float, default=d.head_lr, help="SPRM head learning rate (AdamW)")
+    o.add_argument("--updates-per-batch", type=positive_int, default=d.updates_per_batch,
                    help="joint policy + head updates on each rollout batch (PPO epochs; ratios clipped)")
-    o.add_argument("--clip-ratio", type=_positive_float, default=d.clip_ratio, help="PPO clip range")
-    o.add_argument("--kl-coef", type=_non_negative_float, default=d.kl_coef,
+    o.add_argument("--clip-ratio", type=positive_float, default=d.clip_ratio, help="PPO clip range")
+    o.add_argument("--kl-coef", type=non_negative_float, default=d.kl_coef,
                    help="weight of the k3 KL to the starting policy")
-    o.add_argument("--entropy-coef", type=_non_negative_float, default=d.entropy_coef, help="entropy bonus weight")
-    o.add_argument("--grad-clip", type=_non_negative_float, default=d.grad_clip, help="policy grad-norm clip (0: off)")
-    o.add_argument("--head-grad-clip", type=_non_negative_float, default=d.head_grad_clip,
+    o.add_argument("--entropy-coef", type=non_negative_float, default=d.entropy_coef, help="entropy bonus weight")
+    o.add_argument("--grad-clip", type=non_negative_float, default=d.grad_clip, help="policy grad-norm clip (0: off)")
+    o.add_argument("--head-grad-clip", type=non_negative_float, default=d.head_grad_clip,
                    help="SPRM head grad-norm clip (0: off)")
-    o.add_argument("--backbone-grad-scale", type=_non_negative_float, default=None,
+    o.add_argument("--backbone-grad-scale", type=non_negative_float, default=None,
                    help="share of the SPR-loss gradient that reaches the policy (default: the model's reflect "
                         "config, 1e-4 as in the spec)")
     o.add_argument("--seed", type=int, default=d.seed, help="seed for prompt order, sampling and the fresh head")
 
     e = parser.add_argument_group("evaluation (rank 0, on the evaluation questions)")
-    e.add_argument("--eval-questions", type=_non_negative_int, default=d.eval_questions,
+    e.add_argument("--eval-questions", type=non_negative_int, default=d.eval_questions,
                    help="questions for the final evaluation (0: skip)")
-    e.add_argument("--eval-samples", type=_positive_int, default=d.eval_samples,
+    e.add_argument("--eval-samples", type=positive_int, default=d.eval_samples,
                    help="sampled answers per question for SPRM best-of-k and score separation")
     e.add_argument("--eval-before", action="store_true", help="also evaluate the starting model (for comparison)")
 

@@ -11,22 +11,9 @@ import argparse
 import json
 import logging
 import sys
+from thinkscale.commands.argtypes import non_negative_int, positive_int
 
 logger = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def _operators(text: str) -> tuple[str, ...]:
@@ -56,35 +43,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--overwrite", action="store_true", help="retrain even if --out holds a finished run")
 
     t = parser.add_argument_group("built-in task (when --data is not given)")
-    t.add_argument("--num-train", type=_positive_int, default=defaults.num_train, help="training problems")
-    t.add_argument("--num-test", type=_non_negative_int, default=defaults.num_test, help="test problems")
-    t.add_argument("--num-hard", type=_non_negative_int, default=defaults.num_hard,
+    t.add_argument("--num-train", type=positive_int, default=defaults.num_train, help="training problems")
+    t.add_argument("--num-test", type=non_negative_int, default=defaults.num_test, help="test problems")
+    t.add_argument("--num-hard", type=non_negative_int, default=defaults.num_hard,
                    help="held-out problems with more steps and digits than training")
-    t.add_argument("--min-ops", type=_positive_int, default=task.min_ops, help="fewest operations per problem")
-    t.add_argument("--max-ops", type=_positive_int, default=task.max_ops, help="most operations per problem")
-    t.add_argument("--max-digits", type=_positive_int, default=task.max_digits, help="most digits per operand")
+    t.add_argument("--min-ops", type=positive_int, default=task.min_ops, help="fewest operations per problem")
+    t.add_argument("--max-ops", type=positive_int, default=task.max_ops, help="most operations per problem")
+    t.add_argument("--max-digits", type=positive_int, default=task.max_digits, help="most digits per operand")
     t.add_argument("--operators", type=_operators, default=task.operators, help="operators to use, e.g. '+-*/'")
 
     p = parser.add_argument_group("policy (when --model is not given)")
     p.add_argument("--family", default=policy.family, choices=["llama", "qwen2"], help="model family")
-    p.add_argument("--hidden-size", type=_positive_int, default=policy.hidden_size, help="hidden size")
-    p.add_argument("--layers", type=_positive_int, default=policy.num_layers, help="decoder layers")
-    p.add_argument("--heads", type=_positive_int, default=policy.num_heads, help="attention heads")
+    p.add_argument("--hidden-size", type=positive_int, default=policy.hidden_size, help="hidden size")
+    p.add_argument("--layers", type=positive_int, default=policy.num_layers, help="decoder layers")
+    p.add_argument("--heads", type=positive_int, default=policy.num_heads, help="attention heads")
 
     tr = parser.add_argument_group("training")
-    tr.add_argument("--nproc", type=_positive_int, default=1, help="local worker processes (ignored under torchrun)")
+    tr.add_argument("--nproc", type=positive_int, default=1, help="local worker processes (ignored under torchrun)")
     tr.add_argument("--algorithm", default=defaults.algorithm,
                     help=f"relax algorithm: {', '.join(algorithms.names())}")
-    tr.add_argument("--steps", type=_positive_int, help="optimizer steps (overrides --epochs)")
+    tr.add_argument("--steps", type=positive_int, help="optimizer steps (overrides --epochs)")
     tr.add_argument("--epochs", type=float, default=defaults.epochs, help="passes over each rank's data shard")
-    tr.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="examples per rank per step")
+    tr.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="examples per rank per step")
     tr.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (AdamW, warm-up then cosine)")
     tr.add_argument("--seed", type=int, default=defaults.seed, help="seed for data, initialization and order")
-    tr.add_argument("--max-len", type=_positive_int, default=defaults.max_len,
+    tr.add_argument("--max-len", type=positive_int, default=defaults.max_len,
                     help="longest example in tokens; longer ones are dropped")
 
     e = parser.add_argument_group("evaluation at the end")
-    e.add_argument("--eval-questions", type=_non_negative_int, default=defaults.eval_questions,
+    e.add_argument("--eval-questions", type=non_negative_int, default=defaults.eval_questions,
                    help="test questions for pass@1 (0: skip)")
     e.add_argument("--eval-temperature", type=float, default=defaults.eval_temperature,
                    help="sampling temperature for pass@1 (0: greedy)")

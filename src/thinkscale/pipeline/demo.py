@@ -179,8 +179,8 @@ def make_data(config: DemoConfig) -> None:
         for name, problems in splits.items():
             write_jsonl(stage_dir / f"{name}.jsonl", (p.to_record() for p in problems))
 
-    state = {"stage": "data", "seed": config.seed, "task": _jsonable(config.task.__dict__),
-             "hard_task": _jsonable((config.task.harder() if config.hard_task is None else config.hard_task).__dict__),
+    state = {"stage": "data", "seed": config.seed, "task": checkpoint.jsonable(config.task.__dict__),
+             "hard_task": checkpoint.jsonable((config.task.harder() if config.hard_task is None else config.hard_task).__dict__),
              "sizes": {name: len(problems) for name, problems in splits.items()}}
     checkpoint.save_stage(config.root / "data", state=state, write_extra=write)
 
@@ -271,10 +271,3 @@ def run_demo(config: DemoConfig, fresh: bool = False, announce=None) -> tuple[di
     write_report(report, config.root)
     return report, results
 
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

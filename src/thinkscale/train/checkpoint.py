@@ -27,6 +27,15 @@ DONE_MARKER = "done"
 STATE_FILE = "stage_state.json"
 
 
+def jsonable(value: Any) -> Any:
+    """`value` with tuples turned into lists, recursively (stage state goes to JSON)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 def is_done(path: str | os.PathLike) -> bool:
     """Whether `path` holds a completely written stage."""
     return (Path(path) / DONE_MARKER).is_file()
@@ -50,6 +59,7 @@ def save_stage(
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a checkpoint should be readable like any folder
     try:
         if model is not None:
             model.save_pretrained(tmp)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ..tasks.jsonl import Example, read_examples
 from . import checkpoint
+from .optim import make_optimizer
 from .launch import is_main_process, rank, world_size
 from .rl_math import (clipped_policy_loss, entropy_from_logits, group_advantages, k3_kl, masked_mean,
                       pairwise_ranking_accuracy, token_log_probs)
@@ -226,13 +227,8 @@ def build_optimizer(rm, options: GRPOOptions) -> torch.optim.Optimizer:
         {"params": list(rm.head.parameters()), "lr": options.head_lr,
          "max_grad_norm": options.head_grad_clip, "name": "head"},
     ]
-    if options.algorithm == "qadam":
-        from ..relax.algorithms import QAdamOptimizer
-
-        # QAdam's warm-up is plain Adam (L2 weight decay); after it, clipping no longer acts (see relax.qadam)
-        return QAdamOptimizer(groups, lr=options.lr, warmup_steps=max(1, options.steps // 5),
-                              weight_decay=options.weight_decay)
-    return torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
+    # QAdam's warm-up is plain Adam (L2 weight decay); after it, clipping no longer acts (see relax.qadam)
+    return make_optimizer(groups, options.algorithm, options.lr, options.weight_decay, options.steps)
 
 
 def clip_each_group(optimizer: torch.optim.Optimizer) -> dict[str, float]:

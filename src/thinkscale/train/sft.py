@@ -36,6 +36,7 @@ from ..tasks.policy import PolicyConfig, build_policy, count_parameters
 from ..relax import DataParallel
 from ..tasks.tokenizer import train_tokenizer
 from . import checkpoint
+from .optim import make_optimizer
 from .launch import is_main_process, rank, world_size
 
 logger = logging.getLogger(__name__)
@@ -254,8 +255,8 @@ def run_sft(options: SFTOptions) -> dict | None:
     total_steps = options.steps if options.steps is not None else max(1, round(options.epochs * steps_per_epoch))
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=(0.9, 0.95),
-                                  weight_decay=options.weight_decay)
+    optimizer = make_optimizer(model.parameters(), options.algorithm, options.lr, options.weight_decay,
+                               total_steps, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, options.warmup_steps, total_steps, options.min_lr_ratio))
     dp = DataParallel(model, optimizer, algorithm=options.algorithm)
@@ -327,7 +328,7 @@ def run_sft(options: SFTOptions) -> dict | None:
         for name, examples in splits.items():
             write_jsonl(stage_dir / "data" / f"{name}.jsonl", (e.to_record() for e in examples))
 
-    state = {"stage": "sft", "options": _jsonable(asdict(options)), **summary}
+    state = {"stage": "sft", "options": checkpoint.jsonable(asdict(options)), **summary}
     checkpoint.save_stage(options.out, model, tokenizer, state=state,
                           extra_json={"reflect_config.json": reflect_config()}, write_extra=write_splits)
     return summary
@@ -341,10 +342,3 @@ def _reduce_mean(values: list[float]) -> list[float]:
     dist.all_reduce(t)
     return (t / world_size()).tolist()
 
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
