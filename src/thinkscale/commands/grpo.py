@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from thinkscale.commands.stage import run_training_stage
 from thinkscale.commands.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 
 
@@ -85,9 +86,7 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinkscale.train import checkpoint
     from thinkscale.train.grpo import load_data, run_grpo
-    from thinkscale.train.launch import WorkerFailedError, launch
 
     try:
         options = options_from_args(args)
@@ -95,22 +94,8 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError, OSError) as e:
         print(f"thinkscale grpo: error: {e}", file=sys.stderr)
         return 2
-    if checkpoint.is_done(options.out) and not args.overwrite:
-        print(f"{options.out} already holds a finished GRPO run (use --overwrite to retrain)")
-        _print_summary(checkpoint.load_state(options.out))
-        return 0
-    try:
-        summary = launch(run_grpo, args=(options,), nproc=args.nproc)
-    except WorkerFailedError as e:
-        print(f"thinkscale grpo: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("thinkscale grpo: interrupted", file=sys.stderr)
-        return 130
-    if summary is not None:  # rank 0 (or the only process)
-        _print_summary(summary)
-        print(f"model and SPRM head saved to {options.out}")
-    return 0
+    return run_training_stage("grpo", "GRPO", run_grpo, options, args.nproc, args.overwrite,
+                              _print_summary, "model and SPRM head")
 
 
 def _fmt(value) -> str:

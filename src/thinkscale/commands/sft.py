@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from thinkscale.commands.stage import run_training_stage
 from thinkscale.commands.argtypes import non_negative_int, positive_int
 
 logger = logging.getLogger(__name__)
@@ -102,8 +103,6 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinkscale.train import checkpoint
-    from thinkscale.train.launch import WorkerFailedError, launch
     from thinkscale.train.sft import run_sft
 
     try:
@@ -111,23 +110,8 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as e:
         print(f"thinkscale sft: error: {e}", file=sys.stderr)
         return 2
-    if checkpoint.is_done(options.out) and not args.overwrite:
-        state = checkpoint.load_state(options.out)
-        print(f"{options.out} already holds a finished SFT run (use --overwrite to retrain)")
-        _print_summary(state)
-        return 0
-    try:
-        summary = launch(run_sft, args=(options,), nproc=args.nproc)
-    except WorkerFailedError as e:
-        print(f"thinkscale sft: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("thinkscale sft: interrupted", file=sys.stderr)
-        return 130
-    if summary is not None:  # rank 0 (or the only process)
-        _print_summary(summary)
-        print(f"model saved to {options.out}")
-    return 0
+    return run_training_stage("sft", "SFT", run_sft, options, args.nproc, args.overwrite,
+                              _print_summary, "model")
 
 
 def _print_summary(summary: dict) -> None:
