@@ -1,0 +1,251 @@
+"""`thinkscale bench relax`: relax algorithms vs torch DDP on an emulated cluster, over a grid of links.
+
+For every world size and every (bandwidth, latency) cell it builds the network (netem.Cluster), measures
+it (TCP RTT and throughput between rank 0 and rank 1), then runs every contender on every workload:
+one torchrun per rank namespace, joined by torchrun's c10d rendezvous on rank 0's namespace address,
+gloo bound to the namespace's interface. Results are saved after every run (`--resume` skips finished
+ones), then summarized into report.md, results.json and PNG plots under --out.
+
+    sudo thinkscale bench relax                                  # the default grid (see --help)
+    sudo thinkscale bench relax --world-sizes 2 --rates 1gbit --latencies-ms 0 --contenders ddp bytegrad
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from thinkscale.bench import relax_report
+from thinkscale.bench.netem import (Cluster, Link, NetemError, address, check_can_emulate, kill_group,
+                                   parse_rate, wait_all)
+
+DEFAULT_CONTENDERS = [
+    "ddp", "ddp_fp16", "ddp_powersgd", "gradient_allreduce", "bytegrad", "decentralized",
+    "decentralized:peer_selection_mode=shift_one,communication_interval=2", "low_precision_decentralized",
+    "qadam:warmup_steps=5", "async",
+]
+RDZV_PORT = 29400
+CALIBRATION_PORT = 29399
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world-sizes", type=int, nargs="+", default=[2], help="ranks (one namespace each)")
+    p.add_argument("--rates", nargs="+", default=["none", "10gbit", "1gbit", "100mbit"],
+                   help="link bandwidths in tc units; 'none' = unshaped")
+    p.add_argument("--latencies-ms", type=float, nargs="+", default=[0.0, 1.0, 5.0], help="one-way latency")
+    p.add_argument("--workloads", nargs="+", default=["mlp"], choices=["mlp", "policy"])
+    p.add_argument("--contenders", nargs="+", default=DEFAULT_CONTENDERS,
+                   help="ddp, ddp_fp16, ddp_powersgd or a relax algorithm, optionally name:key=value,...")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--timing-warmup", type=int, default=5, help="first steps left out of the step time")
+    p.add_argument("--worker-args", default="", help="extra arguments for every worker (one string)")
+    p.add_argument("--run-timeout-s", type=float, default=900.0, help="per contender run")
+    p.add_argument("--calibrate-mb", type=float, default=32.0)
+    p.add_argument("--out", default="bench/out/relax", help="folder for report.md, results.json, plots")
+    p.add_argument("--resume", action="store_true", help="keep finished runs from --out/results.json")
+    p.add_argument("--prefix", default=None, help="namespace name prefix (default: ts<pid>)")
+
+
+def validate(args: argparse.Namespace) -> None:
+    for rate in args.rates:
+        parse_rate(rate)  # raises with the bad value named
+    for ws in args.world_sizes:
+        if not 2 <= ws <= 16:
+            raise ValueError(f"--world-sizes: each must be in [2, 16], got {ws}")
+    for lat in args.latencies_ms:
+        Link(None, lat)
+    if args.steps < 2 or not 0 <= args.timing_warmup < args.steps:
+        raise ValueError(f"need --steps >= 2 and 0 <= --timing-warmup < --steps "
+                         f"(got {args.steps}, {args.timing_warmup})")
+
+
+def cell_key(world_size: int, rate: str | None, latency_ms: float, workload: str) -> str:
+    return f"{workload}|{world_size}|{rate or 'none'}|{latency_ms:g}"
+
+
+def machine() -> dict:
+    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+            "torch": _torch_version(), "python": platform.python_version(), "platform": platform.platform(),
+            "load_start": load_average()}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+# ----- running ----------------------------------------------------------------------------------------
+def calibrate(cluster: Cluster, mb: float, timeout_s: float = 180.0) -> dict:
+    cmd = [sys.executable, "-m", "thinkscale.bench.calibrate"]
+    port = ["--port", str(CALIBRATION_PORT), "--mb", str(mb)]
+    server = cluster.spawn(1, [*cmd, "server", *port], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = cluster.spawn(0, [*cmd, "client", "--host", address(1), *port],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    codes = wait_all([server, client], timeout_s)
+    out = client.stdout.read()
+    line = next((ln for ln in out.splitlines() if ln.startswith("CALIBRATION ")), None)
+    if max(codes) != 0 or line is None:
+        return {"error": f"exit {codes}: {client.stderr.read()[-500:]} {server.stderr.read()[-500:]}"}
+    return json.loads(line.split(" ", 1)[1])
+
+
+def torchrun_argv(cluster: Cluster, rank: int, run_id: str, port: int, worker_argv: list[str]) -> list[str]:
+    """One node of a multi-node torchrun job, node = rank namespace; rendezvous on rank 0's address.
+    is_host: torchrun decides who serves the rendezvous store by matching the endpoint against the
+    hostname, which every namespace shares, so it is told instead."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(cluster.world_size),
+            "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{address(0)}:{port}",
+            "--rdzv-id", run_id, "--rdzv-conf", f"join_timeout=120,is_host={int(rank == 0)}",
+            "--local-addr", address(rank),
+            "--max-restarts", "0", "-m", "thinkscale.bench.relax_worker", *worker_argv,
+            "--iface", cluster.devices[rank]]
+
+
+def run_contender(cluster: Cluster, workload: str, contender: str, args: argparse.Namespace,
+                  run_id: str, port: int) -> dict:
+    """One training run of `contender`; returns the worker's JSON or {"error": ...}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        json_out = Path(tmp) / "result.json"
+        worker = ["--workload", workload, "--contender", contender, "--steps", str(args.steps),
+                  "--timing-warmup", str(args.timing_warmup), "--json-out", str(json_out),
+                  *shlex.split(args.worker_args)]
+        logs = [open(Path(tmp) / f"rank{r}.log", "w+") for r in range(cluster.world_size)]
+        env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        procs = []
+        try:
+            for r in range(cluster.world_size):
+                procs.append(cluster.spawn(r, torchrun_argv(cluster, r, run_id, port, worker),
+                                           env={**env, "GLOO_SOCKET_IFNAME": cluster.devices[r]},
+                                           stdout=logs[r], stderr=subprocess.STDOUT))
+            codes = wait_all(procs, args.run_timeout_s)
+        finally:  # also on Ctrl-C: no rank may outlive the run
+            for p in procs:
+                kill_group(p)
+        text = []
+        for r, log in enumerate(logs):
+            log.seek(0)
+            text.append(f"--- node {r} ---\n{log.read()[-2000:]}")
+            log.close()
+        if max(codes) != 0 or not json_out.exists():
+            why = "timed out" if 124 in codes else f"exit codes {codes}"
+            if not cluster.forwarder_alive():
+                why += "; the latency forwarder died"
+            return {"error": f"{why}\n" + "\n".join(text)}
+        return json.loads(json_out.read_text())
+
+
+def run_grid(args: argparse.Namespace, report: dict, save) -> None:
+    n_run = 0
+    for world_size in args.world_sizes:
+        for latency in args.latencies_ms:
+            for rate in args.rates:
+                link = Link(None if rate == "none" else rate, latency)
+                wanted = [(w, c) for w in args.workloads for c in args.contenders
+                          if c not in report["cells"].get(cell_key(world_size, link.rate, latency, w), {}).get("runs", {})]
+                if not wanted:
+                    continue
+                print(f"[bench relax] {world_size} ranks, {link.describe()}: building the network", flush=True)
+                with Cluster(world_size, link, prefix=args.prefix) as cluster:
+                    calibration = calibrate(cluster, args.calibrate_mb)
+                    print(f"[bench relax]   calibration {calibration}", flush=True)
+                    for workload, contender in wanted:
+                        key = cell_key(world_size, link.rate, latency, workload)
+                        cell = report["cells"].setdefault(key, {
+                            "workload": workload, "world_size": world_size, "rate": link.rate,
+                            "latency_ms": latency, "link": link.describe(), "runs": {}})
+                        cell["calibration"] = calibration
+                        n_run += 1
+                        t0 = time.monotonic()
+                        result = run_contender(cluster, workload, contender, args, f"bench{os.getpid()}x{n_run}",
+                                               RDZV_PORT + n_run % 500)
+                        cell["runs"][contender] = result
+                        status = ("FAILED: " + result["error"].splitlines()[0] if "error" in result
+                                  else f"median step {result['median_step_ms']:.1f} ms, loss {result['final_loss']:.4f}")
+                        print(f"[bench relax]   {workload} {contender}: {status} ({time.monotonic() - t0:.0f} s)",
+                              flush=True)
+                        save()
+
+
+def summarize(report: dict) -> None:
+    """Add summaries; the target loss is DDP's (per workload and world size: same data, same math)."""
+    targets: dict[tuple, float] = {}
+    for cell in report["cells"].values():
+        ddp = cell["runs"].get(relax_report.BASELINE)
+        if ddp and "error" not in ddp:
+            targets.setdefault((cell["workload"], cell["world_size"]),
+                               relax_report.target_loss(ddp["mean_loss_per_step"]))
+    for cell in report["cells"].values():
+        target = targets.get((cell["workload"], cell["world_size"]))
+        cell["summary"] = relax_report.summarize_cell(cell["runs"], parse_rate(cell["rate"]), target)
+
+
+def write_outputs(report: dict, out: Path) -> list[Path]:
+    summarize(report)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(relax_report.markdown(report))
+    written = [out / "results.json", out / "report.md"]
+    for workload, world_size in sorted({(c["workload"], c["world_size"]) for c in report["cells"].values()}):
+        stem = f"{workload}_{world_size}ranks"
+        plots = [(relax_report.plot_step_time, (), f"step_time_{stem}.png"),
+                 (relax_report.plot_tradeoff_map, ("step_ms",), f"tradeoff_step_{stem}.png"),
+                 (relax_report.plot_tradeoff_map, ("time_to_target_s",), f"tradeoff_target_{stem}.png")]
+        for fn, extra, name in plots:
+            if fn(report, workload, world_size, *extra, str(out / name)):
+                written.append(out / name)
+    return written
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        validate(args)
+        check_can_emulate()
+    except (ValueError, NetemError) as e:
+        print(f"thinkscale bench relax: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.json"
+    report = json.loads(results.read_text()) if args.resume and results.exists() else {"cells": {}}
+    if args.resume:  # failed runs are tried again
+        for cell in report["cells"].values():
+            cell["runs"] = {k: v for k, v in cell["runs"].items() if "error" not in v}
+    report["machine"] = machine()
+    report["command"] = "thinkscale bench relax " + " ".join(shlex.quote(a) for a in sys.argv[3:]) \
+        if sys.argv[1:3] == ["bench", "relax"] else " ".join(sys.argv)
+    report["config"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # unwind through Cluster.close() on kill -TERM
+
+    def save() -> None:
+        results.write_text(json.dumps(report, indent=1))
+
+    try:
+        run_grid(args, report, save)
+    except NetemError as e:
+        print(f"thinkscale bench relax: {e}", file=sys.stderr)
+        save()
+        return 1
+    finally:
+        report["machine"]["load_end"] = load_average()
+    written = write_outputs(report, out)
+    print((out / "report.md").read_text())
+    print("[bench relax] wrote " + ", ".join(str(p) for p in written))
+    failed = sum("error" in r for c in report["cells"].values() for r in c["runs"].values())
+    return 1 if failed else 0

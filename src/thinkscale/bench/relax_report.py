@@ -1,0 +1,244 @@
+"""Turn the relax benchmark's raw runs into numbers, a markdown report and plots.
+
+Pure functions over the JSON the worker writes (thinkscale/bench/relax_worker.py) and the grid runner
+collects (relax_grid.py); nothing here measures anything.
+
+Definitions (also printed under the tables):
+- step: median wall time of one training step on rank 0 over the timed steps;
+- x DDP: step / DDP's step in the same cell (lower is faster);
+- MB/step: bytes each rank sent per step, counted at its network interface (max over ranks);
+- ideal comm: those bytes at the link's nominal rate (what a perfect implementation would spend on the
+  wire, ignoring latency and overlap);
+- target loss: DDP's loss (mean over ranks, running mean over SMOOTH steps) at 3/4 of the run; DDP's
+  loss curve does not depend on the network, so this is one number per workload and configuration;
+- to target: steps until a contender's smoothed loss first reaches the target, times its median step
+  (one-off costs such as the quantizer's first compile are left out; the first step is reported apart).
+"""
+from __future__ import annotations
+
+import math
+
+BASELINE = "ddp"
+SMOOTH = 5
+TARGET_FRACTION = 0.75
+
+
+def running_mean(values: list[float], window: int = SMOOTH) -> list[float]:
+    """Mean of the last `window` values at each position (fewer at the start)."""
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1): i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def target_loss(baseline_losses: list[float]) -> float:
+    """The baseline's smoothed loss at TARGET_FRACTION of its run."""
+    smooth = running_mean(baseline_losses)
+    return smooth[max(0, math.ceil(TARGET_FRACTION * len(smooth)) - 1)]
+
+
+def steps_to_target(losses: list[float], target: float) -> int | None:
+    """1-based step at which the smoothed loss first is <= target; None if never (or loss not finite)."""
+    for i, value in enumerate(running_mean(losses)):
+        if math.isfinite(value) and value <= target:
+            return i + 1
+    return None
+
+
+def ideal_comm_ms(bytes_per_step: float | None, rate_bps: int | None) -> float | None:
+    if bytes_per_step is None or not rate_bps:
+        return None
+    return 1000 * bytes_per_step * 8 / rate_bps
+
+
+def summarize_run(run: dict, rate_bps: int | None, target: float | None) -> dict:
+    """The per-cell numbers of one worker result."""
+    tx = run.get("tx_bytes_per_step")
+    sent = max(tx) if tx else None
+    steps = steps_to_target(run["mean_loss_per_step"], target) if target is not None else None
+    return {
+        "step_ms": run["median_step_ms"],
+        "first_step_ms": run["step_ms"][0],
+        "mb_per_step": None if sent is None else sent / 1e6,
+        "ideal_comm_ms": ideal_comm_ms(sent, rate_bps),
+        "final_loss": run["final_loss"],
+        "eval_loss": run["eval_loss"],
+        "steps_to_target": steps,
+        "time_to_target_s": None if steps is None else steps * run["median_step_ms"] / 1000,
+    }
+
+
+def summarize_cell(runs: dict[str, dict], rate_bps: int | None, target: float | None = None) -> dict:
+    """Numbers for every contender of one (world size, link, workload) cell, with ratios vs DDP."""
+    ok = {name: run for name, run in runs.items() if "error" not in run}
+    if target is None and BASELINE in ok:
+        target = target_loss(ok[BASELINE]["mean_loss_per_step"])
+    rows = {name: summarize_run(run, rate_bps, target) for name, run in ok.items()}
+    base = rows.get(BASELINE)
+    for row in rows.values():
+        row["x_ddp"] = row["step_ms"] / base["step_ms"] if base else None
+        row["loss_vs_ddp"] = (row["final_loss"] / base["final_loss"] - 1
+                              if base and base["final_loss"] and math.isfinite(row["final_loss"]) else None)
+    errors = {name: run["error"] for name, run in runs.items() if "error" in run}
+    return {"target_loss": target, "rows": rows, "errors": errors}
+
+
+def winner(cell: dict, key: str) -> str | None:
+    """Contender with the smallest `key` (step_ms or time_to_target_s) in a summarized cell."""
+    candidates = [(row[key], name) for name, row in cell["rows"].items() if row.get(key) is not None]
+    return min(candidates)[1] if candidates else None
+
+
+# ----- text ----------------------------------------------------------------------------------------
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def cell_table(cell: dict) -> str:
+    head = ("| contender | step ms | x DDP | first step ms | MB/step/rank | ideal comm ms | loss | loss vs DDP "
+            "| eval loss | steps to target | to target s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in cell["rows"].items():
+        lines.append(
+            f"| {name} | {_fmt(r['step_ms'], '.1f')} | {_fmt(r['x_ddp'], '.2f')} | {_fmt(r['first_step_ms'], '.0f')} "
+            f"| {_fmt(r['mb_per_step'], '.1f')} | {_fmt(r['ideal_comm_ms'], '.1f')} | {_fmt(r['final_loss'], '.4f')} "
+            f"| {_fmt(None if r['loss_vs_ddp'] is None else 100 * r['loss_vs_ddp'], '+.1f')}% "
+            f"| {_fmt(r['eval_loss'], '.4f')} | {_fmt(r['steps_to_target'], 'd', 'not reached')} "
+            f"| {_fmt(r['time_to_target_s'], '.2f')} |")
+    for name, error in cell["errors"].items():
+        lines.append(f"| {name} | FAILED: {error_headline(error)[:120].replace('|', '/')} |" + " |" * 9)
+    return "\n".join(lines)
+
+
+def error_headline(text: str) -> str:
+    """The line of a failed run's log that says what went wrong (not the last C++ stack frame)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()] or ["?"]
+    telling = [ln for ln in lines if "Error" in ln or "Exception" in ln]
+    return telling[-1] if telling else lines[-1]
+
+
+def markdown(report: dict) -> str:
+    """The whole report: machine, configuration, one table per cell, winners."""
+    m = report["machine"]
+    out = ["# relax vs DDP on an emulated network", "",
+           f"Machine: {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}, {m['platform']}; "
+           f"load average at start {m['load_start']}, at end {m.get('load_end', '-')}; {m['date']}.", "",
+           f"Command: `{report['command']}`", ""]
+    for key, cell in report["cells"].items():
+        if "summary" not in cell:
+            continue
+        cal = cell.get("calibration") or {}
+        cal_text = (f"measured TCP: RTT {cal['rtt_ms']:.2f} ms, {cal['throughput_gbit_s']:.2f} Gbit/s"
+                    if "rtt_ms" in cal else "calibration failed")
+        out += [f"## {cell['workload']}, {cell['world_size']} ranks, {cell['link']} ({cal_text})", "",
+                f"target loss {_fmt(cell['summary']['target_loss'], '.4f')}", "", cell_table(cell["summary"]), ""]
+    out += ["## Winners (fastest step / fastest to target loss)", "", winners_table(report), "",
+            __doc__.split("Definitions", 1)[1].split("\n", 1)[1].strip()]
+    return "\n".join(out) + "\n"
+
+
+def winners_table(report: dict) -> str:
+    lines = ["| workload | ranks | link | fastest step (x DDP) | fastest to target |", "|---|---|---|---|---|"]
+    for cell in report["cells"].values():
+        s = cell.get("summary")
+        if not s:
+            continue
+        fast, first = winner(s, "step_ms"), winner(s, "time_to_target_s")
+        ratio = _fmt(s["rows"][fast]["x_ddp"], ".2f") if fast else "-"
+        lines.append(f"| {cell['workload']} | {cell['world_size']} | {cell['link']} | {fast or '-'} ({ratio}) "
+                     f"| {first or 'none reached'} |")
+    return "\n".join(lines)
+
+
+# ----- plots -----------------------------------------------------------------------------------------
+def _cells_by(report: dict, workload: str, world_size: int) -> list[dict]:
+    return [c for c in report["cells"].values()
+            if c["workload"] == workload and c["world_size"] == world_size and "summary" in c]
+
+
+def plot_step_time(report: dict, workload: str, world_size: int, path: str) -> bool:
+    """Median step time vs bandwidth per contender, one panel per latency. False if nothing to plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _cells_by(report, workload, world_size)
+    latencies = sorted({c["latency_ms"] for c in cells})
+    rates = rate_order({c["rate"] for c in cells})
+    if not cells or len(rates) < 1:
+        return False
+    fig, axes = plt.subplots(1, len(latencies), figsize=(5.5 * len(latencies), 4.2), squeeze=False)
+    contenders = list(dict.fromkeys(n for c in cells for n in c["summary"]["rows"]))
+    for ax, latency in zip(axes[0], latencies):
+        for name in contenders:
+            xs, ys = [], []
+            for i, rate in enumerate(rates):
+                cell = next((c for c in cells if c["rate"] == rate and c["latency_ms"] == latency), None)
+                row = cell and cell["summary"]["rows"].get(name)
+                if row:
+                    xs.append(i)
+                    ys.append(row["step_ms"])
+            if xs:
+                ax.plot(xs, ys, marker="o", label=name, linewidth=2.5 if name == BASELINE else 1.2)
+        ax.set_xticks(range(len(rates)), [r or "unshaped" for r in rates])
+        ax.set_yscale("log")
+        ax.set_xlabel("link bandwidth")
+        ax.set_ylabel("median step time (ms, log)")
+        ax.set_title(f"{workload}, {world_size} ranks, {latency:g} ms one-way")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_tradeoff_map(report: dict, workload: str, world_size: int, key: str, path: str) -> bool:
+    """Which contender wins each (bandwidth, latency) cell: the BAGUA paper's exploration map."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _cells_by(report, workload, world_size)
+    if not cells:
+        return False
+    latencies = sorted({c["latency_ms"] for c in cells})
+    rates = rate_order({c["rate"] for c in cells})
+    names = sorted({n for c in cells for n in c["summary"]["rows"]})
+    colors = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(1.9 * len(rates) + 2, 1.1 * len(latencies) + 1.6))
+    for yi, latency in enumerate(latencies):
+        for xi, rate in enumerate(rates):
+            cell = next((c for c in cells if c["rate"] == rate and c["latency_ms"] == latency), None)
+            best = winner(cell["summary"], key) if cell else None
+            color = colors(names.index(best) % 20) if best else (0.9, 0.9, 0.9)
+            ax.add_patch(plt.Rectangle((xi, yi), 1, 1, color=color, alpha=0.55))
+            if best:
+                row = cell["summary"]["rows"][best]
+                ratio = row[key] / cell["summary"]["rows"][BASELINE][key] if (
+                    BASELINE in cell["summary"]["rows"] and cell["summary"]["rows"][BASELINE][key]) else None
+                text = f"{best}\n{'' if ratio is None else f'{ratio:.2f}x DDP'}"
+            else:
+                text = "no run" if cell is None else "none"
+            ax.text(xi + 0.5, yi + 0.5, text, ha="center", va="center", fontsize=7)
+    ax.set_xlim(0, len(rates))
+    ax.set_ylim(0, len(latencies))
+    ax.set_xticks([i + 0.5 for i in range(len(rates))], [r or "unshaped" for r in rates])
+    ax.set_yticks([i + 0.5 for i in range(len(latencies))], [f"{lat:g} ms" for lat in latencies])
+    ax.set_xlabel("bandwidth per link")
+    ax.set_ylabel("one-way latency")
+    what = "fastest step" if key == "step_ms" else "fastest to target loss"
+    ax.set_title(f"{what}: {workload}, {world_size} ranks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def rate_order(rates: set) -> list:
+    """Slowest link first, unshaped (None) last."""
+    from thinkscale.bench.netem import parse_rate
+
+    return sorted(rates, key=lambda r: (r is None, parse_rate(r) or 0))
+

@@ -1,0 +1,28 @@
+"""`thinkscale bench relax|reflect`: the two benchmarks, each printed as ratios against its baseline.
+
+relax:   relax algorithms vs torch DDP (and its fp16 / PowerSGD hooks) on an emulated cluster (root).
+reflect: tokens/s of sampling with fused SPRM scoring vs plain sampling, rescoring and an external RM.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "relax": ("thinkscale.bench.relax_grid", "relax vs DDP on network namespaces with shaped, delayed links (root)"),
+    "reflect": ("thinkscale.bench.reflect_cost", "cost of SPRM scoring: fused vs rescoring vs an external reward model"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module = importlib.import_module(module_name)
+        module.add_arguments(p)
+        p.set_defaults(_bench=module)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args._bench.run(args)
