@@ -138,7 +138,7 @@ def run_contender(cluster: Cluster, workload: str, contender: str, args: argpars
         text = []
         for r, log in enumerate(logs):
             log.seek(0)
-            text.append(f"--- node {r} ---\n{log.read()[-2000:]}")
+            text.append(f"--- node {r} ---\n{log.read()[-6000:]}")
             log.close()
         if max(codes) != 0 or not json_out.exists():
             why = "timed out" if 124 in codes else f"exit codes {codes}"

@@ -114,8 +114,9 @@ def cell_table(cell: dict) -> str:
 def error_headline(text: str) -> str:
     """The line of a failed run's log that says what went wrong (not the last C++ stack frame)."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()] or ["?"]
-    telling = [ln for ln in lines if "Error" in ln or "Exception" in ln]
-    return telling[-1] if telling else lines[-1]
+    # the first error line is the cause; later ones are the launcher reporting the consequences
+    telling = [ln for ln in lines if "Error" in ln or "Exception" in ln or "error" in ln]
+    return telling[0] if telling else lines[-1]
 
 
 def markdown(report: dict) -> str:

@@ -216,8 +216,11 @@ def mlp_workload(args, rank: int) -> Workload:
     batch_size = args.batch_size or 16
     d_in = args.mlp_d_in
     teacher_seed = args.seed + 12345
-    batches = teacher_batches(args.steps, batch_size, d_in, MLP_CLASSES, teacher_seed,
-                              args.seed + 1000 * (rank + 1))
+    # A small pool of batches, cycled: in a benchmark-length run (tens of steps) fresh batches barely move
+    # the loss, while fitting a pool gives a steadily falling curve to time "steps to a target loss" on.
+    pool = teacher_batches(min(args.steps, args.mlp_pool), batch_size, d_in, MLP_CLASSES, teacher_seed,
+                           args.seed + 1000 * (rank + 1))
+    batches = [pool[i % len(pool)] for i in range(args.steps)]
     # the held-out batch: same seed on every rank, one no rank trains on
     (eval_batch,) = teacher_batches(1, MLP_EVAL_EXAMPLES, d_in, MLP_CLASSES, teacher_seed, args.seed + 999_983)
     return Workload(
@@ -304,8 +307,20 @@ def wrap(args, module: nn.Module, optimizer, contender: Contender) -> tuple[nn.M
             state = powerSGD_hook.PowerSGDState(process_group=None, random_seed=args.seed, **config)
         except ValueError as exc:
             raise WorkerError(f"ddp_powersgd: {exc}") from None
-        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        model.register_comm_hook(state, serialized(powerSGD_hook.powerSGD_hook))
     return model, config
+
+
+def serialized(hook):
+    """The comm hook, waited for before the next bucket's starts. PowerSGD issues its second allreduce
+    from a completion callback, so with several buckets the ranks can issue collectives in different
+    orders; gloo then pairs mismatched messages and aborts ("Received data size doesn't match"; seen
+    on emulated links, not on loopback). Waiting costs PowerSGD its overlap with backward."""
+    def run_in_order(state, bucket):
+        future = hook(state, bucket)
+        future.wait()
+        return future
+    return run_in_order
 
 
 def warm_quantizer(contender: Contender, n_params: int, world_size: int) -> float:
@@ -443,11 +458,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Conte
     p.add_argument("--mlp-d-in", type=int, default=512)
     p.add_argument("--mlp-hidden", type=int, default=4608)
     p.add_argument("--mlp-layers", type=int, default=3, help="Linear layers (>= 2)")
+    p.add_argument("--mlp-pool", type=int, default=4, help="distinct training batches per rank, cycled")
     p.add_argument("--policy-train-examples", type=int, default=20000, help="size of the SFT training split")
     args = p.parse_args(argv)
     for name in ("steps", "threads", "mlp_d_in", "mlp_hidden", "policy_train_examples"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.mlp_pool < 1:
+        p.error(f"--mlp-pool must be >= 1, got {args.mlp_pool}")
     if args.mlp_layers < 2:
         p.error(f"--mlp-layers must be >= 2, got {args.mlp_layers}")
     if args.batch_size is not None and args.batch_size < 1:
