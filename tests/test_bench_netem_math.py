@@ -92,3 +92,10 @@ def test_summarize_cell_ratios_and_winners():
     assert rr.winner(cell, "step_ms") == "bytegrad" and rr.winner(cell, "time_to_target_s") == "bytegrad"
     assert "broken" in cell["errors"] and "FAILED: boom" in rr.cell_table(cell)
     assert rr.error_headline("x\nValueError: bad\n  frame #3: foo\n") == "ValueError: bad"
+
+
+def test_short_name():
+    assert rr.short_name("ddp") == "ddp"
+    assert (rr.short_name("decentralized:peer_selection_mode=shift_one,communication_interval=2")
+            == "decentralized(shift_one,interval=2)")
+    assert rr.short_name("qadam:warmup_steps=5") == "qadam(warmup=5)"

@@ -153,6 +153,18 @@ def winners_table(report: dict) -> str:
 
 
 # ----- plots -----------------------------------------------------------------------------------------
+def short_name(spec: str) -> str:
+    """Contender label that fits a plot: 'decentralized:peer_selection_mode=shift_one,
+    communication_interval=2' -> 'decentralized(shift_one,interval=2)'."""
+    if ":" not in spec:
+        return spec
+    name, options = spec.split(":", 1)
+    for long, short in (("peer_selection_mode=", ""), ("communication_interval=", "interval="),
+                        ("warmup_steps=", "warmup=")):
+        options = options.replace(long, short)
+    return f"{name}({options})"
+
+
 def _cells_by(report: dict, workload: str, world_size: int) -> list[dict]:
     return [c for c in report["cells"].values()
             if c["workload"] == workload and c["world_size"] == world_size and "summary" in c]
@@ -181,7 +193,7 @@ def plot_step_time(report: dict, workload: str, world_size: int, path: str) -> b
                     xs.append(i)
                     ys.append(row["step_ms"])
             if xs:
-                ax.plot(xs, ys, marker="o", label=name, linewidth=2.5 if name == BASELINE else 1.2)
+                ax.plot(xs, ys, marker="o", label=short_name(name), linewidth=2.5 if name == BASELINE else 1.2)
         ax.set_xticks(range(len(rates)), [r or "unshaped" for r in rates])
         ax.set_yscale("log")
         ax.set_xlabel("link bandwidth")
@@ -219,7 +231,7 @@ def plot_tradeoff_map(report: dict, workload: str, world_size: int, key: str, pa
                 row = cell["summary"]["rows"][best]
                 ratio = row[key] / cell["summary"]["rows"][BASELINE][key] if (
                     BASELINE in cell["summary"]["rows"] and cell["summary"]["rows"][BASELINE][key]) else None
-                text = f"{best}\n{'' if ratio is None else f'{ratio:.2f}x DDP'}"
+                text = f"{short_name(best)}\n{'' if ratio is None else f'{ratio:.2f}x DDP'}"
             else:
                 text = "no run" if cell is None else "none"
             ax.text(xi + 0.5, yi + 0.5, text, ha="center", va="center", fontsize=7)
