@@ -71,7 +71,7 @@ def test_ideal_comm_ms():
 
 
 def _run(step_ms, losses, tx, final=None):
-    return {"median_step_ms": step_ms, "step_ms": [5 * step_ms] + [step_ms] * (len(losses) - 1),
+    return {"median_step_ms": step_ms, "mean_step_ms": step_ms, "step_ms": [5 * step_ms] + [step_ms] * (len(losses) - 1),
             "mean_loss_per_step": losses, "tx_bytes_per_step": tx, "final_loss": final or losses[-1],
             "eval_loss": losses[-1]}
 
@@ -99,3 +99,14 @@ def test_short_name():
     assert (rr.short_name("decentralized:peer_selection_mode=shift_one,communication_interval=2")
             == "decentralized(shift_one,interval=2)")
     assert rr.short_name("qadam:warmup_steps=5") == "qadam(warmup=5)"
+
+
+def test_step_time_is_the_mean():
+    """With communication every other step the median is a step without communication: ratios use the mean."""
+    losses = [3.0, 2.0, 1.0, 0.5]
+    periodic = {**_run(100.0, losses, [1e6]), "median_step_ms": 100.0, "mean_step_ms": 550.0}
+    cell = rr.summarize_cell({"ddp": _run(500.0, losses, [1e6]), "decentralized:communication_interval=2": periodic},
+                             10**9)
+    row = cell["rows"]["decentralized:communication_interval=2"]
+    assert row["step_ms"] == 550.0 and row["median_step_ms"] == 100.0 and row["x_ddp"] == pytest.approx(1.1)
+    assert row["time_to_target_s"] == pytest.approx(row["steps_to_target"] * 0.55)

@@ -174,7 +174,7 @@ def run_grid(args: argparse.Namespace, report: dict, save) -> None:
                                                RDZV_PORT + n_run % 500)
                         cell["runs"][contender] = result
                         status = ("FAILED: " + result["error"].splitlines()[0] if "error" in result
-                                  else f"median step {result['median_step_ms']:.1f} ms, loss {result['final_loss']:.4f}")
+                                  else f"mean step {result['mean_step_ms']:.1f} ms, loss {result['final_loss']:.4f}")
                         print(f"[bench relax]   {workload} {contender}: {status} ({time.monotonic() - t0:.0f} s)",
                               flush=True)
                         save()

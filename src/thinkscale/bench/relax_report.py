@@ -4,14 +4,16 @@ Pure functions over the JSON the worker writes (thinkscale/bench/relax_worker.py
 collects (relax_grid.py); nothing here measures anything.
 
 Definitions (also printed under the tables):
-- step: median wall time of one training step on rank 0 over the timed steps;
+- step: mean wall time of one training step on rank 0 over the timed steps (the mean, not the median:
+  with communication_interval=2 or async, most steps do not communicate and the median would hide
+  the ones that do); the median is shown next to it;
 - x DDP: step / DDP's step in the same cell (lower is faster);
 - MB/step: bytes each rank sent per step, counted at its network interface (max over ranks);
 - ideal comm: those bytes at the link's nominal rate (what a perfect implementation would spend on the
   wire, ignoring latency and overlap);
 - target loss: DDP's loss (mean over ranks, running mean over SMOOTH steps) at 3/4 of the run; DDP's
   loss curve does not depend on the network, so this is one number per workload and configuration;
-- to target: steps until a contender's smoothed loss first reaches the target, times its median step
+- to target: steps until a contender's smoothed loss first reaches the target, times its mean step
   (one-off costs such as the quantizer's first compile are left out; the first step is reported apart).
 """
 from __future__ import annotations
@@ -58,14 +60,15 @@ def summarize_run(run: dict, rate_bps: int | None, target: float | None) -> dict
     sent = max(tx) if tx else None
     steps = steps_to_target(run["mean_loss_per_step"], target) if target is not None else None
     return {
-        "step_ms": run["median_step_ms"],
+        "step_ms": run["mean_step_ms"],
+        "median_step_ms": run["median_step_ms"],
         "first_step_ms": run["step_ms"][0],
         "mb_per_step": None if sent is None else sent / 1e6,
         "ideal_comm_ms": ideal_comm_ms(sent, rate_bps),
         "final_loss": run["final_loss"],
         "eval_loss": run["eval_loss"],
         "steps_to_target": steps,
-        "time_to_target_s": None if steps is None else steps * run["median_step_ms"] / 1000,
+        "time_to_target_s": None if steps is None else steps * run["mean_step_ms"] / 1000,
     }
 
 
@@ -96,18 +99,19 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def cell_table(cell: dict) -> str:
-    head = ("| contender | step ms | x DDP | first step ms | MB/step/rank | ideal comm ms | loss | loss vs DDP "
+    head = ("| contender | step ms | x DDP | median ms | first step ms | MB/step/rank | ideal comm ms | loss | loss vs DDP "
             "| eval loss | steps to target | to target s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in cell["rows"].items():
         lines.append(
-            f"| {name} | {_fmt(r['step_ms'], '.1f')} | {_fmt(r['x_ddp'], '.2f')} | {_fmt(r['first_step_ms'], '.0f')} "
+            f"| {name} | {_fmt(r['step_ms'], '.1f')} | {_fmt(r['x_ddp'], '.2f')} | {_fmt(r['median_step_ms'], '.1f')} "
+            f"| {_fmt(r['first_step_ms'], '.0f')} "
             f"| {_fmt(r['mb_per_step'], '.1f')} | {_fmt(r['ideal_comm_ms'], '.1f')} | {_fmt(r['final_loss'], '.4f')} "
             f"| {_fmt(None if r['loss_vs_ddp'] is None else 100 * r['loss_vs_ddp'], '+.1f')}% "
             f"| {_fmt(r['eval_loss'], '.4f')} | {_fmt(r['steps_to_target'], 'd', 'not reached')} "
             f"| {_fmt(r['time_to_target_s'], '.2f')} |")
     for name, error in cell["errors"].items():
-        lines.append(f"| {name} | FAILED: {error_headline(error)[:120].replace('|', '/')} |" + " |" * 9)
+        lines.append(f"| {name} | FAILED: {error_headline(error)[:120].replace('|', '/')} |" + " |" * 10)
     return "\n".join(lines)
 
 
@@ -197,7 +201,7 @@ def plot_step_time(report: dict, workload: str, world_size: int, path: str) -> b
         ax.set_xticks(range(len(rates)), [r or "unshaped" for r in rates])
         ax.set_yscale("log")
         ax.set_xlabel("link bandwidth")
-        ax.set_ylabel("median step time (ms, log)")
+        ax.set_ylabel("mean step time (ms, log)")
         ax.set_title(f"{workload}, {world_size} ranks, {latency:g} ms one-way")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
