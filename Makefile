@@ -24,5 +24,6 @@ demo-quick: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
-	$(PY) bench/run_all.py
+bench: $(STAMP)  # relax needs root (network namespaces, tc)
+	$(PY) -m thinkscale bench reflect
+	$(PY) -m thinkscale bench relax

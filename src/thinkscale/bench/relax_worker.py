@@ -5,7 +5,8 @@
 
 Workloads (batches are made up front, so data generation is never timed; each rank has its own data):
 - mlp: a wide MLP (default 512 -> 4608 -> 4608 -> 10, 23.6M parameters, 95 MB of fp32 gradients) on a
-  synthetic task labelled by a fixed random teacher, 16 examples per rank: much communication, little
+  synthetic task labelled by a fixed random teacher, 16 examples per rank, a pool of 4 batches per rank
+  cycled (--mlp-pool) so the loss falls steadily within a short run: much communication, little
   compute per step. Shallow on purpose: with torch's default init a deep stack of this width barely
   trains within a benchmark's steps, so eval_loss could not tell contenders apart.
 - policy: the demo pipeline's policy (DemoConfig().policy, seeded identically on all ranks) on the

