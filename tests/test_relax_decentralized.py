@@ -364,3 +364,20 @@ def test_low_precision_decentralized_converges_like_allreduce(world4):
         assert torch.equal(res["ls_allreduce"], reference)
         relative = (res["ls_lpd"] - reference).norm() / reference.norm()
         assert relative < 0.01, relative
+
+
+def _exchange_big(rank, world_size):
+    import torch.distributed as dist
+
+    from thinkscale.relax.comm import EXCHANGE_CHUNK, Comm
+
+    comm = Comm(dist.group.WORLD)
+    numel = 2 * EXCHANGE_CHUNK + 12345 * 8  # three messages, the last one short
+    mine = torch.arange(numel, dtype=torch.float32).reshape(-1, 8) * (rank + 1)
+    got = comm.exchange(mine, 1 - rank)
+    peer = torch.arange(numel, dtype=torch.float32).reshape(-1, 8) * (2 - rank)
+    return got.shape == mine.shape and torch.equal(got, peer) and torch.equal(comm.exchange(mine, rank), mine)
+
+
+def test_exchange_splits_large_tensors_into_chunks_and_keeps_them_in_order():
+    assert run_ranks(_exchange_big, 2) == [True, True]

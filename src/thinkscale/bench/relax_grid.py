@@ -232,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         if sys.argv[1:3] == ["bench", "relax"] else " ".join(sys.argv)
     report["config"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     signal.signal(signal.SIGTERM, _raise_interrupt)  # unwind through Cluster.close() on kill -TERM
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`&`)
 
     def save() -> None:
         results.write_text(json.dumps(report, indent=1))

@@ -26,6 +26,9 @@ class CommunicationError(RuntimeError):
     """A collective failed or timed out: most often a peer rank died or stopped calling in."""
 
 
+EXCHANGE_CHUNK = 1 << 18  # elements per message of Comm.exchange (1 MiB of fp32)
+
+
 class Comm:
     """A process group and the collectives used by the algorithms, addressed by group rank."""
 
@@ -81,19 +84,21 @@ class Comm:
     def exchange(self, t: torch.Tensor, peer: int) -> torch.Tensor:
         """Send `t` to `peer` and receive its tensor of the same shape; returns when both are done.
 
-        Both directions at once (a non-blocking send, then the receive): a blocking send followed by a
-        receive moves one direction at a time and took 1.5x as long on a shaped 100 Mbit/s link.
-        gloo's batch_isend_irecv is avoided (known to hang); a lone isend is fine.
+        Both directions at once: every chunk's send and receive is posted before any is waited for.
+        Measured on a shaped 100 Mbit/s link, 20 MB each way: a blocking send then receive, or one
+        isend + recv of the whole tensor, moved one direction at a time (3.4-3.5 s); chunks all posted
+        up front took 1.7-1.8 s, the full-duplex time. gloo's batch_isend_irecv is avoided (known to hang).
         """
         if peer == self.rank:
             return t.clone()
-        received = torch.empty_like(t)
+        outgoing = t.contiguous().view(-1)  # kept referenced until the sends complete
+        received = torch.empty_like(outgoing)
         peer_global = self._global(peer)
-        outgoing = t.contiguous()  # kept referenced until the send completes
-        sending = dist.isend(outgoing, dst=peer_global, group=self.group)
-        dist.recv(received, src=peer_global, group=self.group)
-        sending.wait()
-        return received
+        works = [dist.isend(c, dst=peer_global, group=self.group) for c in outgoing.split(EXCHANGE_CHUNK)]
+        works += [dist.irecv(c, src=peer_global, group=self.group) for c in received.split(EXCHANGE_CHUNK)]
+        for work in works:
+            work.wait()
+        return received.view(t.shape)
 
     def barrier(self) -> None:
         if self.size > 1:
