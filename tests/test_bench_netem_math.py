@@ -110,3 +110,15 @@ def test_step_time_is_the_mean():
     row = cell["rows"]["decentralized:communication_interval=2"]
     assert row["step_ms"] == 550.0 and row["median_step_ms"] == 100.0 and row["x_ddp"] == pytest.approx(1.1)
     assert row["time_to_target_s"] == pytest.approx(row["steps_to_target"] * 0.55)
+
+
+def test_overview_table_orders_cells_slowest_link_first():
+    losses = [3.0, 2.0, 1.0, 0.5]
+    cells = {}
+    for rate, latency, ddp_ms in (("1gbit", 0.0, 100.0), ("100mbit", 0.0, 800.0), (None, 0.0, 50.0), ("1gbit", 5.0, 200.0)):
+        runs = {"ddp": _run(ddp_ms, losses, [1e6]), "bytegrad": _run(ddp_ms / 2, losses, [1e6])}
+        cells[f"{rate}{latency}"] = {"workload": "mlp", "world_size": 2, "rate": rate, "latency_ms": latency,
+                                     "summary": rr.summarize_cell(runs, None)}
+    table = rr.overview_table({"cells": cells}, "mlp", 2, "x_ddp", ".2f").splitlines()
+    assert table[0] == "| contender | 100mbit 0 ms | 1gbit 0 ms | unshaped 0 ms | 1gbit 5 ms |"
+    assert table[2] == "| ddp | 1.00 | 1.00 | 1.00 | 1.00 |" and table[3] == "| bytegrad | 0.50 | 0.50 | 0.50 | 0.50 |"

@@ -138,9 +138,33 @@ def markdown(report: dict) -> str:
                     if "rtt_ms" in cal else "calibration failed")
         out += [f"## {cell['workload']}, {cell['world_size']} ranks, {cell['link']} ({cal_text})", "",
                 f"target loss {_fmt(cell['summary']['target_loss'], '.4f')}", "", cell_table(cell["summary"]), ""]
+    for workload, world_size in sorted({(c["workload"], c["world_size"]) for c in report["cells"].values()}):
+        out += [f"## {workload}, {world_size} ranks: step time x DDP in every cell", "",
+                overview_table(report, workload, world_size, "x_ddp", ".2f"), "",
+                f"## {workload}, {world_size} ranks: seconds to the target loss", "",
+                overview_table(report, workload, world_size, "time_to_target_s", ".1f"), ""]
     out += ["## Winners (fastest step / fastest to target loss)", "", winners_table(report), "",
             __doc__.split("Definitions", 1)[1].split("\n", 1)[1].strip()]
     return "\n".join(out) + "\n"
+
+
+def overview_table(report: dict, workload: str, world_size: int, key: str, spec: str) -> str:
+    """Contenders x cells (slowest link first, then by latency) of one summary number."""
+    cells = sorted(_cells_by(report, workload, world_size),
+                   key=lambda c: (c["latency_ms"], parse_rate_or_zero(c["rate"]) or float("inf")))
+    names = list(dict.fromkeys(n for c in cells for n in c["summary"]["rows"]))
+    lines = ["| contender | " + " | ".join(f"{c['rate'] or 'unshaped'} {c['latency_ms']:g} ms" for c in cells) + " |",
+             "|---|" + "---|" * len(cells)]
+    for name in names:
+        values = [c["summary"]["rows"].get(name, {}).get(key) for c in cells]
+        lines.append(f"| {short_name(name)} | " + " | ".join(_fmt(v, spec) for v in values) + " |")
+    return "\n".join(lines)
+
+
+def parse_rate_or_zero(rate: str | None) -> int:
+    from thinkscale.bench.netem import parse_rate
+
+    return parse_rate(rate) or 0
 
 
 def winners_table(report: dict) -> str:
