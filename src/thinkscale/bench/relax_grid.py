@@ -200,11 +200,13 @@ def write_outputs(report: dict, out: Path) -> list[Path]:
     written = [out / "results.json", out / "report.md"]
     for workload, world_size in sorted({(c["workload"], c["world_size"]) for c in report["cells"].values()}):
         stem = f"{workload}_{world_size}ranks"
-        plots = [(relax_report.plot_step_time, (), f"step_time_{stem}.png"),
-                 (relax_report.plot_tradeoff_map, ("step_ms",), f"tradeoff_step_{stem}.png"),
-                 (relax_report.plot_tradeoff_map, ("time_to_target_s",), f"tradeoff_target_{stem}.png")]
-        for fn, extra, name in plots:
-            if fn(report, workload, world_size, *extra, str(out / name)):
+        plots = [(relax_report.plot_step_time, {}, f"step_time_{stem}.png"),
+                 (relax_report.plot_tradeoff_map, {"key": "step_ms"}, f"tradeoff_step_{stem}.png"),
+                 (relax_report.plot_tradeoff_map, {"key": "time_to_target_s"}, f"tradeoff_target_{stem}.png"),
+                 (relax_report.plot_tradeoff_map, {"key": "time_to_target_s", "exclude": ("async",)},
+                  f"tradeoff_target_sync_{stem}.png")]
+        for fn, options, name in plots:
+            if fn(report, workload, world_size, path=str(out / name), **options):
                 written.append(out / name)
     return written
 

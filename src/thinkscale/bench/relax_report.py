@@ -87,9 +87,10 @@ def summarize_cell(runs: dict[str, dict], rate_bps: int | None, target: float | 
     return {"target_loss": target, "rows": rows, "errors": errors}
 
 
-def winner(cell: dict, key: str) -> str | None:
+def winner(cell: dict, key: str, exclude: tuple = ()) -> str | None:
     """Contender with the smallest `key` (step_ms or time_to_target_s) in a summarized cell."""
-    candidates = [(row[key], name) for name, row in cell["rows"].items() if row.get(key) is not None]
+    candidates = [(row[key], name) for name, row in cell["rows"].items()
+                  if row.get(key) is not None and name.split(":")[0] not in exclude]
     return min(candidates)[1] if candidates else None
 
 
@@ -199,7 +200,7 @@ def _cells_by(report: dict, workload: str, world_size: int) -> list[dict]:
 
 
 def plot_step_time(report: dict, workload: str, world_size: int, path: str) -> bool:
-    """Median step time vs bandwidth per contender, one panel per latency. False if nothing to plot."""
+    """Mean step time vs bandwidth per contender, one panel per latency. False if nothing to plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -235,8 +236,10 @@ def plot_step_time(report: dict, workload: str, world_size: int, path: str) -> b
     return True
 
 
-def plot_tradeoff_map(report: dict, workload: str, world_size: int, key: str, path: str) -> bool:
-    """Which contender wins each (bandwidth, latency) cell: the BAGUA paper's exploration map."""
+def plot_tradeoff_map(report: dict, workload: str, world_size: int, key: str, path: str,
+                      exclude: tuple = ()) -> bool:
+    """Which contender wins each (bandwidth, latency) cell: the BAGUA paper's exploration map.
+    `exclude` leaves algorithms out (e.g. async, whose replicas only meet in the background)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -252,7 +255,7 @@ def plot_tradeoff_map(report: dict, workload: str, world_size: int, key: str, pa
     for yi, latency in enumerate(latencies):
         for xi, rate in enumerate(rates):
             cell = next((c for c in cells if c["rate"] == rate and c["latency_ms"] == latency), None)
-            best = winner(cell["summary"], key) if cell else None
+            best = winner(cell["summary"], key, exclude) if cell else None
             color = colors(names.index(best) % 20) if best else (0.9, 0.9, 0.9)
             ax.add_patch(plt.Rectangle((xi, yi), 1, 1, color=color, alpha=0.55))
             if best:
@@ -270,7 +273,7 @@ def plot_tradeoff_map(report: dict, workload: str, world_size: int, key: str, pa
     ax.set_xlabel("bandwidth per link")
     ax.set_ylabel("one-way latency")
     what = "fastest step" if key == "step_ms" else "fastest to target loss"
-    ax.set_title(f"{what}: {workload}, {world_size} ranks")
+    ax.set_title(f"{what}: {workload}, {world_size} ranks" + (f" (without {', '.join(exclude)})" if exclude else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
