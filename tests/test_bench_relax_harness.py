@@ -115,6 +115,8 @@ def test_cli_bad_input(tmp_path):
     assert proc.returncode == 2 and "bad rate 'fast'" in proc.stderr
     proc = run_cli(tmp_path, "--world-sizes", "1")
     assert proc.returncode == 2 and "world-sizes" in proc.stderr
+    proc = run_cli(tmp_path, "--contenders", "ddp", "bytegrad:warmup_steps=3")
+    assert proc.returncode == 2 and "no option 'warmup_steps'" in proc.stderr
 
 
 def test_ctrl_c_cleans_up(tmp_path):

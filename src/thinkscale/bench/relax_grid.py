@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from thinkscale.bench import relax_report
+from thinkscale.bench import relax_report, relax_worker
 from thinkscale.bench.netem import (Cluster, Link, NetemError, address, check_can_emulate, kill_group,
                                    parse_rate, wait_all)
 
@@ -63,6 +63,8 @@ def validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--world-sizes: each must be in [2, 16], got {ws}")
     for lat in args.latencies_ms:
         Link(None, lat)
+    for spec in args.contenders:  # before any network is built, not once per rank and cell
+        relax_worker.parse_contender(spec)
     if args.steps < 2 or not 0 <= args.timing_warmup < args.steps:
         raise ValueError(f"need --steps >= 2 and 0 <= --timing-warmup < --steps "
                          f"(got {args.steps}, {args.timing_warmup})")
