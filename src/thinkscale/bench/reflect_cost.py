@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import importlib.util
 import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +43,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from thinkscale.bench import machine as host
 from thinkscale.commands.argtypes import positive_float, positive_int
 
 logger = logging.getLogger(__name__)
@@ -109,10 +108,6 @@ def max_abs_diff(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> 
     return max([0.0] + [abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys)])
 
 
-def _fmt_load(load: Sequence[float] | None) -> str:
-    return "n/a" if load is None else " ".join(f"{x:.2f}" for x in load)
-
-
 def format_report(record: dict) -> str:
     """The markdown report: machine, settings, one table row per (model, mode), checks per model."""
     m, s = record["machine"], record["settings"]
@@ -121,7 +116,7 @@ def format_report(record: dict) -> str:
         "",
         f"{m['date']}; {m['cpu_model']} x {m['cpu_count']} CPUs, torch {m['torch']} "
         f"({s['threads']} thread(s)), transformers {m['transformers']}, device {s['device']}; "
-        f"load average (1/5/15 min) {_fmt_load(m['load_start'])} at start, {_fmt_load(m['load_end'])} at end.",
+        f"load average (1/5/15 min) {host.format_load(m['load_start'])} at start, {host.format_load(m['load_end'])} at end.",
         f"k = {s['k']} samples per prompt, {s['prompts']} prompt(s), temperature {s['temperature']}, "
         f"top-p {s['top_p']}, seed {s['seed']}, EOS ignored (fixed length); median of {s['repeats']} "
         f"interleaved round(s) after a warm-up; ratios are per round against plain sampling, then medianed.",
@@ -155,43 +150,6 @@ def format_report(record: dict) -> str:
             f"{1000 * post:.1f} ms = {100 * post / mod['summary']['plain']['median_s']:.2f}% of plain sampling.",
         ]
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- machine
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-    import transformers
-
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_start": _load(),
-    }
 
 
 # ----------------------------------------------------------------------------- models under test
@@ -506,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        machine = machine_info()
+        machine = host.describe()
         questions = _questions(args.prompts, args.seed)
         models = []
         for name in dict.fromkeys(args.models):
@@ -526,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         torch.set_num_threads(threads)
-    machine["load_end"] = _load()
+    machine["load_end"] = host.load_average()
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "verbose"}
     settings["threads"] = args.threads
     record = {"machine": machine, "settings": settings, "models": models}

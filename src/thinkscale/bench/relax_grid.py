@@ -12,10 +12,8 @@ ones), then summarized into report.md, results.json and PNG plots under --out.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -24,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from thinkscale.bench import relax_report, relax_worker
+from thinkscale.bench import machine, relax_report, relax_worker
 from thinkscale.bench.netem import (Cluster, Link, NetemError, address, check_can_emulate, kill_group,
                                    parse_rate, wait_all)
 
@@ -74,22 +72,6 @@ def cell_key(world_size: int, rate: str | None, latency_ms: float, workload: str
     return f"{workload}|{world_size}|{rate or 'none'}|{latency_ms:g}"
 
 
-def machine() -> dict:
-    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-            "torch": _torch_version(), "python": platform.python_version(), "platform": platform.platform(),
-            "load_start": load_average()}
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
-
-
 # ----- running ----------------------------------------------------------------------------------------
 def calibrate(cluster: Cluster, mb: float, timeout_s: float = 180.0) -> dict:
     cmd = [sys.executable, "-m", "thinkscale.bench.calibrate"]
@@ -131,7 +113,7 @@ def run_contender(cluster: Cluster, workload: str, contender: str, args: argpars
         try:
             for r in range(cluster.world_size):
                 procs.append(cluster.spawn(r, torchrun_argv(cluster, r, run_id, port, worker),
-                                           env={**env, "GLOO_SOCKET_IFNAME": cluster.devices[r]},
+                                           env=env,
                                            stdout=logs[r], stderr=subprocess.STDOUT))
             codes = wait_all(procs, args.run_timeout_s)
         finally:  # also on Ctrl-C: no rank may outlive the run
@@ -231,9 +213,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:  # failed runs are tried again
         for cell in report["cells"].values():
             cell["runs"] = {k: v for k, v in cell["runs"].items() if "error" not in v}
-    report["machine"] = machine()
-    report["command"] = "thinkscale bench relax " + " ".join(shlex.quote(a) for a in sys.argv[3:]) \
-        if sys.argv[1:3] == ["bench", "relax"] else " ".join(sys.argv)
+    report["machine"] = machine.describe()
+    report["command"] = "thinkscale " + shlex.join(sys.argv[1:])
     report["config"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     signal.signal(signal.SIGTERM, _raise_interrupt)  # unwind through Cluster.close() on kill -TERM
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (`&`)
@@ -248,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         save()
         return 1
     finally:
-        report["machine"]["load_end"] = load_average()
+        report["machine"]["load_end"] = machine.load_average()
     written = write_outputs(report, out)
     print((out / "report.md").read_text())
     print("[bench relax] wrote " + ", ".join(str(p) for p in written))

@@ -3,7 +3,19 @@
 Pure functions over the JSON the worker writes (thinkscale/bench/relax_worker.py) and the grid runner
 collects (relax_grid.py); nothing here measures anything.
 
-Definitions (also printed under the tables):
+The report's terms are defined in DEFINITIONS, printed under its tables.
+"""
+from __future__ import annotations
+
+import math
+
+from thinkscale.bench.machine import format_load
+from thinkscale.bench.netem import parse_rate
+
+BASELINE = "ddp"
+SMOOTH = 5
+TARGET_FRACTION = 0.75
+DEFINITIONS = f"""\
 - step: mean wall time of one training step on rank 0 over the timed steps (the mean, not the median:
   with communication_interval=2 or async, most steps do not communicate and the median would hide
   the ones that do); the median is shown next to it;
@@ -11,18 +23,11 @@ Definitions (also printed under the tables):
 - MB/step: bytes each rank sent per step, counted at its network interface (max over ranks);
 - ideal comm: those bytes at the link's nominal rate (what a perfect implementation would spend on the
   wire, ignoring latency and overlap);
-- target loss: DDP's loss (mean over ranks, running mean over SMOOTH steps) at 3/4 of the run; DDP's
+- target loss: DDP's loss (mean over ranks, running mean over {SMOOTH} steps) at 3/4 of the run; DDP's
   loss curve does not depend on the network, so this is one number per workload and configuration;
 - to target: steps until a contender's smoothed loss first reaches the target, times its mean step
   (one-off costs such as the quantizer's first compile are left out; the first step is reported apart).
 """
-from __future__ import annotations
-
-import math
-
-BASELINE = "ddp"
-SMOOTH = 5
-TARGET_FRACTION = 0.75
 
 
 def running_mean(values: list[float], window: int = SMOOTH) -> list[float]:
@@ -128,8 +133,9 @@ def markdown(report: dict) -> str:
     """The whole report: machine, configuration, one table per cell, winners."""
     m = report["machine"]
     out = ["# relax vs DDP on an emulated network", "",
-           f"Machine: {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}, {m['platform']}; "
-           f"load average at start {m['load_start']}, at end {m.get('load_end', '-')}; {m['date']}.", "",
+           f"Machine: {m['cpu_model']} x {m['cpu_count']} CPUs, torch {m['torch']}, Python {m['python']}, "
+           f"{m['platform']}; load average at start {format_load(m['load_start'])}, at end "
+           f"{format_load(m.get('load_end'))}; {m['date']}.", "",
            f"Command: `{report['command']}`", ""]
     for key, cell in report["cells"].items():
         if "summary" not in cell:
@@ -145,14 +151,14 @@ def markdown(report: dict) -> str:
                 f"## {workload}, {world_size} ranks: seconds to the target loss", "",
                 overview_table(report, workload, world_size, "time_to_target_s", ".1f"), ""]
     out += ["## Winners (fastest step / fastest to target loss)", "", winners_table(report), "",
-            __doc__.split("Definitions", 1)[1].split("\n", 1)[1].strip()]
+            DEFINITIONS.strip()]
     return "\n".join(out) + "\n"
 
 
 def overview_table(report: dict, workload: str, world_size: int, key: str, spec: str) -> str:
     """Contenders x cells (slowest link first, then by latency) of one summary number."""
     cells = sorted(_cells_by(report, workload, world_size),
-                   key=lambda c: (c["latency_ms"], parse_rate_or_zero(c["rate"]) or float("inf")))
+                   key=lambda c: (c["latency_ms"], rate_sort_key(c["rate"])))
     names = list(dict.fromkeys(n for c in cells for n in c["summary"]["rows"]))
     lines = ["| contender | " + " | ".join(f"{c['rate'] or 'unshaped'} {c['latency_ms']:g} ms" for c in cells) + " |",
              "|---|" + "---|" * len(cells)]
@@ -160,12 +166,6 @@ def overview_table(report: dict, workload: str, world_size: int, key: str, spec:
         values = [c["summary"]["rows"].get(name, {}).get(key) for c in cells]
         lines.append(f"| {short_name(name)} | " + " | ".join(_fmt(v, spec) for v in values) + " |")
     return "\n".join(lines)
-
-
-def parse_rate_or_zero(rate: str | None) -> int:
-    from thinkscale.bench.netem import parse_rate
-
-    return parse_rate(rate) or 0
 
 
 def winners_table(report: dict) -> str:
@@ -280,9 +280,10 @@ def plot_tradeoff_map(report: dict, workload: str, world_size: int, key: str, pa
     return True
 
 
-def rate_order(rates: set) -> list:
+def rate_sort_key(rate: str | None) -> float:
     """Slowest link first, unshaped (None) last."""
-    from thinkscale.bench.netem import parse_rate
+    return parse_rate(rate) or float("inf")
 
-    return sorted(rates, key=lambda r: (r is None, parse_rate(r) or 0))
 
+def rate_order(rates: set) -> list:
+    return sorted(rates, key=rate_sort_key)
