@@ -58,7 +58,7 @@ def test_eval_command_end_to_end_and_resume(model_dir, tmp_path):
             "--out", out, "--device", "cpu"]
     first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "| k | groups |" in first.stdout
+    assert "| strategy | k=1 | k=2 |" in first.stdout and "| logprob@k |" in first.stdout
 
     records = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2]

@@ -84,7 +84,11 @@ def test_summarize():
     assert report["answered_fraction"] == pytest.approx(7 / 8)  # Q1 s0 has no box
     assert report["truncated_fraction"] == 0.0
     assert report["by_k"]["2"]["groups_per_question"] == 2
-    assert report["by_k"]["4"]["accuracy"] == pytest.approx(EXPECTED[4])
+    accuracy = report["by_k"]["4"]["accuracy"]
+    assert {name: accuracy[name] for name in EXPECTED[4]} == pytest.approx(EXPECTED[4])
+    # one step per candidate: every step aggregation is the score itself
+    assert accuracy["sprm:agg=min"] == accuracy["sprm:agg=last"] == accuracy["sprm"]
+    assert "logprob" not in accuracy and "deepconf:eta=10" not in accuracy  # no token confidences recorded
     with pytest.raises(ValueError, match="at least 8"):
         accuracy_at_k(hand_example(), 8, "sprm")
 
@@ -135,7 +139,9 @@ def test_evaluate_writes_candidates_and_report(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| k | groups | sprm@k | maj@k | weighted@k | first@k | pass@k | tokens/group |" in md
+    assert "| strategy | k=1 | k=2 | k=4 |" in md
+    for label in ("sprm@k", "maj@k", "weighted@k", "first@k", "pass@k", "tokens/group"):
+        assert f"| {label} |" in md
     assert (tmp_path / "out" / "accuracy_vs_k.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -165,6 +171,43 @@ def test_resume_after_a_crash_and_a_partial_line(tmp_path):
     again = FakeSampler()
     assert evaluate(EXAMPLES, again, config, tmp_path / "run", progress=False, plots=False) == fresh
     assert again.calls == []
+
+
+def test_resume_with_batches_draws_the_same_samples(tmp_path):
+    # 2 questions per call (batch 4 / n 2): chunks {q0, q1} seed 5 and {q2} seed 7, whatever is pending
+    config = EvalConfig(ks=(2,), batch_size=4, seed=5)
+    uninterrupted = FakeSampler()
+    evaluate(EXAMPLES, uninterrupted, config, tmp_path / "full", progress=False, plots=False)
+    assert [(p, seed) for p, _, seed in uninterrupted.calls] == [(["q0", "q1"], 5), (["q2"], 7)]
+    # an interrupted run that had written q0 only: its chunk is sampled again whole, with the same seed
+    run = tmp_path / "run"
+    evaluate(EXAMPLES[:1], FakeSampler(), config, run, progress=False, plots=False)
+    resumed = FakeSampler()
+    evaluate(EXAMPLES, resumed, config, run, progress=False, plots=False)
+    assert resumed.calls == uninterrupted.calls
+    assert (run / "candidates.jsonl").read_text() == (tmp_path / "full" / "candidates.jsonl").read_text()
+
+
+def test_step_truth_is_recorded_when_it_lines_up(tmp_path):
+    # the fake candidates have one scored step each; a checker giving one label lines up, two do not
+    def checker(question, text):
+        return [question == "q0"] if question != "q2" else [True, True]
+
+    def with_steps(prompts, k, seed):
+        out = FakeSampler()(prompts, k, seed)
+        for cands in out:
+            for c in cands:
+                c.step_ends = [0]
+        return out
+
+    report = evaluate(EXAMPLES, with_steps, EvalConfig(ks=(2,)), tmp_path, progress=False, plots=False,
+                      step_truth=checker)
+    records = [json.loads(line) for line in (tmp_path / "candidates.jsonl").read_text().splitlines()]
+    assert [c["extra"]["step_truth"] for c in records[0]["candidates"]] == [[True]] * 2
+    assert [c["extra"]["step_truth"] for c in records[1]["candidates"]] == [[False]] * 2
+    assert [c["extra"]["step_truth"] for c in records[2]["candidates"]] == [None] * 2  # 2 labels, 1 step
+    assert report["scorers"]["labelled_candidates"] == 4
+    assert report["scorers"]["steps"]["sprm"]["steps"] == 4
 
 
 def test_resume_refuses_other_data_or_larger_k(tmp_path):

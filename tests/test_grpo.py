@@ -82,31 +82,33 @@ def _batch_from_text(tokenizer, rewards, truncated):
     return RolloutBatch(ids, attention, starts, response, r, ~(t & (r == 0)), group_advantages(r, 4), torch.zeros(4))
 
 
-def test_joint_update_is_one_backward_of_spr_plus_policy_loss(model_dir):
-    """The gradient of one joint update equals a hand-written reference of the spec's total loss."""
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_joint_update_is_one_backward_of_spr_plus_policy_loss(model_dir, temperature):
+    """The gradient of one joint update equals a hand-written reference of the spec's total loss, with
+    every log-prob taken at the rollout temperature (on-policy ratio)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     options = GRPOOptions(model=str(model_dir), out="unused", group_size=4, lr=1e-3, head_lr=1e-2,
-                          grad_clip=0.0, head_grad_clip=0.0)
+                          grad_clip=0.0, head_grad_clip=0.0, temperature=temperature)
     rm = ReflectiveModel.from_pretrained(model_dir)
     rm.config.head_dropout = 0.0
     rm.head.net[2].p = 0.0  # no dropout: the reference forward must see the same head
     batch = _batch_from_text(tokenizer, [1.0, 0.0, 1.0, 0.0], [False, False, False, True])
     ref_policy = build_policy(TINY_POLICY, tokenizer, seed=1).eval()  # a different reference: KL is non-zero
     with torch.no_grad():
-        ref_logp = F.log_softmax(ref_policy(input_ids=batch.input_ids).logits[:, :-1], -1).gather(
+        ref_logp = F.log_softmax(ref_policy(input_ids=batch.input_ids).logits[:, :-1] / temperature, -1).gather(
             -1, batch.input_ids[:, 1:, None])[..., 0]
 
     # reference gradient, computed by hand from the spec
     rm.zero_grad()
     rm.eval()
     out = rm(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    logp = F.log_softmax(out.logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    logp = F.log_softmax(out.logits[:, :-1] / temperature, -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
     ratio = torch.exp(logp - logp.detach())
     surrogate = torch.maximum(-batch.advantages[:, None] * ratio,
                               -batch.advantages[:, None] * ratio.clamp(0.8, 1.2))
     d = ref_logp - logp
     kl = d.exp() - d - 1
-    p = F.softmax(out.logits[:, :-1], -1)
+    p = F.softmax(out.logits[:, :-1] / temperature, -1)
     entropy = -(p * p.log()).sum(-1)
     m = batch.response_mask.float()
     policy = ((surrogate + 0.001 * kl - 0.001 * entropy) * m).sum() / m.sum()

@@ -83,8 +83,9 @@ def test_step_mask_think_tags():
     # the last </think> bounds the region
     ids = torch.tensor([TS, 8, 5, TE, 8, 5, TE, 5])
     assert torch.equal(step_mask(ids, [D], **kw), m(0, 1, 0, 0, 1, 0, 0, 0))
-    # no <think> at all: nothing counts
-    assert not step_mask(torch.tensor([8, 5, 8, 5]), [D], **kw).any()
+    # no <think> at all: the whole response counts (the released code: first <think> else 0)
+    assert torch.equal(step_mask(torch.tensor([8, 5, 8, 5]), [D], **kw), m(1, 0, 1, 0))
+    assert torch.equal(step_mask(torch.tensor([8, 5, 8, 5]), [D], response_start=2, **kw), m(0, 0, 1, 0))
     # <think> opened by the prompt (response_start=2) counts; a prompt </think> is ignored
     ids = torch.tensor([TE, TS, 8, 5, 9, 5])
     assert torch.equal(step_mask(ids, [D], response_start=2, **kw), m(0, 0, 1, 0, 1, 0))

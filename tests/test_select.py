@@ -106,7 +106,73 @@ def test_bad_input():
 
 
 def test_registry_is_the_one_list():
-    assert list(STRATEGIES) == ["sprm", "majority", "weighted", "first", "oracle"]
+    assert list(STRATEGIES) == ["sprm", "majority", "weighted", "logprob", "confidence", "deepconf",
+                                "self_certainty", "first", "oracle"]
+
+
+def sig(sample_index, answer, logprobs, confidences=None, certainties=None, steps=(0.5,)):
+    c = cand(sample_index, answer, 0.0)
+    n = len(logprobs)
+    c.token_ids, c.num_generated_tokens = [1] * n, n
+    c.token_logprobs = list(logprobs)
+    c.token_confidences = list(confidences if confidences is not None else [1.0] * n)
+    c.token_certainties = list(certainties if certainties is not None else [1.0] * n)
+    c.step_scores = list(steps)
+    return c
+
+
+def test_sprm_aggregations():
+    # step scores        geomean(recorded)  min    last
+    # a: 0.9 0.2 0.9     0.5                0.2    0.9
+    # b: 0.6 0.6 0.6     0.6                0.6    0.6
+    a, b = cand(0, "1", 0.5), cand(1, "2", 0.6)
+    a.step_scores, b.step_scores = [0.9, 0.2, 0.9], [0.6, 0.6, 0.6]
+    assert select([a, b], "sprm").sample_index == 1
+    assert select([a, b], "sprm:agg=geomean").sample_index == 1
+    assert select([a, b], "sprm:agg=min").sample_index == 1
+    assert select([a, b], "sprm:agg=last").sample_index == 0
+    with pytest.raises(ValueError, match="geomean, min, last"):
+        select([a, b], "sprm:agg=max")
+    with pytest.raises(ValueError, match="bad option 'k=3'.*agg=geomean"):
+        select([a, b], "sprm:k=3")
+
+
+def test_logprob_and_confidence():
+    # mean log-probs: -0.5, -0.2 (best), -1.0; mean confidences: 2, 3, 5 (best); lowest window of 2:
+    #   c0 [2,2]->2, c1 [1,5] -> min(mean(1,5)=3) = 3 ... c2 [9,1,5] -> windows 5, 3 -> 3 ties c1 -> lower index
+    pool = [sig(0, "1", [-0.5, -0.5], [2, 2]), sig(1, "2", [-0.1, -0.3], [1, 5]), sig(2, "3", [-1, -1, -1], [9, 1, 5])]
+    assert select(pool, "logprob").sample_index == 1
+    assert select(pool, "confidence").sample_index == 2  # means 2, 3, 5
+    assert select(pool, "confidence:measure=lowest,window=2").sample_index == 1
+    assert select(pool, "confidence:measure=tail,window=1").sample_index == 1  # last tokens 2, 5, 5 -> tie, first
+    with pytest.raises(ValueError, match="token confidences"):
+        select([cand(0, "1", 0.5)], "logprob")  # 2 tokens generated, none recorded
+
+
+def test_deepconf_filters_then_votes_by_confidence():
+    # trace confidence (mean, window larger than every trace): 5, 4, 3, 2, 1 for samples 0..4
+    # answers:                                                  A  B  B  A  A
+    pool = [sig(i, ans, [-0.1], [conf]) for i, (ans, conf) in enumerate(zip("ABBAA", [5, 4, 3, 2, 1]))]
+    # eta 100: weights A 5+2+1=8 > B 4+3=7 -> A, its most confident member sample 0
+    assert select(pool, "deepconf:eta=100").sample_index == 0
+    # eta 60 keeps the top ceil(3) = samples 0, 1, 2: A 5 < B 7 -> B, member sample 1
+    assert select(pool, "deepconf:eta=60").sample_index == 1
+    # eta 10 keeps ceil(0.5) -> 1 trace: sample 0
+    assert select(pool, "deepconf:eta=10").sample_index == 0
+    with pytest.raises(ValueError, match="percentage"):
+        select(pool, "deepconf:eta=0")
+
+
+def test_self_certainty_borda():
+    # certainties 0.9, 0.8, 0.7, 0.6 -> ranks 0..3 -> weights (4-r)^p
+    # answers      A    B    B    A
+    pool = [sig(i, ans, [-0.1], certainties=[c]) for i, (ans, c) in enumerate(zip("ABBA", [0.9, 0.8, 0.7, 0.6]))]
+    # p=1: A 4+1=5, B 3+2=5 -> tie: larger class (2 vs 2) -> first seen class A, member sample 0
+    assert select(pool, "self_certainty:p=1").sample_index == 0
+    # p=2: A 16+1=17, B 9+4=13 -> A
+    assert select(pool, "self_certainty:p=2").sample_index == 0
+    # p=0.5: A 2+1=3, B 1.732+1.414=3.146 -> B, most certain member sample 1
+    assert select(pool, "self_certainty").sample_index == 1
 
 
 def test_effort():

@@ -151,3 +151,34 @@ def test_too_small_problem_space_raises():
 def test_config_validation(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         ArithmeticConfig(**kwargs)
+
+
+def test_solution_steps_parse_back_every_generated_question():
+    from thinkscale.tasks.arithmetic import solution_steps
+
+    for shape in ("chain", "tree"):
+        config = ArithmeticConfig(shape=shape, operators=("+", "-", "*", "/"), max_value=999)
+        for p in generate(config, 200, seed=4):
+            assert solution_steps(p.question) == list(p.steps), p.question
+
+
+def test_step_truth_by_hand():
+    from thinkscale.tasks import completion_steps
+    from thinkscale.tasks.arithmetic import step_truth
+
+    q = "What is 7 - 3 + 6 - 5?"  # 7 - 3 = 4, 4 + 6 = 10, 10 - 5 = 5
+    assert step_truth(q, ["7 - 3 = 4", "4 + 6 = 10", "10 - 5 = 5"]) == [True, True, True]
+    # an arithmetic slip at step 2 makes it and everything after it false, even a "right" last step
+    assert step_truth(q, ["7 - 3 = 4", "4 + 6 = 11", "11 - 5 = 6"]) == [True, False, False]
+    # a right equation out of order is off track; extra steps beyond the solution are false
+    assert step_truth(q, ["3 + 6 = 9", "7 - 9 = -2"]) == [False, False]
+    assert step_truth(q, ["7 - 3 = 4", "4 + 6 = 10", "10 - 5 = 5", "5 + 0 = 5"]) == [True, True, True, False]
+    assert step_truth(q, [" 7  - 3 = 4"]) == [True]  # spacing does not matter
+    # precedence and parentheses follow the question
+    assert step_truth("What is 2 + 3 * (4 - 1)?", ["4 - 1 = 3", "3 * 3 = 9", "2 + 9 = 11"]) == [True] * 3
+    # the text splitter: steps end with the delimiter, only inside the think part
+    text = "7 - 3 = 4.\n\n4 + 6 = 1"  # cut mid-step: one finished step
+    assert completion_steps(text) == ["7 - 3 = 4"]
+    assert completion_steps("7 - 3 = 4.\n\n</think>\n\\boxed{4}.\n\n") == ["7 - 3 = 4"]
+    with pytest.raises(ValueError, match="not an arithmetic question"):
+        step_truth("Compute 2 + 2", [])

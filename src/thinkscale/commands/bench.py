@@ -2,6 +2,7 @@
 
 relax:   relax algorithms vs torch DDP (and its fp16 / PowerSGD hooks) on an emulated cluster (root).
 reflect: tokens/s of sampling with fused SPRM scoring vs plain sampling, rescoring and an external RM.
+probe:   linear probes of the true step labels on every layer's hidden states (the ceiling of a head).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import importlib
 BENCHMARKS = {
     "relax": ("thinkscale.bench.relax_grid", "relax vs DDP on network namespaces with shaped, delayed links (root)"),
     "reflect": ("thinkscale.bench.reflect_cost", "cost of SPRM scoring: fused vs rescoring vs an external reward model"),
+    "probe": ("thinkscale.bench.sprm_probe", "linear probes of the true step labels on the policy's hidden states"),
 }
 
 

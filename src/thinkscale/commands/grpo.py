@@ -14,6 +14,7 @@ from thinkscale.commands.argtypes import non_negative_float, non_negative_int, p
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from thinkscale.reflect.head import HEAD_INPUTS
     from thinkscale.relax import algorithms
     from thinkscale.train.grpo import GRPOOptions
 
@@ -61,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "config, 1e-4 as in the spec)")
     o.add_argument("--seed", type=int, default=d.seed, help="seed for prompt order, sampling and the fresh head")
 
+    h = parser.add_argument_group("head refit (after training, on training questions, outcome labels only)")
+    h.add_argument("--refit-head", action="store_true",
+                   help="fit the SPRM head again on many rollouts of the final policy (reflect.head_fit)")
+    h.add_argument("--refit-inputs", choices=list(HEAD_INPUTS), default=d.refit.inputs,
+                   help="what the refitted head reads: hidden states, + the step's free confidences, or those alone")
+    h.add_argument("--refit-questions", type=positive_int, default=d.refit.questions,
+                   help="training questions sampled for the refit (over all ranks)")
+    h.add_argument("--refit-samples", type=positive_int, default=d.refit.samples, help="rollouts per question")
+
     e = parser.add_argument_group("evaluation (rank 0, on the evaluation questions)")
     e.add_argument("--eval-questions", type=non_negative_int, default=d.eval_questions,
                    help="questions for the final evaluation (0: skip)")
@@ -70,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
+    from thinkscale.reflect.head_fit import HeadFitOptions
     from thinkscale.relax import algorithms
     from thinkscale.train.grpo import GRPOOptions
 
@@ -82,6 +93,9 @@ def options_from_args(args: argparse.Namespace):
         updates_per_batch=args.updates_per_batch,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         eval_questions=args.eval_questions, eval_samples=args.eval_samples, eval_before=args.eval_before,
+        refit_head=args.refit_head, refit=HeadFitOptions(inputs=args.refit_inputs, questions=args.refit_questions,
+                                                         samples=args.refit_samples, seed=args.seed,
+                                                         max_new_tokens=args.max_new_tokens),
     )
 
 
@@ -108,6 +122,11 @@ def _print_summary(summary: dict) -> None:
           f"reward {_fmt(first.get('reward_mean'))} -> {_fmt(last.get('reward_mean'))}  "
           f"SPRM score correct/wrong {_fmt(last.get('score_correct'))}/{_fmt(last.get('score_wrong'))}  "
           f"pair accuracy {_fmt(last.get('score_pair_acc'))}")
+    refit = summary.get("head_refit")
+    if refit:
+        print(f"head refit: {refit['inputs']} inputs, {refit['aggregation']} aggregation, held-out pair accuracy "
+              f"{_fmt(refit['val_pair_accuracy'])} on {refit['val_questions']} training questions, "
+              f"{refit['rollouts']} rollouts, {refit['time_s']:.0f} s")
     for key in ("eval_before", "eval"):
         if key in summary:
             ev = summary[key]

@@ -9,7 +9,9 @@ class Candidate:
     """One sampled trajectory for one prompt, with its SPRM scores.
 
     `step_scores` are per-step probabilities (sigmoid of the head's logit at each scored position);
-    `score` is their geometric mean (0.0 when the trajectory has no step).
+    `score` is their geometric mean (0.0 when the trajectory has no step). `step_ends[j]` is the index in
+    `token_ids` of step j's delimiter token. The `token_*` lists hold the free confidence signals of each
+    generated token (see `reflect.confidence`); empty for candidates recorded before they existed.
     """
 
     prompt_index: int
@@ -22,6 +24,10 @@ class Candidate:
     truncated: bool  # stopped at max_new_tokens without EOS
     num_prompt_tokens: int
     num_generated_tokens: int
+    step_ends: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    token_confidences: list[float] = field(default_factory=list)
+    token_certainties: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # e.g. extracted answer, correctness, set by evaluators
 
     def to_dict(self) -> dict:

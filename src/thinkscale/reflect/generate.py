@@ -4,6 +4,8 @@ The decode loop is the policy's own forward pass. With scoring on, a forward hoo
 feature-layer output of every new position as it is produced; once a candidate is complete its step
 mask is computed and the head runs at the scored positions only - no second forward pass.
 With scoring off, the same loop runs without the hook (the baseline for the overhead benchmark).
+Either way the loop records each token's free confidence signals (`reflect.confidence`) from the
+logits it already has.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from .candidate import Candidate
 from .model import ReflectiveModel, capture_output
+from .confidence import token_signals
 from .scoring import scores_from_features
 
 logger = logging.getLogger(__name__)
@@ -24,11 +27,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Decoded:
-    """One decoded row: generated ids (EOS included when hit) and, when scoring, their features (G, c)."""
+    """One decoded row: generated ids (EOS included when hit), when scoring their features (G, c), and
+    the per-token signals (G, 3): log-prob, DeepConf confidence, self-certainty."""
 
     tokens: list[int]
     finished: bool
     features: torch.Tensor | None
+    signals: torch.Tensor
 
 
 def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -91,6 +96,7 @@ def decode(rm: ReflectiveModel, prompts: Sequence[Sequence[int]], max_new_tokens
     next_pos = attn.sum(dim=1, keepdim=True)  # (B, 1)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     features: list[torch.Tensor] = []  # features[g]: (B, c) at the position that predicts token g
+    signals: list[torch.Tensor] = []  # signals[g]: (B, 3) free confidences of token g
     generated: list[torch.Tensor] = []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
@@ -104,6 +110,7 @@ def decode(rm: ReflectiveModel, prompts: Sequence[Sequence[int]], max_new_tokens
             token = next_tokens(out.logits[:, -1], temperature, top_p, repetition_penalty, seen, generator)
             token = torch.where(done, torch.full_like(token, pad_id), token)
             generated.append(token)
+            signals.append(token_signals(out.logits[:, -1], token))
             lengths += (~done).long()
             done |= torch.isin(token, eos)
             if bool(done.all()) or step == max_new_tokens - 1:
@@ -117,12 +124,18 @@ def decode(rm: ReflectiveModel, prompts: Sequence[Sequence[int]], max_new_tokens
 
     tokens = torch.stack(generated, dim=1).tolist()  # (B, G)
     feats = torch.stack(features, dim=1) if keep_features else None  # (B, G, c)
+    sigs = torch.stack(signals, dim=1).cpu()  # (B, G, 3)
     results = []
     for b in range(B):
         n = int(lengths[b])
         ends_on_eos = n > 0 and tokens[b][n - 1] in eos_ids
-        results.append(Decoded(tokens[b][:n], ends_on_eos, feats[b, :n] if feats is not None else None))
+        results.append(Decoded(tokens[b][:n], ends_on_eos, feats[b, :n] if feats is not None else None, sigs[b, :n]))
     return results
+
+
+def _rounded(values: torch.Tensor) -> list[float]:
+    # 4 decimals: far below any difference a ranking acts on, and candidates.jsonl stays small
+    return [round(v, 4) for v in values.tolist()]
 
 
 def _encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
@@ -199,12 +212,14 @@ def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
             decoded = decode(rm, [encoded[p] for p, _ in batch], max_new_tokens, eos_ids, pad_id, temperature, top_p,
                              repetition_penalty, generator, keep_features=score)
             for (p, j), d in zip(batch, decoded):
-                step_scores, traj = [], 0.0
-                if score:
-                    step_scores, traj = scores_from_features(rm, tokenizer, encoded[p], d.tokens, d.features)
+                step_ends, step_scores, traj = scores_from_features(rm, tokenizer, encoded[p], d.tokens,
+                                                                    d.features if score else None, d.signals)
+                logprob, confidence, certainty = (_rounded(d.signals[:, i]) for i in range(3))
                 out[p].append(Candidate(
                     prompt_index=p, sample_index=j, text=tokenizer.decode(d.tokens, skip_special_tokens=True),
                     token_ids=d.tokens, step_scores=step_scores, score=traj, finished=d.finished,
-                    truncated=not d.finished, num_prompt_tokens=len(encoded[p]), num_generated_tokens=len(d.tokens)))
+                    truncated=not d.finished, num_prompt_tokens=len(encoded[p]), num_generated_tokens=len(d.tokens),
+                    step_ends=step_ends, token_logprobs=logprob, token_confidences=confidence,
+                    token_certainties=certainty))
             logger.debug("decoded rows %d-%d of %d", lo, lo + len(batch) - 1, len(rows))
     return out

@@ -11,19 +11,32 @@ POSITIVE_FACTOR = 1.5  # the spec's extra weight on steps of correct trajectorie
 MIN_STEP_PROB = 1e-10  # floor on step probabilities inside the geometric mean
 
 
-def trajectory_score(step_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Geometric mean of step probabilities over masked positions: exp(mean log max(sigmoid(s), 1e-10)).
+SCORE_AGGREGATIONS = ("geomean", "min", "last")
 
+
+def trajectory_score(step_logits: torch.Tensor, mask: torch.Tensor, aggregation: str = "geomean") -> torch.Tensor:
+    """One score per trajectory from its masked step probabilities p = max(sigmoid(s), 1e-10).
+
+    aggregation: "geomean" (the spec): exp(mean log p); "min": the weakest step; "last": the final step.
     `step_logits` and `mask` have shape (..., T); returns shape (...). 0.0 where a row has no step.
     """
     if step_logits.shape != mask.shape:
         raise ValueError(f"step_logits {tuple(step_logits.shape)} and mask {tuple(mask.shape)} differ in shape")
+    if aggregation not in SCORE_AGGREGATIONS:
+        raise ValueError(f"unknown score aggregation {aggregation!r}; valid: {', '.join(SCORE_AGGREGATIONS)}")
     mask = mask.to(torch.bool)
     # log(max(sigmoid(s), eps)) == max(logsigmoid(s), log eps), without underflow
     log_p = F.logsigmoid(step_logits.float()).clamp(min=math.log(MIN_STEP_PROB))
     count = mask.sum(dim=-1)
-    mean_log = torch.where(mask, log_p, torch.zeros_like(log_p)).sum(dim=-1) / count.clamp(min=1)
-    return torch.where(count > 0, mean_log.exp(), torch.zeros_like(mean_log))
+    if aggregation == "geomean":
+        value = torch.where(mask, log_p, torch.zeros_like(log_p)).sum(dim=-1) / count.clamp(min=1)
+    elif aggregation == "min":
+        value = torch.where(mask, log_p, torch.zeros_like(log_p)).min(dim=-1).values
+    else:
+        positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+        last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=-1).values.clamp(min=0)
+        value = log_p.gather(-1, last.unsqueeze(-1)).squeeze(-1)
+    return torch.where(count > 0, value.exp(), torch.zeros_like(value))
 
 
 def spr_loss(

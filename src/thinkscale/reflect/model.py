@@ -18,7 +18,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .head import SPRMHead, scale_backbone_grad
+from .head import HEAD_INPUTS, NUM_CONFIDENCE_INPUTS, SPRMHead, scale_backbone_grad
+from .loss import SCORE_AGGREGATIONS
 from .steps import Delimiter, delimiter_token_ids, single_token_id, step_mask
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ class ReflectConfig:
     prompt_template: str | None = None  # e.g. "Q: {question}\nA:"; None -> chat template or question + "\n"
     backbone_grad_scale: float = 1e-4  # fraction of the SPR-loss gradient that reaches the policy
     head_dropout: float = 0.5
+    # what the head reads (`head.HEAD_INPUTS`; the spec: "features") and how step scores make the
+    # trajectory score (`loss.SCORE_AGGREGATIONS`; the spec: "geomean")
+    head_inputs: str = "features"
+    score_aggregation: str = "geomean"
 
     def __post_init__(self) -> None:
         if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
@@ -52,6 +57,11 @@ class ReflectConfig:
             raise ValueError(f"prompt_template must contain '{{question}}', got {self.prompt_template!r}")
         if not 0.0 <= self.backbone_grad_scale <= 1.0:
             raise ValueError(f"backbone_grad_scale must be in [0, 1], got {self.backbone_grad_scale}")
+        if self.head_inputs not in HEAD_INPUTS:
+            raise ValueError(f"head_inputs must be one of {', '.join(HEAD_INPUTS)}, got {self.head_inputs!r}")
+        if self.score_aggregation not in SCORE_AGGREGATIONS:
+            raise ValueError(f"score_aggregation must be one of {', '.join(SCORE_AGGREGATIONS)}, "
+                             f"got {self.score_aggregation!r}")
 
 
 @dataclass
@@ -131,10 +141,11 @@ class ReflectiveModel(nn.Module):
         self.policy = policy
         hidden = _hidden_size(policy)
         if head is None:
-            head = SPRMHead(hidden, dropout=self.config.head_dropout)
+            head = SPRMHead(hidden, dropout=self.config.head_dropout, inputs=self.config.head_inputs)
             head_is_trained = False
         elif head.hidden_size != hidden:
             raise ValueError(f"head hidden size {head.hidden_size} != policy hidden size {hidden}")
+        self.config.head_inputs = head.inputs  # the config saved with the model describes its head
         self.head = head.to(next(policy.parameters()).device)
         self.head_is_trained = head_is_trained
         forward_params = inspect.signature(policy.forward).parameters
@@ -165,6 +176,9 @@ class ReflectiveModel(nn.Module):
                               use_cache=use_cache, **policy_kwargs)
         features = captured.value if want_features else None
         step_logits = None
+        if compute_step_logits and self.head.reads_confidence:
+            raise ValueError(f"this model's SPRM head (inputs {self.head.inputs!r}) also reads step confidences, "
+                             "which a plain forward does not have: score with `sample` or `score_sequences`")
         if compute_step_logits:
             step_logits = self.head(scale_backbone_grad(features, self.config.backbone_grad_scale))
         # read the new name when the output has it, so that old-name deprecation warnings never fire
@@ -254,13 +268,15 @@ class ReflectiveModel(nn.Module):
             saved["think_tags"] = think_tags
         config = ReflectConfig(**saved)
 
-        head_module, trained = _load_head(head, policy_dir, _hidden_size(model), config.head_dropout)
+        head_module, trained = _load_head(head, policy_dir, _hidden_size(model), config.head_dropout,
+                                          config.head_inputs)
         if not trained:
             logger.info("no trained SPRM head found; attached a fresh head (hidden size %d)", _hidden_size(model))
         return cls(model, head_module, config, head_is_trained=trained)
 
 
-def _load_head(head: Any, policy_dir: str | None, hidden: int, dropout: float) -> tuple[SPRMHead | None, bool]:
+def _load_head(head: Any, policy_dir: str | None, hidden: int, dropout: float,
+               inputs: str = "features") -> tuple[SPRMHead | None, bool]:
     from safetensors.torch import load_file
 
     if isinstance(head, SPRMHead):
@@ -278,9 +294,16 @@ def _load_head(head: Any, policy_dir: str | None, hidden: int, dropout: float) -
     else:
         raise TypeError(f"head must be None, a path or an SPRMHead, got {type(head).__name__}")
     state = load_file(path)
-    size = state["net.0.weight"].shape[1]
+    if "net.0.weight" not in state:
+        raise ValueError(f"{path} is not an SPRM head (no net.0.weight)")
+    width, size = state["net.0.weight"].shape[1], state["net.0.weight"].shape[0] // 2
     if size != hidden:
         raise ValueError(f"head in {path} has hidden size {size}, the policy has {hidden}")
-    module = SPRMHead(size, dropout=dropout)
+    module = SPRMHead(size, dropout=dropout, inputs=inputs)
+    if module.net[0].weight.shape[1] != width:
+        kinds = {hidden: "features", hidden + NUM_CONFIDENCE_INPUTS: "features+confidence",
+                 NUM_CONFIDENCE_INPUTS: "confidence"}
+        raise ValueError(f"head in {path} reads {width} inputs ({kinds.get(width, 'unknown')}), but the reflect "
+                         f"config says head_inputs={inputs!r}")
     module.load_state_dict(state)
     return module, True

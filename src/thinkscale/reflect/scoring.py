@@ -4,26 +4,41 @@ from __future__ import annotations
 
 import torch
 
+from .confidence import step_confidence_inputs, token_signals
 from .loss import trajectory_score
 from .model import ReflectiveModel
 
 
 def scores_from_features(rm: ReflectiveModel, tokenizer, prompt_ids: list[int], completion_ids: list[int],
-                         features: torch.Tensor) -> tuple[list[float], float]:
-    """Step probabilities and trajectory score of one candidate from features kept during decoding.
+                         features: torch.Tensor | None, signals: torch.Tensor | None = None
+                         ) -> tuple[list[int], list[float], float]:
+    """Step ends, step probabilities and trajectory score of one candidate from features kept during decoding.
 
     `features[g]` (shape (G, c), G = len(completion_ids)) is the feature-layer output at the position
-    that predicted completion token g, i.e. absolute position len(prompt) - 1 + g. The head runs only
-    at the scored positions.
+    that predicted completion token g, i.e. absolute position len(prompt) - 1 + g; so the scored position
+    of a step whose delimiter is completion token g is feature row g, and g is the step's end. The head
+    runs only at the scored positions; a head with confidence inputs also reads `signals` (G, 3), the
+    per-token signals of the decode loop. With `features` None only the step ends are computed.
     """
     P, G = len(prompt_ids), len(completion_ids)
-    if features.shape[0] != G:
+    if features is not None and features.shape[0] != G:
         raise ValueError(f"expected {G} feature rows (one per generated token), got {features.shape[0]}")
-    ids = torch.tensor(prompt_ids + completion_ids, device=features.device)
-    scored = rm.step_mask(tokenizer, ids, response_start=P).nonzero().flatten()  # all in [P-1, P+G-2]
-    logits = rm.head(features[scored - (P - 1)]) if scored.numel() else features.new_zeros(0)
-    score = trajectory_score(logits.float(), torch.ones_like(logits, dtype=torch.bool)).item()
-    return torch.sigmoid(logits.float()).tolist(), score
+    device = features.device if features is not None else next(rm.policy.parameters()).device
+    ids = torch.tensor(prompt_ids + completion_ids, device=device)
+    ends = rm.step_mask(tokenizer, ids, response_start=P).nonzero().flatten() - (P - 1)  # all in [0, G-1]
+    if features is None:
+        return ends.tolist(), [], 0.0
+    if not ends.numel():
+        return [], [], 0.0
+    confidence = None
+    if rm.head.reads_confidence:
+        if signals is None:
+            raise ValueError("this SPRM head reads step confidences: pass the decode loop's signals")
+        confidence = step_confidence_inputs(signals, ends.tolist()).to(features.device)
+    logits = rm.head(features[ends], confidence)
+    score = trajectory_score(logits.float(), torch.ones_like(logits, dtype=torch.bool),
+                             rm.config.score_aggregation).item()
+    return ends.tolist(), torch.sigmoid(logits.float()).tolist(), score
 
 
 @torch.no_grad()
@@ -49,12 +64,22 @@ def score_sequences(rm: ReflectiveModel, tokenizer, prompt_ids: list[list[int]],
             for b, s in enumerate(seqs):
                 ids[b, :len(s)] = torch.tensor(s, device=device)
                 attn[b, :len(s)] = 1
-            out = rm(ids, attention_mask=attn, use_cache=False)
+            out = rm(ids, attention_mask=attn, use_cache=False, compute_step_logits=False, return_features=True)
             starts = torch.tensor([len(p) for p in prompts], device=device)
             mask = rm.step_mask(tokenizer, ids, response_start=starts, attention_mask=attn)
-            scores = trajectory_score(out.step_logits.float(), mask)
-            for b in range(len(seqs)):
-                results.append((torch.sigmoid(out.step_logits[b][mask[b]].float()).tolist(), scores[b].item()))
+            for b, (p, c) in enumerate(zip(prompts, completions)):
+                scored = mask[b].nonzero().flatten()
+                if not scored.numel():
+                    results.append(([], 0.0))
+                    continue
+                confidence = None
+                if rm.head.reads_confidence:  # the same signals the decode loop records, from this forward
+                    signals = token_signals(out.logits[b, len(p) - 1:len(p) - 1 + len(c)],
+                                            torch.tensor(c, device=device))
+                    confidence = step_confidence_inputs(signals.cpu(), (scored - (len(p) - 1)).tolist()).to(device)
+                logits = rm.head(out.features[b, scored], confidence).float()
+                score = trajectory_score(logits, torch.ones_like(logits, dtype=torch.bool), rm.config.score_aggregation)
+                results.append((torch.sigmoid(logits).tolist(), score.item()))
     finally:
         rm.train(was_training)
     return results

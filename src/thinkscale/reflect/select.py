@@ -1,26 +1,42 @@
-"""Pick one candidate out of k: best-of-N by SPRM score, votes over answers, and reasoning effort.
+"""Pick one candidate out of k: best-of-N by SPRM score or by free confidence, votes over answers.
 
-Every strategy has one signature, `strategy(candidates, answers, ballot) -> index into candidates`,
-and lives in one registry, `STRATEGIES`; `select` is the only entry point. Ties are always broken by
-the lowest `sample_index`, so a result never depends on the order of the list.
+Every strategy has one signature, `strategy(candidates, answers, ballot, **options) -> index into
+candidates`, and lives in one registry, `STRATEGIES`; `select` is the only entry point. A strategy is
+named with its options as "name:key=value,key=value" (e.g. "sprm:agg=min", "deepconf:eta=90"); an
+unknown name or option is an error that lists the valid ones. Ties are always broken by the lowest
+`sample_index`, so a result never depends on the order of the list.
 
-- sprm:     the highest trajectory score.
-- majority: the most common answer class (answers grouped by `answers_equivalent`); ties go to the
-            class with the larger total SPRM score, then to the class whose first member came first.
-- weighted: the answer class with the largest total SPRM score; ties go to the larger class, then to
-            the class whose first member came first.
-- first:    sample 0 (what pass@1 measures).
-- oracle:   a correct candidate when any is (pass@k; needs the reference, for evaluation only).
+- sprm:      the highest trajectory score. agg = "geomean" (default: the recorded `score`, geometric
+             mean of step probabilities, as released), "min" (weakest step) or "last" (final step).
+- majority:  the most common answer class (answers grouped by `answers_equivalent`); ties go to the
+             class with the larger total SPRM score, then to the class whose first member came first.
+- weighted:  the answer class with the largest total SPRM score; ties go to the larger class, then to
+             the class whose first member came first.
+- logprob:   the highest mean sampled-token log-prob (free: recorded while decoding).
+- confidence: the highest trace confidence (DeepConf token confidence; measure = mean | lowest |
+             bottom10 | tail over windows of `window` tokens, see `reflect.confidence`).
+- deepconf:  DeepConf offline: keep the top eta % of traces by trace confidence (measure, window;
+             default the lowest group confidence), then a confidence-weighted majority vote among them.
+- self_certainty: Borda vote: candidates ranked by self-certainty (rank 0 = most certain) vote for
+             their answer with weight (N - rank) ** p (p = 0.5 by default, an option); p = 0
+             counts votes as majority does (ties then go to the most certain class).
+- first:     sample 0 (what pass@1 measures).
+- oracle:    a correct candidate when any is (pass@k; needs the reference, for evaluation only).
 
 In a vote, candidates without an answer never win unless no candidate has one; the candidate returned
-for a winning class is its highest-scored member.
+for a winning class is its highest-scored member (by the strategy's own score).
+
+    >>> best = select(candidates, "deepconf:eta=10")   # doctest: +SKIP
 """
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .candidate import Candidate
+from .confidence import DEEPCONF_WINDOW, mean, trace_confidence
 from .grade import DEFAULT_TIMEOUT_S, answers_equivalent, extract_answer, reference_to_answer
 
 EFFORT_K: dict[str, int] = {"low": 2, "medium": 8, "high": 32}
@@ -49,7 +65,7 @@ class Ballot:
         return answers_equivalent(a, b, timeout_s=self.timeout_s)
 
 
-Strategy = Callable[[Sequence[Candidate], list, Ballot], int]
+Strategy = Callable[..., int]  # (candidates, answers, ballot, **options) -> index
 STRATEGIES: dict[str, Strategy] = {}
 
 
@@ -63,6 +79,38 @@ def register(name: str) -> Callable[[Strategy], Strategy]:
     return add
 
 
+def parse_strategy(spec: str) -> tuple[str, dict[str, object]]:
+    """ "name:key=value,..." -> (name, options); values become int or float where they parse as one.
+
+    Unknown names and options are errors that list the valid ones.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a selection strategy must be a non-empty string, got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown selection strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+    allowed = [p for p in inspect.signature(STRATEGIES[name]).parameters.values()
+               if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    options: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in {p.name for p in allowed}:
+            valid = ", ".join(f"{p.name}={p.default}" for p in allowed) or "none"
+            raise ValueError(f"strategy {name!r}: bad option {item!r}; options (defaults): {valid}")
+        options[key] = _option_value(value.strip())
+    return name, options
+
+
+def _option_value(text: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def select(
     candidates: Sequence[Candidate],
     strategy: str = "sprm",
@@ -71,22 +119,21 @@ def select(
     think_end: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Candidate:
-    """The candidate a strategy keeps.
+    """The candidate a strategy keeps (`strategy`: a name, with options as "name:key=value,...").
 
     Answers come from `candidate.extra["answer"]` when an evaluator has set it, else from the text
     (after `think_end` when given). `reference` is needed only by "oracle", which otherwise falls
     back to `candidate.extra["correct"]` set by the evaluator.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown selection strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    name, options = parse_strategy(strategy)
     if len(candidates) == 0:
         raise ValueError("select() needs at least one candidate")
     answers = [_answer_of(c, think_end) for c in candidates]
     ballot = Ballot(reference=reference_to_answer(reference), timeout_s=timeout_s)
-    if strategy == "oracle":
+    if name == "oracle":
         ballot = Ballot(reference=ballot.reference, correct=_correctness(candidates, answers, ballot),
                         timeout_s=timeout_s)
-    return candidates[STRATEGIES[strategy](candidates, answers, ballot)]
+    return candidates[STRATEGIES[name](candidates, answers, ballot, **options)]
 
 
 def _answer_of(candidate: Candidate, think_end: str | None) -> str | None:
@@ -103,18 +150,25 @@ def _correctness(candidates: Sequence[Candidate], answers: list, ballot: Ballot)
     raise ValueError("strategy 'oracle' needs a reference answer (or candidates graded by the evaluator)")
 
 
+def _best(candidates: Sequence[Candidate], indices: Sequence[int], value: Callable[[Candidate], float]) -> int:
+    """Among `indices`, the highest `value`; ties to the lowest sample_index."""
+    return min(indices, key=lambda i: (-value(candidates[i]), candidates[i].sample_index))
+
+
 def _best_scored(candidates: Sequence[Candidate], indices: Sequence[int]) -> int:
-    """Among `indices`, the highest score; ties to the lowest sample_index."""
-    return min(indices, key=lambda i: (-candidates[i].score, candidates[i].sample_index))
+    """Among `indices`, the highest SPRM score; ties to the lowest sample_index."""
+    return _best(candidates, indices, lambda c: c.score)
 
 
-def _answer_classes(candidates: Sequence[Candidate], answers: list, ballot: Ballot) -> list[list[int]]:
+def _answer_classes(candidates: Sequence[Candidate], answers: list, ballot: Ballot,
+                    among: Sequence[int] | None = None) -> list[list[int]]:
     """Group candidates with an answer into equivalence classes, in order of first appearance.
 
     Each answer joins the first class whose first member it is equivalent to; when no candidate has
-    an answer, all of them form one class.
+    an answer, all of them form one class. `among` restricts the vote to those indices.
     """
-    order = sorted(range(len(candidates)), key=lambda i: candidates[i].sample_index)
+    pool = range(len(candidates)) if among is None else among
+    order = sorted(pool, key=lambda i: candidates[i].sample_index)
     answered = [i for i in order if answers[i] is not None]
     if not answered:
         return [order]
@@ -129,9 +183,36 @@ def _answer_classes(candidates: Sequence[Candidate], answers: list, ballot: Ball
     return classes
 
 
+def _weighted_vote(candidates: Sequence[Candidate], answers: list, ballot: Ballot, weight: Sequence[float],
+                   among: Sequence[int] | None = None) -> int:
+    """The class with the largest total weight (ties: larger class, then first seen); its heaviest member."""
+    classes = _answer_classes(candidates, answers, ballot, among)
+    winner = max(classes, key=lambda m: (sum(weight[i] for i in m), len(m)))
+    return min(winner, key=lambda i: (-weight[i], candidates[i].sample_index))
+
+
+def _require_signals(candidates: Sequence[Candidate], strategy: str) -> None:
+    for c in candidates:
+        if c.num_generated_tokens > 0 and len(c.token_logprobs) != c.num_generated_tokens:
+            raise ValueError(f"strategy {strategy!r} needs the token confidences recorded while sampling; "
+                             f"candidate {c.sample_index} has none (sampled by an older thinkscale?)")
+
+
+def step_aggregate(candidate: Candidate, agg: str = "geomean") -> float:
+    """A trajectory score from step scores: geomean (the recorded score), min or last; 0 with no step."""
+    if agg == "geomean":
+        return candidate.score
+    if agg not in ("min", "last"):
+        raise ValueError(f"unknown step aggregation {agg!r}; valid: geomean, min, last")
+    if not candidate.step_scores:
+        return 0.0
+    return min(candidate.step_scores) if agg == "min" else candidate.step_scores[-1]
+
+
 @register("sprm")
-def _sprm(candidates: Sequence[Candidate], answers: list, ballot: Ballot) -> int:
-    return _best_scored(candidates, range(len(candidates)))
+def _sprm(candidates: Sequence[Candidate], answers: list, ballot: Ballot, *, agg: str = "geomean") -> int:
+    step_aggregate(candidates[0], agg)  # an unknown aggregation fails before anything is picked
+    return _best(candidates, range(len(candidates)), lambda c: step_aggregate(c, agg))
 
 
 @register("majority")
@@ -147,6 +228,47 @@ def _weighted(candidates: Sequence[Candidate], answers: list, ballot: Ballot) ->
     classes = _answer_classes(candidates, answers, ballot)
     winner = max(classes, key=lambda m: (sum(candidates[i].score for i in m), len(m)))
     return _best_scored(candidates, winner)
+
+
+@register("logprob")
+def _logprob(candidates: Sequence[Candidate], answers: list, ballot: Ballot) -> int:
+    _require_signals(candidates, "logprob")
+    return _best(candidates, range(len(candidates)), lambda c: mean(c.token_logprobs))
+
+
+@register("confidence")
+def _confidence(candidates: Sequence[Candidate], answers: list, ballot: Ballot, *, measure: str = "mean",
+                window: int = DEEPCONF_WINDOW) -> int:
+    _require_signals(candidates, "confidence")
+    return _best(candidates, range(len(candidates)), lambda c: trace_confidence(c.token_confidences, measure, window))
+
+
+@register("deepconf")
+def _deepconf(candidates: Sequence[Candidate], answers: list, ballot: Ballot, *, eta: float = 10,
+              measure: str = "lowest", window: int = DEEPCONF_WINDOW) -> int:
+    if not 0 < eta <= 100:
+        raise ValueError(f"deepconf: eta is a percentage in (0, 100], got {eta}")
+    _require_signals(candidates, "deepconf")
+    conf = [trace_confidence(c.token_confidences, measure, window) for c in candidates]
+    ranked = sorted(range(len(candidates)), key=lambda i: (-conf[i], candidates[i].sample_index))
+    kept = ranked[: max(1, math.ceil(len(candidates) * eta / 100))]
+    # DeepConf's confidences are positive; a trace with no tokens (-inf) carries no weight
+    weight = [c if math.isfinite(c) else 0.0 for c in conf]
+    return _weighted_vote(candidates, answers, ballot, weight, kept)
+
+
+@register("self_certainty")
+def _self_certainty(candidates: Sequence[Candidate], answers: list, ballot: Ballot, *, p: float = 0.5) -> int:
+    if p < 0:
+        raise ValueError(f"self_certainty: p must be >= 0, got {p}")
+    _require_signals(candidates, "self_certainty")
+    certainty = [mean(c.token_certainties) for c in candidates]
+    ranked = sorted(range(len(candidates)), key=lambda i: (-certainty[i], candidates[i].sample_index))
+    n = len(candidates)
+    weight = [0.0] * n
+    for rank, i in enumerate(ranked):
+        weight[i] = float(n - rank) ** p
+    return _weighted_vote(candidates, answers, ballot, weight)
 
 
 @register("first")

@@ -143,8 +143,10 @@ def step_mask(
     - the token before it is not `think_start_id`;
     - d >= response_start (int, or a (B,) tensor for right-padded batches whose prompts differ in length);
     - with `think_start_id`: some think-start occurs before d (anywhere, so a chat template that opens
-      the think block in the prompt works); with `think_end_id`: d is before the last think-end of the
-      response (think-ends before `response_start` are ignored; none yet -> to the end);
+      the think block in the prompt works); a row with no think-start at all is scored over its whole
+      response, as the released training code does (first think-start, else position 0); with
+      `think_end_id`: d is before the last think-end of the response (think-ends before
+      `response_start` are ignored; none yet -> to the end);
     - `attention_mask[b, d]` is 1 when a mask is given.
     The counted delimiter mask is then shifted left by one.
 
@@ -180,7 +182,8 @@ def step_mask(
     if think_start_id is not None:
         is_start = (input_ids == think_start_id).to(torch.int64)
         starts_before = torch.cumsum(is_start, dim=1) - is_start  # think-starts strictly before i
-        counted &= starts_before > 0
+        no_start = is_start.sum(dim=1, keepdim=True) == 0  # no think block: the whole response counts
+        counted &= (starts_before > 0) | no_start
         prev_is_start = torch.zeros_like(counted)
         prev_is_start[:, 1:] = is_start[:, :-1].bool()
         counted &= ~prev_is_start

@@ -55,6 +55,19 @@ def completion_from_solution(solution: str, answer: str) -> str:
     return f"{text}\n\n{THINK_END}\n\\boxed{{{answer}}}"
 
 
+def completion_steps(text: str) -> list[str]:
+    """The finished reasoning steps of a completion (text without the prompt), delimiters removed.
+
+    Only the think part counts (before the first think-end tag, or all of it when there is none), and
+    only text followed by a delimiter is a step: these line up one to one with the steps the SPRM scores
+    (`reflect.step_mask` counts the same delimiters). A leading think-start tag is dropped.
+    """
+    think = text.split(THINK_END, 1)[0]
+    if think.startswith(THINK_START):
+        think = think[len(THINK_START):].lstrip("\n")
+    return think.split(STEP_DELIMITER)[:-1]
+
+
 def reflect_config() -> dict:
     """What the reflective model needs to know about this format (written as reflect_config.json)."""
     return {
@@ -72,5 +85,6 @@ __all__ = [
     "format_prompt",
     "format_completion",
     "completion_from_solution",
+    "completion_steps",
     "reflect_config",
 ]

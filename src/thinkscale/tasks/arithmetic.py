@@ -191,11 +191,88 @@ def random_problem(rng: random.Random, config: ArithmeticConfig) -> Problem:
             expr, value = _fill(rng, skeleton, config, steps)
         except _Rejected:
             continue
-        return Problem(question=f"What is {render(expr)}?", answer=str(value), steps=tuple(steps))
+        return Problem(question=f"{_QUESTION_PREFIX}{render(expr)}{_QUESTION_SUFFIX}", answer=str(value),
+                       steps=tuple(steps))
     raise ValueError(
         f"could not draw a problem within max_value={config.max_value} in {_MAX_ATTEMPTS_PER_PROBLEM} "
         f"attempts; raise max_value or use fewer operations/digits ({config})"
     )
+
+
+_QUESTION_PREFIX, _QUESTION_SUFFIX = "What is ", "?"
+
+
+def parse_expression(text: str) -> Expr:
+    """The expression tree of `render`'s output (integers, + - * /, parentheses; usual precedence,
+    left-associative). ValueError on anything else."""
+    tokens = text.replace("(", " ( ").replace(")", " ) ").split()
+    pos = 0
+
+    def peek() -> str | None:
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take() -> str:
+        nonlocal pos
+        if pos >= len(tokens):
+            raise ValueError(f"expression ends early: {text!r}")
+        pos += 1
+        return tokens[pos - 1]
+
+    def atom() -> Expr:
+        token = take()
+        if token == "(":
+            inner = level(1)
+            if take() != ")":
+                raise ValueError(f"unbalanced parentheses in {text!r}")
+            return inner
+        if not token.isdigit():
+            raise ValueError(f"unexpected {token!r} in {text!r}")
+        return int(token)
+
+    def level(precedence: int) -> Expr:
+        left = atom() if precedence == 2 else level(2)
+        while peek() in _PRECEDENCE and _PRECEDENCE[peek()] == precedence:
+            op = take()
+            left = (op, left, atom() if precedence == 2 else level(2))
+        return left
+
+    tree = level(1)
+    if pos != len(tokens):
+        raise ValueError(f"unexpected {tokens[pos]!r} in {text!r}")
+    return tree
+
+
+def solution_steps(question: str) -> list[str]:
+    """The reference steps of a question of this task, in evaluation order ("a op b = c")."""
+    if not (question.startswith(_QUESTION_PREFIX) and question.endswith(_QUESTION_SUFFIX)):
+        raise ValueError(f"not an arithmetic question: {question!r}")
+    steps: list[str] = []
+
+    def walk(expr: Expr) -> int:
+        if isinstance(expr, int):
+            return expr
+        op, left, right = expr
+        a, b = walk(left), walk(right)
+        if op == "/" and (b == 0 or a % b):
+            raise ValueError(f"inexact division {a} / {b} in {question!r}")
+        value = _apply(op, a, b)
+        steps.append(f"{a} {op} {b} = {value}")
+        return value
+
+    walk(parse_expression(question[len(_QUESTION_PREFIX):-len(_QUESTION_SUFFIX)]))
+    return steps
+
+
+def step_truth(question: str, steps: list[str]) -> list[bool]:
+    """Per generated step: True while the steps so far are the solution's steps (order is determined by
+    the question, so this is "the equation is right and follows a valid solution"); False from the
+    first deviation on, and for any step beyond the solution's end."""
+    reference = solution_steps(question)
+    truth, on_track = [], True
+    for j, step in enumerate(steps):
+        on_track = on_track and j < len(reference) and " ".join(step.split()) == reference[j]
+        truth.append(on_track)
+    return truth
 
 
 def in_eval_pool(question: str) -> bool:

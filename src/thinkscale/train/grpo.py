@@ -10,7 +10,8 @@ One step on every rank (each rank on its own prompts):
 3. `updates_per_batch` joint updates on the whole rollout batch. Each is ONE forward of the reflective
    model (policy logits and step logits together), total = L_SPR + policy loss, ONE backward, then
    per-group clipping and one optimizer step. Policy loss (token mean over response tokens):
-   PPO-clip(0.2) surrogate + 0.001 * k3 KL to the reference - 0.001 * entropy.
+   PPO-clip(0.2) surrogate + 0.001 * k3 KL to the reference - 0.001 * entropy, all from logits divided
+   by the rollout temperature (the distribution the rollouts were drawn from).
 
 Optimizers: the spec gives the head its own AdamW (own lr, own grad-clip). Here it is ONE AdamW with
 two parameter groups (policy, head), each clipped to its own norm before the step. That is the same
@@ -21,6 +22,9 @@ step, so a second optimizer would leave the head's replicas drifting apart.
 The policy runs in eval mode during updates (no dropout; the head keeps its dropout, as the spec says).
 The rollout policy and the first update's policy are then the same function, so the old log-probs
 of the PPO ratio are the first update's own log-probs, detached - no extra forward pass.
+
+With `refit_head`, the head is then fitted again on many rollouts of the final policy (outcome labels
+only, `reflect.head_fit`): every rank samples its share, rank 0 fits and saves it.
 
 Output directory (atomic, via train.checkpoint): the policy, `sprm_head.safetensors`,
 `reflect_config.json`, the tokenizer (`ReflectiveModel.from_pretrained(out)` loads it all),
@@ -36,13 +40,14 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..reflect.head_fit import HeadFitOptions
 from ..tasks.jsonl import Example, read_examples
 from . import checkpoint
 from .optim import make_optimizer
@@ -101,6 +106,10 @@ class GRPOOptions:
     eval_temperature: float = 0.6  # test-time sampling of the MetaStone-S1 release
     eval_top_p: float = 0.95
     eval_before: bool = False
+    # After training: refit the head on many rollouts of the final policy (reflect.head_fit), outcome labels
+    # only. The jointly trained head of the demo's policy ranks at chance within a question.
+    refit_head: bool = False
+    refit: HeadFitOptions = field(default_factory=HeadFitOptions)
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "group_size", "updates_per_batch", "max_new_tokens", "log_every"):
@@ -216,6 +225,14 @@ def load_model(options: GRPOOptions):
             raise ValueError(f"the tokenizer in {options.model} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of every loss
     rm = ReflectiveModel.from_pretrained(options.model, backbone_grad_scale=options.backbone_grad_scale)
+    if rm.head.reads_confidence:
+        # the joint update scores every position in one forward, where step confidences do not exist yet
+        from ..reflect import SPRMHead
+
+        logger.info("the head in %s reads step confidences; GRPO trains a fresh features head jointly "
+                    "(use refit_head to fit a confidence head again afterwards)", options.model)
+        rm.head = SPRMHead(rm.head.hidden_size, dropout=rm.config.head_dropout)
+        rm.config.head_inputs, rm.head_is_trained = "features", False
     return rm, tokenizer
 
 
@@ -275,11 +292,17 @@ def collect_rollouts(rm, tokenizer, examples: list[Example], options: GRPOOption
     return batch, info
 
 
+def logit_temperature(options: GRPOOptions) -> float:
+    """The temperature the rollouts were sampled at, so that the PPO ratio, KL and entropy are those of
+    the sampling distribution (on-policy, as verl does); greedy rollouts (0) use the raw logits."""
+    return options.temperature if options.temperature > 0 else 1.0
+
+
 @torch.no_grad()
-def reference_log_probs(reference, batch: RolloutBatch) -> torch.Tensor:
-    """Token log-probs (B, T-1) of the rollouts under the frozen reference policy."""
+def reference_log_probs(reference, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Token log-probs (B, T-1) of the rollouts under the frozen reference policy at `temperature`."""
     logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    return token_log_probs(logits[:, :-1], batch.input_ids[:, 1:])
+    return token_log_probs(logits[:, :-1] / temperature, batch.input_ids[:, 1:])
 
 
 # ----------------------------------------------------------------------------- the joint update
@@ -294,7 +317,7 @@ def joint_update(dp, rm, tokenizer, optimizer, batch: RolloutBatch, ref_logp: to
     rm.eval()
     rm.head.train()  # dropout in the head only (spec); the policy stays deterministic
     out = dp(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t + 1
+    logits = out.logits[:, :-1] / logit_temperature(options)  # (B, T-1, V): position t predicts token t + 1
     logp = token_log_probs(logits, batch.input_ids[:, 1:])
     if old_logp is None:
         old_logp = logp.detach()
@@ -449,7 +472,7 @@ def run_grpo(options: GRPOOptions) -> dict | None:
             seed = options.seed * 1_000_003 + step * world_size() + rank()
             batch, info = collect_rollouts(rm, tokenizer, next(prompts), options, seed)
             rollout_time = time.perf_counter() - step_start
-            ref_logp = reference_log_probs(reference, batch)
+            ref_logp = reference_log_probs(reference, batch, logit_temperature(options))
             old_logp, update_stats = None, []
             for _ in range(options.updates_per_batch):
                 old_logp, stats = joint_update(dp, rm, tokenizer, optimizer, batch, ref_logp, old_logp, options,
@@ -471,11 +494,12 @@ def run_grpo(options: GRPOOptions) -> dict | None:
         progress.close()
         dp.close()
     train_time = time.perf_counter() - start
+    refit_stats = refit_head(rm, tokenizer, train, options) if options.refit_head else None
     if not is_main_process():
         return None  # rank 0 evaluates and saves alone: no collective after this point
 
     summary.update({"steps": options.steps, "train_time_s": train_time, "world_size": world_size(),
-                    "head": "trained" if rm.head_is_trained else "fresh",
+                    "head": "trained" if rm.head_is_trained else "fresh", "head_refit": refit_stats,
                     "first": _window(history, first=True), "last": _window(history, first=False)})
     if evaluation:
         rm.eval()
@@ -494,6 +518,33 @@ def run_grpo(options: GRPOOptions) -> dict | None:
     state = {"stage": "grpo", "options": asdict(options), **summary}
     checkpoint.save_stage(options.out, rm, tokenizer, state=state, write_extra=write_extra)
     return summary
+
+
+def refit_head(rm, tokenizer, train: list[Example], options: GRPOOptions) -> dict | None:
+    """Every rank samples its share of the first `refit.questions` training questions; rank 0 fits a fresh
+    head on all of them (`reflect.head_fit`) and puts it on `rm`. Returns the fit's stats on rank 0."""
+    from ..reflect import grade
+    from ..reflect.head_fit import collect_rollouts, fit_head
+
+    fit = options.refit
+    start = time.perf_counter()
+    think_end = rm.config.think_tags[1] if rm.config.think_tags is not None else None
+    mine = train[: fit.questions][rank()::world_size()]
+    generator = torch.Generator().manual_seed(fit.seed * 1_000_003 + rank())
+    rollouts = collect_rollouts(rm, tokenizer, mine, fit, lambda text, e: grade(text, e.answer, think_end=think_end),
+                                generator)
+    sample_time = time.perf_counter() - start
+    if world_size() > 1:
+        parts = [None] * world_size() if is_main_process() else None
+        dist.gather_object(rollouts, parts, dst=0)
+        if not is_main_process():
+            return None
+        rollouts = [r for part in parts for r in part]
+    head, stats = fit_head(rollouts, rm.head.hidden_size, fit)
+    rm.head = head
+    rm.config.head_inputs, rm.config.score_aggregation = head.inputs, stats["aggregation"]
+    stats.update({"rollouts": len(rollouts), "sample_time_s": sample_time, "time_s": time.perf_counter() - start})
+    return stats
 
 
 def _window(history: list[dict], first: bool) -> dict:
