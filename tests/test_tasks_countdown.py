@@ -153,6 +153,7 @@ def test_is_solution_accepts_any_correct_expression(answer):
         "8 * 9",  # 72, numbers missing
         "8 * 8 + 5 + 3 + 0",  # 72, an extra number
         "8 * 8 + 5 + 2 + 1",  # 72, a number split in two
+        "3 * 3 * 8 + 5 - 5",  # 72 from the right set of numbers, but not the right multiset
         "72",
         "8 * 8 + 5 + 3)",
         "8 * 8 + 5 + 3 = 72",
@@ -204,6 +205,7 @@ def test_normalize_answer_merges_spellings_of_one_tree_only():
         ([7, 2], 5, True),  # 7 - 2, whichever order the numbers are given in
         ([2, 7], 5, True),
         ([7, 2], 3, False),  # 7 / 2 is not exact
+        ([3, 5], -2, False),  # 3 - 5 is negative
         ([8, 2], 4, True),
         ([1, 2, 3], 9, True),  # (1 + 2) * 3
         ([1, 2, 3], 10, False),  # 9 is the most 1, 2, 3 can make
@@ -278,11 +280,21 @@ def test_solvable_agrees_with_exhaustive_enumeration():
         (["8 - 5 = 3."], [False]),
         (["eight minus five is three"], [False]),
         (["8 - 5 = 03"], [False]),
+        (["8" * 5000 + " - 5 = 3"], [False]),  # far too long: False, not an int() error
+        ([None], [False]),
         ([], []),
     ],
 )
 def test_step_truth_hand_examples(steps, expected):
     assert step_truth(Q72, steps) == expected
+
+
+def test_step_truth_counts_copies():
+    question = "Make 12 from 2, 3, 8 with + - * /, using each number once."
+    # One 2 in the question, so 2 * 2 is not a valid step, although 3, 4, 8 could still make 12.
+    assert solvable([3, 4, 8], 12)
+    assert step_truth(question, ["2 * 2 = 4", "8 - 4 = 4", "4 * 3 = 12"]) == [False, False, False]
+    assert step_truth(question, ["8 / 2 = 4", "4 * 3 = 12"]) == [True, True]
 
 
 def test_step_truth_uses_the_questions_operators_and_the_configs_bound():

@@ -352,7 +352,8 @@ def _combine(op: str, a: int, b: int, max_value: int) -> int | None:
     return c if 0 <= c <= max_value else None
 
 
-@functools.lru_cache(maxsize=1 << 16)
+# Bounded: a value set holds up to max_value + 1 ints, and a long training run meets many multisets.
+@functools.lru_cache(maxsize=1 << 15)
 def _reachable(numbers: tuple[int, ...], operators: tuple[str, ...], max_value: int) -> frozenset[int]:
     """Every value that the sorted multiset `numbers` can end as, under the step rules.
 
@@ -446,8 +447,9 @@ def step_truth(question: str, steps: Sequence[str], config: CountdownConfig | No
 
 def _apply_step(step: str, available: Counter, operators: Sequence[str], max_value: int) -> bool:
     """Check one step against the `available` numbers and, if it is valid, apply it (in place)."""
-    match = _STEP.fullmatch(step) if isinstance(step, str) else None
-    if match is None or sum(available.values()) < 2:
+    # Length first: int() refuses numbers of thousands of digits, and a step is never that long.
+    match = _STEP.fullmatch(step) if isinstance(step, str) and len(step) <= MAX_EXPRESSION_CHARS else None
+    if match is None:
         return False
     a, op, b, c = int(match.group(1)), match.group(2), int(match.group(3)), int(match.group(4))
     needed = Counter([a, b])
