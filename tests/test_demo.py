@@ -26,7 +26,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 QUICK_TIMEOUT_S = 420
 KS = [1, 2, 4, 8, 16, 32]
 MODES = {"low": 2, "medium": 8, "high": 32}
-LABELS = {"sprm", "maj", "weighted", "first", "pass"}
+LABELS = {"sprm", "sprm:agg=min", "sprm:agg=last", "maj", "weighted", "logprob", "confidence", "deepconf:eta=10",
+          "deepconf:eta=90", "deepconf:eta=10,measure=tail", "self_certainty", "first", "pass"}
 PNGS = ["training_curves.png", "sprm_separation.png", "accuracy_vs_k_test.png", "accuracy_vs_k_hard.png"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -57,7 +58,7 @@ def test_quick_run_prints_stages_and_the_final_table(quick_run):
     out, result, seconds = quick_run
     for i, name in enumerate(["data", "sft", "grpo", "eval"], start=1):
         assert f"[{i}/4] {name}:" in result.stdout
-    assert "| split | effort | k | pass@1 | maj@k | sprm@k | weighted@k | pass@k |" in result.stdout
+    assert "| split | effort | k | pass@1 | maj@k | sprm@k | weighted@k | logprob@k | deepconf@k | self_certainty@k | pass@k |" in result.stdout
     assert "| split | SFT pass@1 | GRPO pass@1 |" in result.stdout
     assert "sft:" in result.stderr and "grpo:" in result.stderr and "eval:" in result.stderr  # progress bars
     assert seconds < 300, f"--quick took {seconds:.0f} s"
@@ -113,12 +114,14 @@ def test_report_numbers_match_the_merged_candidates(quick_run):
             assert got["sprm"] == pytest.approx(expected["by_k"][str(k)]["accuracy"]["sprm"])
             assert got["maj"] == pytest.approx(expected["by_k"][str(k)]["accuracy"]["majority"])
             assert got["pass"] == pytest.approx(expected["by_k"][str(k)]["accuracy"]["oracle"])
+            assert got["logprob"] == pytest.approx(expected["by_k"][str(k)]["accuracy"]["logprob"])
+            assert got["deepconf:eta=10"] == pytest.approx(expected["by_k"][str(k)]["accuracy"]["deepconf:eta=10"])
 
 
 def test_report_md_and_pngs(quick_run):
     out, _, _ = quick_run
     text = (out / "report.md").read_text()
-    assert "| split | effort | k | pass@1 | maj@k | sprm@k | weighted@k | pass@k |" in text
+    assert "| split | effort | k | pass@1 | maj@k | sprm@k | weighted@k | logprob@k | deepconf@k | self_certainty@k | pass@k |" in text
     for split in ("test", "hard"):
         for mode, k in MODES.items():
             assert f"| {split} | {mode} | {k} |" in text
@@ -313,6 +316,13 @@ def test_targets_by_hand():
     assert t["gap_closed"] == pytest.approx(0.3 / 0.4)
     assert t["correct_scored_higher"] is True
     assert t["pass1_change_vs_sft"] == pytest.approx(-0.05) and t["pass1_not_worse_than_sft"] is False
+    assert t["best_free_baseline"] is None and t["pair_accuracy"] is None  # none measured in this split
+    # free-confidence baselines at k = 32: sprm 0.8 beats logprob 0.7, loses to deepconf 0.82
+    split["accuracy"]["32"].update({"logprob": 0.7, "deepconf:eta=10": 0.82})
+    split["scorers"] = {"steps": {"sprm": {"step_auc": 0.9}}, "traces": {"sprm": {"pair_accuracy": 0.86}}}
+    t = targets(split)
+    assert t["best_free_baseline"] == "deepconf:eta=10" and t["sprm_minus_best_free"] == pytest.approx(-0.02)
+    assert t["sprm_ge_every_free_baseline"] is False and t["pair_accuracy"] == 0.86 and t["step_auc"] == 0.9
     split["accuracy"]["2"]["sprm"] = 0.45
     split["accuracy"]["32"]["pass"] = 0.5
     t = targets(split)

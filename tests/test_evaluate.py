@@ -188,26 +188,37 @@ def test_resume_with_batches_draws_the_same_samples(tmp_path):
     assert (run / "candidates.jsonl").read_text() == (tmp_path / "full" / "candidates.jsonl").read_text()
 
 
-def test_step_truth_is_recorded_when_it_lines_up(tmp_path):
-    # the fake candidates have one scored step each; a checker giving one label lines up, two do not
-    def checker(question, text):
-        return [question == "q0"] if question != "q2" else [True, True]
+def test_task_grades_and_labels_steps(tmp_path):
+    from thinkscale.tasks.registry import get_task
 
-    def with_steps(prompts, k, seed):
-        out = FakeSampler()(prompts, k, seed)
-        for cands in out:
-            for c in cands:
-                c.step_ends = [0]
+    # countdown: any expression that hits the target is right; every right text votes on its own
+    q = "Make 10 from 2, 3, 4 with + - * /, using each number once."
+    texts = ["3 * 4 = 12.\n\n12 - 2 = 11.\n\n</think>\n\\boxed{3 * 4 + 2}",  # slip at step 2 (4 * 2 = 8 would be a dead end)
+             "3 * 2 = 6.\n\n6 + 4 = 10.\n\n</think>\n\\boxed{3 * 2 + 4}",      # right
+             "2 * 3 = 6.\n\n4 + 6 = 10.\n\n</think>\n\\boxed{4 + 2 * 3}",      # right, another text
+             "4 * 3 = 12.\n\n12 - 2 = 10.\n\n</think>\n\\boxed{4 * 3 - 2}"]    # right, a third text
+
+    def sampler(prompts, k, seed):
+        out = []
+        for p in prompts:
+            cands = [cand(j, None, 0.5, 4) for j in range(k)]
+            for c, text in zip(cands, texts):
+                c.text, c.step_ends = text, [1, 3]
+            out.append(cands)
         return out
 
-    report = evaluate(EXAMPLES, with_steps, EvalConfig(ks=(2,)), tmp_path, progress=False, plots=False,
-                      step_truth=checker)
-    records = [json.loads(line) for line in (tmp_path / "candidates.jsonl").read_text().splitlines()]
-    assert [c["extra"]["step_truth"] for c in records[0]["candidates"]] == [[True]] * 2
-    assert [c["extra"]["step_truth"] for c in records[1]["candidates"]] == [[False]] * 2
-    assert [c["extra"]["step_truth"] for c in records[2]["candidates"]] == [None] * 2  # 2 labels, 1 step
+    report = evaluate([Example(q, "4 * 2 + 2")], sampler, EvalConfig(ks=(4,), task="countdown"), tmp_path,
+                      progress=False, plots=False)
+    record = json.loads((tmp_path / "candidates.jsonl").read_text())
+    assert [c["extra"]["correct"] for c in record["candidates"]] == [False, True, True, True]
+    assert [c["extra"]["step_truth"] for c in record["candidates"]] == [[True, False], [True, True],
+                                                                          [True, True], [True, True]]
     assert report["scorers"]["labelled_candidates"] == 4
-    assert report["scorers"]["steps"]["sprm"]["steps"] == 4
+    # four different texts: four classes of one; majority falls back to the higher score then first seen
+    assert report["by_k"]["4"]["accuracy"]["majority"] == 0.0
+    assert get_task("countdown").equivalent("(3*2)+4", "3 * 2 + 4")
+    with pytest.raises(ValueError, match="unknown task 'chess'; valid: arithmetic, countdown"):
+        EvalConfig(task="chess")
 
 
 def test_resume_refuses_other_data_or_larger_k(tmp_path):

@@ -19,15 +19,19 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from thinkscale.relax import algorithms
+    from thinkscale.tasks import registry
 
     parser.description = (
-        "Run the whole pipeline on the built-in arithmetic task: generate the data, fine-tune a small "
+        "Run the whole pipeline on a built-in task (arithmetic by default): generate the data, fine-tune a small "
         "policy (SFT), train it with GRPO together with its SPRM head, evaluate test-time scaling with "
         "k = 1..32 samples on the test and the harder held-out split, and write checkpoints, logs, "
         "report.md/report.json and plots. Rerunning skips finished stages.")
-    parser.add_argument("--out", default="runs/demo", metavar="DIR",
+    parser.add_argument("--task", default="arithmetic", choices=registry.names(),
+                        help="built-in task: " + "; ".join(f"{t.name}: {t.description}" for t in registry.TASKS.values())
+                             + " (default: arithmetic)")
+    parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder: stage folders, logs/, report.md, report.json, PNG plots "
-                             "(default: runs/demo)")
+                             "(default: runs/demo, runs/demo-<task> for other tasks)")
     parser.add_argument("--quick", action="store_true",
                         help="the same stages with tiny sizes (a couple of minutes): a smoke test, not a result")
     parser.add_argument("--fresh", action="store_true",
@@ -47,7 +51,8 @@ def config_from_args(args: argparse.Namespace):
     from thinkscale.relax import algorithms
 
     algorithms.resolve(args.algorithm)  # an unknown name fails here, listing the valid ones
-    common = dict(out=args.out, nproc=args.nproc, algorithm=args.algorithm, seed=args.seed)
+    out = args.out if args.out is not None else ("runs/demo" if args.task == "arithmetic" else f"runs/demo-{args.task}")
+    common = dict(out=out, nproc=args.nproc, algorithm=args.algorithm, seed=args.seed, task=args.task)
     return DemoConfig.quick_profile(**common) if args.quick else DemoConfig(**common)
 
 
@@ -92,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"thinkscale demo ({config.profile}): writing {config.root}/ (log: {log_file})", flush=True)
     try:
         report, results = run_demo(config, announce=announce)
+    except ValueError as error:  # e.g. --out holds another task's demo
+        print(f"thinkscale demo: error: {error}", file=sys.stderr)
+        return 2
     except WorkerFailedError as error:
         print(f"thinkscale demo: stage {current['stage']} failed: {error}", file=sys.stderr)
         print("finished stages are kept; fix the problem and rerun to resume", file=sys.stderr)

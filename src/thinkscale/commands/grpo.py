@@ -123,7 +123,9 @@ def _print_summary(summary: dict) -> None:
           f"SPRM score correct/wrong {_fmt(last.get('score_correct'))}/{_fmt(last.get('score_wrong'))}  "
           f"pair accuracy {_fmt(last.get('score_pair_acc'))}")
     refit = summary.get("head_refit")
-    if refit:
+    if refit and "skipped" in refit:
+        print(f"head refit skipped: {refit['skipped']}")
+    elif refit:
         print(f"head refit: {refit['inputs']} inputs, {refit['aggregation']} aggregation, held-out pair accuracy "
               f"{_fmt(refit['val_pair_accuracy'])} on {refit['val_questions']} training questions, "
               f"{refit['rollouts']} rollouts, {refit['time_s']:.0f} s")

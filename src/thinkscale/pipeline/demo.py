@@ -1,12 +1,14 @@
-"""The demo pipeline: the built-in arithmetic task, trained with relax and scaled at test time with reflect.
+"""The demo pipeline: a built-in task, trained with relax and scaled at test time with reflect.
 
     report = run_demo(DemoConfig())                    # what `thinkscale demo` runs
     report = run_demo(DemoConfig.quick_profile())      # same stages, tiny sizes (CI smoke test)
 
 Stages (each skipped when its folder under `out` is already finished):
-    data   the task's train/test/hard splits as JSONL (data/{train,test,hard}.jsonl)
+    data   the task's train/test/hard splits as JSONL (data/{train,test,hard}.jsonl); `task` names a
+           built-in task (tasks.registry: arithmetic, countdown)
     sft    supervised fine-tuning on worked solutions, `nproc` workers with a relax algorithm (sft/)
-    grpo   joint GRPO + SPR training of the policy and its SPRM head, `nproc` workers (grpo/)
+    grpo   joint GRPO + SPR training of the policy and its SPRM head, `nproc` workers, then the head
+           refitted on rollouts of the final policy (reflect.head_fit; `head_refit` None turns it off) (grpo/)
     eval   k = 1..32 samples per question on test and hard with the GRPO model, plus pass@1 of the SFT
            model on the same questions (eval/<model>-<split>/), questions shared among `nproc` workers
 then the combined report (report.json, report.md, PNG plots) is written from the stage outputs.
@@ -24,9 +26,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..reflect.evaluate import EvalConfig
+from ..reflect.head_fit import HeadFitOptions
 from ..tasks import THINK_END
-from ..tasks.arithmetic import ArithmeticConfig, make_splits
 from ..tasks.jsonl import write_jsonl
+from ..tasks.registry import get_task
 from ..tasks.policy import PolicyConfig
 from ..train import checkpoint
 from ..train.launch import launch, rank
@@ -53,16 +56,14 @@ class DemoConfig:
     algorithm: str = "gradient_allreduce"
     seed: int = 0
     profile: str = "default"  # "default" or "quick"; recorded in the report
-    # data: the built-in task.
-    # Sized so a ~1M-parameter policy learns it in ~2 minutes on 2 cores and is right often but not
-    # always (test-time scaling needs diversity): 2-4 additions/subtractions of one-digit operands.
-    task: ArithmeticConfig = field(default_factory=lambda: ArithmeticConfig(
-        min_ops=2, max_ops=4, min_digits=1, max_digits=1, operators=("+", "-"), max_value=99))
-    # hard: held out and longer than anything in training (5-6 operations, same one-digit operands), so it
-    # measures length generalization. This policy mostly stops after 4 steps there (a few % pass@1);
-    # `task.harder()` (two-digit operands too) is ~0%. None uses `task.harder()`.
-    hard_task: ArithmeticConfig | None = field(default_factory=lambda: ArithmeticConfig(
-        min_ops=5, max_ops=6, min_digits=1, max_digits=1, operators=("+", "-"), max_value=99))
+    # data: a built-in task by name (tasks.registry), with its demo sizes unless configs are given.
+    # arithmetic: 2-4 additions/subtractions of one-digit operands, sized so a ~1M-parameter policy learns
+    # it in ~2 minutes on 2 cores and is right often but not always (test-time scaling needs diversity);
+    # hard: 5-6 operations, longer than anything in training (length generalization).
+    # countdown: reach a target with 3 numbers (hard: 4); many right answers, so votes are weak.
+    task: str = "arithmetic"
+    task_config: object | None = None  # None: the task's demo_config
+    hard_task_config: object | None = None  # None: the task's demo_hard_config
     num_train: int = 20000
     num_test: int = 200  # test questions evaluated with 32 samples each
     num_hard: int = 100
@@ -82,6 +83,8 @@ class DemoConfig:
     # without it, both below pass@1): train the head on every scored step for all GRPO steps.
     grpo_spr_filter_warmup_steps: int | None = 150
     grpo_eval_questions: int = 0  # GRPO's own end-of-stage check; the eval stage measures more, so off
+    # the head refit after GRPO (reflect.head_fit; ~1.5 min): the jointly trained head ranks at chance
+    head_refit: HeadFitOptions | None = field(default_factory=HeadFitOptions)
     # eval (~4 min): sampling as in the MetaStone-S1 release (temperature 0.6, top-p 0.95)
     ks: tuple[int, ...] = EVAL_KS
     temperature: float = 0.6
@@ -93,6 +96,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.nproc < 1:
             raise ValueError(f"nproc must be >= 1, got {self.nproc}")
+        get_task(self.task)  # an unknown name lists the valid ones
         if self.profile not in ("default", "quick"):
             raise ValueError(f"profile must be 'default' or 'quick', got {self.profile!r}")
         for name in ("num_train", "num_test", "num_hard", "sft_eval_samples", "max_new_tokens"):
@@ -111,9 +115,17 @@ class DemoConfig:
             sft_steps=60, sft_batch_size=32, sft_eval_questions=8,
             grpo_steps=3, grpo_prompts_per_step=4, grpo_group_size=4, grpo_max_new_tokens=48,
             max_new_tokens=48, sft_eval_samples=2,
+            head_refit=HeadFitOptions(questions=32, samples=4, epochs=3, max_new_tokens=48),
         )
         quick.update(overrides)
         return cls(**quick)
+
+    @property
+    def task_configs(self) -> tuple[object, object]:
+        """(config, hard config) of the task's data."""
+        task = get_task(self.task)
+        return (task.demo_config if self.task_config is None else self.task_config,
+                task.demo_hard_config if self.hard_task_config is None else self.hard_task_config)
 
     # -- where things go ------------------------------------------------------------------------
     @property
@@ -137,6 +149,7 @@ def sft_options(config: DemoConfig):
                  "eval_questions": config.sft_eval_questions}
     return SFTOptions(out=str(config.root / "sft"), data=str(config.data_file("train")),
                       eval_data=str(config.data_file("test")), algorithm=config.algorithm, seed=config.seed,
+                      grading_task=config.task,
                       **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -147,8 +160,10 @@ def grpo_options(config: DemoConfig):
                  "group_size": config.grpo_group_size, "max_new_tokens": config.grpo_max_new_tokens,
                  "eval_questions": config.grpo_eval_questions,
                  "spr_filter_warmup_steps": config.grpo_spr_filter_warmup_steps}
+    refit = {} if config.head_refit is None else {"refit_head": True, "refit": config.head_refit}
     return GRPOOptions(out=str(config.root / "grpo"), model=str(config.root / "sft"),
                        data=str(config.data_file("train")), algorithm=config.algorithm, seed=config.seed,
+                       task=config.task, **refit,
                        **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -157,7 +172,7 @@ def eval_jobs(config: DemoConfig) -> list[EvalJob]:
     def eval_config(ks):
         return EvalConfig(ks=ks, temperature=config.temperature, top_p=config.top_p,
                           max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
-                          seed=config.seed, think_end=THINK_END)
+                          seed=config.seed, think_end=THINK_END, task=config.task)
 
     jobs = []
     for split in SPLITS:
@@ -172,15 +187,16 @@ def eval_jobs(config: DemoConfig) -> list[EvalJob]:
 # ----------------------------------------------------------------------------- stage bodies
 
 def make_data(config: DemoConfig) -> None:
-    splits = make_splits(config.task, config.seed, config.num_train, config.num_test, config.num_hard,
-                         hard_config=config.hard_task)
+    task_config, hard_config = config.task_configs
+    splits = get_task(config.task).make_splits(task_config, config.seed, config.num_train, config.num_test,
+                                               config.num_hard, hard_config=hard_config)
 
     def write(stage_dir: Path) -> None:
         for name, problems in splits.items():
             write_jsonl(stage_dir / f"{name}.jsonl", (p.to_record() for p in problems))
 
-    state = {"stage": "data", "seed": config.seed, "task": checkpoint.jsonable(config.task.__dict__),
-             "hard_task": checkpoint.jsonable((config.task.harder() if config.hard_task is None else config.hard_task).__dict__),
+    state = {"stage": "data", "seed": config.seed, "task_name": config.task,
+             "task": checkpoint.jsonable(task_config.__dict__), "hard_task": checkpoint.jsonable(hard_config.__dict__),
              "sizes": {name: len(problems) for name, problems in splits.items()}}
     checkpoint.save_stage(config.root / "data", state=state, write_extra=write)
 
@@ -257,6 +273,16 @@ def clear_outputs(config: DemoConfig) -> list[Path]:
     return remove_outputs(config.root, [*STAGE_NAMES, LOG_DIR, RECORD_FILE, *REPORT_FILES])
 
 
+def _check_same_task(config: DemoConfig) -> None:
+    """Finished stages of another task in `out` must not be resumed as this one's."""
+    data = config.root / "data"
+    if checkpoint.is_done(data):
+        recorded = checkpoint.load_state(data).get("task_name", "arithmetic")  # older demos had arithmetic only
+        if recorded != config.task:
+            raise ValueError(f"{config.root} holds a demo of task {recorded!r}, not {config.task!r}: "
+                             "use another --out, or --fresh to delete it")
+
+
 def run_demo(config: DemoConfig, fresh: bool = False, announce=None) -> tuple[dict, list[StageResult]]:
     """Run (or resume) every stage, then write the combined report; returns (report, stage results)."""
     from .report import build_report, write_report
@@ -266,6 +292,7 @@ def run_demo(config: DemoConfig, fresh: bool = False, announce=None) -> tuple[di
         if removed:
             logger.info("--fresh: removed %d earlier outputs in %s", len(removed), config.root)
     config.root.mkdir(parents=True, exist_ok=True)
+    _check_same_task(config)
     results = run_stages(build_stages(config), record=config.root / RECORD_FILE, announce=announce)
     report = build_report(config, results)
     write_report(report, config.root)

@@ -17,13 +17,18 @@ import time
 from pathlib import Path
 
 from ..reflect.evaluate import CANDIDATES_FILE, METRIC_LABELS
+from ..reflect.report import scorer_lines
 from ..reflect.select import EFFORT_K
 from ..train import checkpoint
 from .evaluation import score_separation
 
 FORMAT_VERSION = 1
-STRATEGY_ORDER = ("pass1", "maj", "sprm", "weighted", "pass")  # columns of the final table
-PLOT_LABELS = ("sprm", "maj", "weighted", "first", "pass")
+# columns of the final table (after pass@1), and the lines of the accuracy plots
+TABLE_STRATEGIES = ("maj", "sprm", "weighted", "logprob", "deepconf:eta=10", "self_certainty", "pass")
+PLOT_LABELS = ("sprm", "sprm:agg=min", "maj", "weighted", "logprob", "deepconf:eta=10", "self_certainty", "first", "pass")
+# the free-confidence baselines the SPRM must beat
+FREE_BASELINES = ("logprob", "confidence", "deepconf:eta=10", "deepconf:eta=90", "deepconf:eta=10,measure=tail",
+                  "self_certainty")
 # GRPO's metrics.jsonl: one record per step; the keys the report plots
 GRPO_METRICS_FILE = "metrics.jsonl"
 GRPO_KEYS = {"step": "step", "reward": "reward_mean", "kl": "kl", "score_correct": "score_correct",
@@ -59,6 +64,8 @@ def grpo_summary(stage_dir: Path) -> dict:
     summary = {key: state.get(key) for key in ("steps", "train_time_s", "world_size")}
     # GRPO's own means over the first and last 10% of steps (reward, score_correct/wrong/gap, kl, ...)
     summary["first_steps"], summary["last_steps"] = state.get("first"), state.get("last")
+    refit = state.get("head_refit")
+    summary["head_refit"] = None if not refit else {k: v for k, v in refit.items() if k != "val_history"}
     summary["curves"] = curves
     for name in ("reward", "kl", "score_correct", "score_wrong"):
         summary[f"final_{name}"] = curves[name][-1][1] if curves[name] else None
@@ -82,6 +89,7 @@ def split_summary(grpo_eval: Path, sft_eval: Path) -> dict:
         "answered_fraction": report["answered_fraction"],
         "truncated_fraction": report["truncated_fraction"],
         "score_separation": score_separation(grpo_eval / CANDIDATES_FILE),
+        "scorers": report.get("scorers"),
     }
 
 
@@ -94,12 +102,21 @@ def targets(split: dict) -> dict:
     sprm_k, maj_k = split["accuracy"][k_max]["sprm"], split["accuracy"][k_max]["maj"]
     headroom = pass_k - pass1
     gap = split["score_separation"]["gap"]
+    free = {name: split["accuracy"][k_max][name] for name in FREE_BASELINES if name in split["accuracy"][k_max]}
+    scorers = split.get("scorers") or {}
+    sprm_steps = (scorers.get("steps") or {}).get("sprm", {})
+    sprm_traces = (scorers.get("traces") or {}).get("sprm", {})
     return {
         "k_max": int(k_max),
         "sprm_rises_with_k": all(b >= a for a, b in zip(sprm, sprm[1:])),
         "sprm_minus_pass1": sprm_k - pass1,
         "sprm_minus_maj": sprm_k - maj_k,
         "sprm_ge_maj": sprm_k >= maj_k,
+        "best_free_baseline": max(free, key=free.get) if free else None,
+        "sprm_minus_best_free": sprm_k - max(free.values()) if free else None,
+        "sprm_ge_every_free_baseline": all(sprm_k >= v for v in free.values()) if free else None,
+        "pair_accuracy": sprm_traces.get("pair_accuracy"),
+        "step_auc": sprm_steps.get("step_auc"),
         # share of the distance from pass@1 to pass@k (the oracle) that SPRM selection covers
         "gap_closed": None if headroom <= 0 else (sprm_k - pass1) / headroom,
         "score_gap": gap,
@@ -149,14 +166,16 @@ def _pct(value) -> str:
 
 def final_table(report: dict) -> str:
     """pass@1, maj@k, sprm@k, weighted@k, pass@k at the effort modes' k, per split; then SFT vs GRPO."""
-    header = ["split", "effort", "k", "pass@1", "maj@k", "sprm@k", "weighted@k", "pass@k"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 6) + "|"]
+    first = next(iter(report["splits"].values()))["accuracy"]
+    shown = [s for s in TABLE_STRATEGIES if s in next(iter(first.values()))]
+    header = ["split", "effort", "k", "pass@1"] + [f"{s.split(':')[0]}@k" for s in shown]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for name, split in report["splits"].items():
         for mode, k in report["modes"].items():
             row = split["accuracy"].get(str(k))
             if row is None:
                 continue
-            cells = [name, mode, str(k), _pct(split["pass@1"])] + [_pct(row[s]) for s in ("maj", "sprm", "weighted", "pass")]
+            cells = [name, mode, str(k), _pct(split["pass@1"])] + [_pct(row.get(s)) for s in shown]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| split | SFT pass@1 | GRPO pass@1 | SPRM score, correct | SPRM score, wrong | score gap |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -178,6 +197,17 @@ def _grpo_windows(grpo: dict) -> str:
             f"{_num(first.get('score_correct'))} vs {_num(first.get('score_wrong'))} -> "
             f"{_num(last.get('score_correct'))} vs {_num(last.get('score_wrong'))} "
             f"(gap {_num(last.get('score_gap'), sign=True)}); KL {_num(last.get('kl'))}.")
+
+
+def _refit_line(refit: dict | None) -> str:
+    if not refit:
+        return "- Head refit: off (the head is the one trained jointly with GRPO)."
+    if "skipped" in refit:
+        return f"- Head refit: skipped ({refit['skipped']}); the head is the one trained jointly with GRPO."
+    return (f"- Head refit (outcome labels only, training questions): {refit['rollouts']} rollouts, "
+            f"{refit['train_steps']} steps, head inputs `{refit['inputs']}`, aggregation `{refit['aggregation']}` "
+            f"chosen by held-out pair accuracy {_num(refit['val_pair_accuracy'])} on {refit['val_questions']} "
+            f"training questions (epoch {refit['best_epoch']} of {refit['epochs_run']}), {_secs(refit['time_s'])}.")
 
 
 def _secs(value) -> str:
@@ -207,7 +237,9 @@ def markdown(report: dict) -> str:
         final_table(report),
         "Effort modes: " + ", ".join(f"{m} = k {k}" for m, k in report["modes"].items())
         + ". pass@1 = mean over all samples; sprm@k = the candidate the SPRM head scores highest among k; "
-          "maj@k = majority answer; weighted@k = answer with the largest total score; pass@k = any of k "
+          "maj@k = majority answer; weighted@k = answer with the largest total score; logprob@k = highest "
+          "mean token log-prob; deepconf@k = DeepConf (top 10% by lowest group confidence, then a "
+          "confidence-weighted vote); self_certainty@k = Borda vote by self-certainty; pass@k = any of k "
           "correct (the oracle). SFT pass@1 uses the same questions and sampling. Score gap = mean SPRM "
           "trajectory score of correct minus wrong samples.",
         "",
@@ -215,7 +247,7 @@ def markdown(report: dict) -> str:
         "",
     ]
     for name, split in report["splits"].items():
-        labels = [label for label in PLOT_LABELS if label in next(iter(split["accuracy"].values()))]
+        labels = list(next(iter(split["accuracy"].values())))
         lines += [f"{name}: {split['num_questions']} questions x {split['samples_per_question']} samples; "
                   f"{_pct(split['answered_fraction'])}% answered, {_pct(split['truncated_fraction'])}% truncated.",
                   "", "| k | " + " | ".join(f"{label}@k" for label in labels) + " | tokens/group |",
@@ -224,19 +256,23 @@ def markdown(report: dict) -> str:
             lines.append(f"| {k} | " + " | ".join(_pct(row[label]) for label in labels)
                          + f" | {split['tokens_per_group'][k]:.0f} |")
         lines.append("")
+        lines += [f"Scorers on {name}:"] + scorer_lines(split.get("scorers"))[3:] + [""]
     lines += ["## Targets (measured, not tuned)", "",
-              "| split | sprm rises with k | sprm@k - pass@1 | sprm@k - maj@k | gap closed | score gap | "
-              "pass@1 - SFT pass@1 |", "|---|---|---:|---:|---:|---:|---:|"]
+              "| split | sprm rises with k | sprm@k - pass@1 | sprm@k - maj@k | sprm@k - best free baseline | "
+              "gap closed | pair accuracy | step AUC | score gap | pass@1 - SFT pass@1 |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, t in report["targets"].items():
+        best = "-" if t.get("best_free_baseline") is None else f"{_pct(t['sprm_minus_best_free'])} ({t['best_free_baseline']})"
         lines.append(f"| {name} | {'yes' if t['sprm_rises_with_k'] else 'no'} | {_pct(t['sprm_minus_pass1'])} | "
-                     f"{_pct(t['sprm_minus_maj'])} | {_pct(t['gap_closed'])} | {_num(t['score_gap'], sign=True)} | "
-                     f"{_pct(t['pass1_change_vs_sft'])} |")
+                     f"{_pct(t['sprm_minus_maj'])} | {best} | {_pct(t['gap_closed'])} | {_num(t.get('pair_accuracy'))} | "
+                     f"{_num(t.get('step_auc'))} | {_num(t['score_gap'], sign=True)} | {_pct(t['pass1_change_vs_sft'])} |")
     lines += ["", f"(k = {next(iter(report['targets'].values()))['k_max']}; gap closed = (sprm@k - pass@1) / "
               "(pass@k - pass@1), in %.)", "", "## Training", "",
               f"- SFT: {sft['steps']} steps, final loss {_num(sft['final_loss'])}, "
               f"{_secs(sft['train_time_s'])}, greedy pass@1 {_pct(sft.get('greedy_pass@1'))}% on "
               f"{sft.get('greedy_eval_questions', '-')} test questions.",
               f"- GRPO: {grpo['steps']} steps, {_secs(grpo['train_time_s'])}; " + _grpo_windows(grpo),
+              _refit_line(grpo.get("head_refit")),
               "", "## Stages", "", "| stage | this run | seconds | seconds when it ran |", "|---|---|---:|---:|"]
     for name, s in report["stages"].items():
         when = "-" if s["seconds_when_run"] is None else f"{s['seconds_when_run']:.1f}"

@@ -18,9 +18,10 @@ over when k does not divide n are unused at that k.
     scorers: step- and trace-level quality of every scorer (`reflect.scorers`): step AUC against the
     task's step truth, first-error localisation, within-question pair accuracy, calibration.
 
-Step truth: with a `step_truth(question, completion_text)` checker (a built-in task's), every graded
-candidate gets `extra["step_truth"]`, one bool per scored step (None when the text's steps do not line
-up with the scored steps).
+Tasks: with `config.task` (a built-in task's name, `tasks.registry`), answers are graded and grouped
+for votes the task's way, and every graded candidate gets `extra["step_truth"]`, one bool per scored
+step from the task's step checker (None when the text's steps do not line up with the scored steps).
+Without it, answers are graded by math equivalence and no step is labelled.
 
 Seeds: question chunks are fixed by index (`batch_size // n` questions per sampler call, chunk c
 sampled with seed + c's first index), so a resumed run draws exactly the samples an uninterrupted one
@@ -54,7 +55,6 @@ METRIC_LABELS = {"sprm": "sprm", "majority": "maj", "weighted": "weighted", "fir
 REPORTED_STRATEGIES = ("sprm", "sprm:agg=min", "sprm:agg=last", "majority", "weighted", "logprob", "confidence",
                        "deepconf:eta=10", "deepconf:eta=90", "deepconf:eta=10,measure=tail", "self_certainty",
                        "first", "oracle")
-StepTruthFn = Callable[[str, str], "list[bool] | None"]  # (question, completion text) -> per-step truth
 
 
 @dataclass
@@ -70,6 +70,7 @@ class EvalConfig:
     seed: int | None = 0
     think_end: str | None = None  # e.g. "</think>": answers must come after it
     grade_timeout_s: float = DEFAULT_TIMEOUT_S
+    task: str | None = None  # a built-in task (tasks.registry): its grader, answer equality and step truth
 
     def __post_init__(self) -> None:
         ks = tuple(self.ks)
@@ -86,6 +87,10 @@ class EvalConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+        if self.task is not None:
+            from ..tasks.registry import get_task
+
+            get_task(self.task)  # an unknown name fails here, listing the valid ones
 
     @property
     def n(self) -> int:
@@ -101,17 +106,18 @@ def disjoint_groups(candidates: Sequence[Candidate], k: int) -> list[list[Candid
     return [ordered[start:start + k] for start in range(0, len(ordered) - k + 1, k)]
 
 
-def accuracy_at_k(questions: Sequence[Sequence[Candidate]], k: int, strategy: str) -> float:
+def accuracy_at_k(questions: Sequence[Sequence[Candidate]], k: int, strategy: str,
+                  equivalent: Callable[[str, str], bool] | None = None) -> float:
     """Mean over questions of the mean over disjoint groups of k of the chosen candidate's correctness.
 
-    Candidates must be graded (extra["correct"], extra["answer"]).
+    Candidates must be graded (extra["correct"], extra["answer"]); `equivalent` groups answers for votes.
     """
     per_question = []
     for candidates in questions:
         groups = disjoint_groups(candidates, k)
         if not groups:
             raise ValueError(f"k={k} needs at least {k} samples per question, got {len(candidates)}")
-        chosen = [select(group, strategy) for group in groups]
+        chosen = [select(group, strategy, equivalent=equivalent) for group in groups]
         per_question.append(sum(bool(c.extra["correct"]) for c in chosen) / len(groups))
     return sum(per_question) / len(per_question)
 
@@ -126,7 +132,7 @@ def tokens_at_k(questions: Sequence[Sequence[Candidate]], k: int) -> float:
 
 
 def summarize(questions: Sequence[Sequence[Candidate]], ks: Sequence[int],
-              strategies: Sequence[str] | None = None) -> dict:
+              strategies: Sequence[str] | None = None, equivalent: Callable[[str, str], bool] | None = None) -> dict:
     """Every metric of the module docstring, for graded candidates (one list per question).
 
     `strategies` defaults to `REPORTED_STRATEGIES`, less the free-confidence ones when the candidates
@@ -143,7 +149,7 @@ def summarize(questions: Sequence[Sequence[Candidate]], ks: Sequence[int],
     for k in ks:
         by_k[str(k)] = {
             "groups_per_question": min(len(c) for c in questions) // k,
-            "accuracy": {name: accuracy_at_k(questions, k, name) for name in strategies},
+            "accuracy": {name: accuracy_at_k(questions, k, name, equivalent) for name in strategies},
             "mean_generated_tokens": tokens_at_k(questions, k),
         }
     return {
@@ -162,16 +168,18 @@ def summarize(questions: Sequence[Sequence[Candidate]], ks: Sequence[int],
 # ---------------------------------------------------------------- grading and records
 
 def grade_candidates(candidates: Sequence[Candidate], reference: str, *, think_end: str | None = None,
-                     timeout_s: float = DEFAULT_TIMEOUT_S, question: str | None = None,
-                     step_truth: StepTruthFn | None = None) -> None:
-    """Record each candidate's extracted answer and correctness in its `extra`, and with `step_truth`
-    its per-step truth (None when the checker's steps do not line up with the scored steps)."""
+                     timeout_s: float = DEFAULT_TIMEOUT_S, question: str | None = None, task=None) -> None:
+    """Record each candidate's extracted answer and correctness in its `extra`; with a `task`
+    (`tasks.registry.Task`) grade its way and record per-step truth (None when the task's steps do not
+    line up with the scored steps)."""
     for c in candidates:
         c.extra["answer"] = extract_answer(c.text, think_end=think_end)
-        c.extra["correct"] = grade(c.text, reference, think_end=think_end, timeout_s=timeout_s)
-        if step_truth is not None:
-            labels = step_truth(question, c.text)
-            c.extra["step_truth"] = labels if labels is not None and len(labels) == len(c.step_ends) else None
+        if task is None:
+            c.extra["correct"] = grade(c.text, reference, think_end=think_end, timeout_s=timeout_s)
+            continue
+        c.extra["correct"] = task.grade(c.text, question, reference, think_end)
+        labels = task.truth(question, c.text)
+        c.extra["step_truth"] = labels if labels is not None and len(labels) == len(c.step_ends) else None
 
 
 def _record(index: int, example: Example, candidates: Sequence[Candidate]) -> dict:
@@ -234,15 +242,19 @@ def evaluate(
     format_prompt: Callable[[str], str] | None = None,
     progress: bool = True,
     plots: bool = True,
-    step_truth: StepTruthFn | None = None,
+    task=None,
 ) -> dict:
     """Sample, grade and record every question not yet in `out_dir`, then write and return the report.
 
     `examples` is a list of Example or the path of a {question, answer} JSONL file. `sampler` gets
     formatted prompts (`format_prompt(question)`, identity by default), n = max(config.ks) and a seed
-    (config.seed + index of the first question of the call's chunk, or None). `step_truth` labels
-    every step (see the module docstring).
+    (config.seed + index of the first question of the call's chunk, or None). `task` (a
+    `tasks.registry.Task`) overrides `config.task` (see the module docstring).
     """
+    if task is None and config.task is not None:
+        from ..tasks.registry import get_task
+
+        task = get_task(config.task)
     if isinstance(examples, (str, os.PathLike)):
         examples = read_examples(examples)
     if len(examples) == 0:
@@ -277,8 +289,7 @@ def evaluate(
                 for c in candidates:
                     c.prompt_index = i  # the sampler numbers prompts within its call
                 grade_candidates(candidates, examples[i].answer, think_end=config.think_end,
-                                 timeout_s=config.grade_timeout_s, question=examples[i].question,
-                                 step_truth=step_truth)
+                                 timeout_s=config.grade_timeout_s, question=examples[i].question, task=task)
                 f.write(json.dumps(_record(i, examples[i], candidates), ensure_ascii=False) + "\n")
                 f.flush()
                 done[i] = candidates
@@ -286,7 +297,8 @@ def evaluate(
 
     questions = [sorted(done[i], key=lambda c: c.sample_index)[:n] for i in range(len(examples))]
     settings = {**asdict(config), "ks": list(config.ks)}  # a list, as it reads back from report.json
-    report = {"config": settings, "samples_per_question": n, **summarize(questions, config.ks)}
+    report = {"config": settings, "samples_per_question": n,
+              **summarize(questions, config.ks, equivalent=None if task is None else task.equivalent)}
     if report["scored_fraction"] == 0:
         # every SPRM score is then 0 and sprm@k is sample 0: say so instead of reporting it silently
         logger.warning("no candidate has a scored step: the step delimiter or think tags of the model do not "

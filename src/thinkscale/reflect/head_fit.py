@@ -124,6 +124,7 @@ def fit_head(rollouts: Sequence[StepRollout], hidden_size: int, options: HeadFit
     """A fresh head fitted on `rollouts` (see the module docstring); returns (head, stats).
 
     stats: the chosen aggregation, epochs run, best epoch, validation pair accuracy per aggregation.
+    Raises ValueError when the training rollouts are all right or all wrong (nothing to learn).
     """
     train, val = _split(rollouts, options.val_fraction, options.seed)
     if not train or not any(r.correct for r in train) or all(r.correct for r in train):
@@ -135,7 +136,7 @@ def fit_head(rollouts: Sequence[StepRollout], hidden_size: int, options: HeadFit
     confidence = torch.cat([r.confidence for r in train])
     outcome = torch.cat([torch.full((len(r.features),), float(r.correct)) for r in train])
     order = torch.Generator().manual_seed(options.seed)
-    best = (-1.0, None, None, 0)  # (val pair accuracy, aggregation, state, epoch)
+    best = (None, None, None, 0)  # (val pair accuracy, aggregation, state, epoch)
     history = []
     for epoch in range(options.epochs):
         head.train()
@@ -153,18 +154,21 @@ def fit_head(rollouts: Sequence[StepRollout], hidden_size: int, options: HeadFit
         history.append(scores)
         agg, value = max(((a, v) for a, v in scores.items() if v is not None), key=lambda t: t[1],
                          default=(None, None))
-        if value is not None and value > best[0]:
+        if value is not None and (best[0] is None or value > best[0]):
             best = (value, agg, {k: v.clone() for k, v in head.state_dict().items()}, epoch)
         elif epoch - best[3] >= options.patience:
             break
     if best[2] is None:
-        raise ValueError("head refit: the held-out questions have no mixed (correct and wrong) group; "
-                         "use more questions or samples")
+        # no held-out question has both outcomes, so nothing to choose by: the last epoch, the spec's mean
+        logger.warning("head refit: no held-out question has both correct and wrong rollouts; keeping the last "
+                       "epoch and the geometric mean (use more questions or samples)")
+        best = (None, "geomean", head.state_dict(), len(history) - 1)
     head.load_state_dict(best[2])
     stats = {"inputs": options.inputs, "aggregation": best[1], "val_pair_accuracy": best[0],
              "best_epoch": best[3] + 1, "epochs_run": len(history), "train_rollouts": len(train),
              "train_steps": len(outcome), "train_correct_fraction": float(outcome.mean()),
              "val_questions": len(val), "val_history": history}
-    logger.info("head refit: %s inputs, %s aggregation, held-out pair accuracy %.3f (epoch %d of %d), %d steps",
-                options.inputs, best[1], best[0], best[3] + 1, len(history), len(outcome))
+    logger.info("head refit: %s inputs, %s aggregation, held-out pair accuracy %s (epoch %d of %d), %d steps",
+                options.inputs, best[1], "n/a" if best[0] is None else f"{best[0]:.3f}", best[3] + 1, len(history),
+                len(outcome))
     return head.eval(), stats

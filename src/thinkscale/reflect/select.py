@@ -60,8 +60,11 @@ class Ballot:
     reference: str | None = None
     correct: tuple[bool, ...] | None = None  # per candidate, when known (oracle only)
     timeout_s: float = DEFAULT_TIMEOUT_S
+    same_answer: Callable[[str, str], bool] | None = None  # a task's answer equality; None: math equivalence
 
     def equivalent(self, a: str, b: str) -> bool:
+        if self.same_answer is not None:
+            return self.same_answer(a, b)
         return answers_equivalent(a, b, timeout_s=self.timeout_s)
 
 
@@ -118,21 +121,23 @@ def select(
     *,
     think_end: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    equivalent: Callable[[str, str], bool] | None = None,
 ) -> Candidate:
     """The candidate a strategy keeps (`strategy`: a name, with options as "name:key=value,...").
 
     Answers come from `candidate.extra["answer"]` when an evaluator has set it, else from the text
     (after `think_end` when given). `reference` is needed only by "oracle", which otherwise falls
-    back to `candidate.extra["correct"]` set by the evaluator.
+    back to `candidate.extra["correct"]` set by the evaluator. `equivalent` decides which answers vote
+    together (default: math equivalence; a task with many right texts gives its own).
     """
     name, options = parse_strategy(strategy)
     if len(candidates) == 0:
         raise ValueError("select() needs at least one candidate")
     answers = [_answer_of(c, think_end) for c in candidates]
-    ballot = Ballot(reference=reference_to_answer(reference), timeout_s=timeout_s)
+    ballot = Ballot(reference=reference_to_answer(reference), timeout_s=timeout_s, same_answer=equivalent)
     if name == "oracle":
         ballot = Ballot(reference=ballot.reference, correct=_correctness(candidates, answers, ballot),
-                        timeout_s=timeout_s)
+                        timeout_s=timeout_s, same_answer=equivalent)
     return candidates[STRATEGIES[name](candidates, answers, ballot, **options)]
 
 

@@ -80,6 +80,7 @@ class GRPOOptions:
     data: str | None = None
     eval_data: str | None = None
     algorithm: str = "gradient_allreduce"
+    task: str | None = None  # a built-in task whose grader gives the reward (tasks.registry); None: math answers
     steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 8
@@ -133,6 +134,10 @@ class GRPOOptions:
             raise ValueError(f"top_p and eval_top_p must be in (0, 1], got {self.top_p} and {self.eval_top_p}")
         if self.eval_questions < 0 or self.eval_samples < 1:
             raise ValueError("eval_questions must be >= 0 and eval_samples >= 1")
+        if self.task is not None:
+            from ..tasks.registry import get_task
+
+            get_task(self.task)
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -170,6 +175,19 @@ def pad_rollouts(prompts: list[list[int]], completions: list[list[int]], pad_id:
         response[row, len(p) - 1 : len(p) - 1 + len(c)] = True  # logits at t predict token t + 1
     starts = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     return ids, attention, starts, response
+
+
+def outcome_grader(rm, task: str | None):
+    """grade(completion_text, example) -> bool: the task's grader, or math equivalence with the answer."""
+    from ..reflect import grade
+
+    think_end = rm.config.think_tags[1] if rm.config.think_tags is not None else None
+    if task is None:
+        return lambda text, e: grade(text, e.answer, think_end=think_end)
+    from ..tasks.registry import get_task
+
+    chosen = get_task(task)
+    return lambda text, e: chosen.grade(text, e.question, e.answer, think_end)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -265,9 +283,9 @@ def clip_each_group(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 def collect_rollouts(rm, tokenizer, examples: list[Example], options: GRPOOptions, seed: int) -> tuple[RolloutBatch, dict]:
     """Sample `group_size` rollouts per example, grade them, and lay them out as one batch."""
-    from ..reflect import grade, sample
+    from ..reflect import sample
 
-    think_end = rm.config.think_tags[1] if rm.config.think_tags is not None else None
+    is_right = outcome_grader(rm, options.task)
     prompts = [encode_prompt(tokenizer, rm.format_prompt(e.question, tokenizer)) for e in examples]
     groups = sample(rm, tokenizer, prompts, k=options.group_size, temperature=options.temperature,
                     top_p=options.top_p, max_new_tokens=options.max_new_tokens, seed=seed,
@@ -277,7 +295,7 @@ def collect_rollouts(rm, tokenizer, examples: list[Example], options: GRPOOption
         for c in candidates:
             rows_prompt.append(prompt)
             rows_completion.append(list(c.token_ids))
-            rewards.append(1.0 if grade(c.text, example.answer, think_end=think_end) else 0.0)
+            rewards.append(1.0 if is_right(c.text, example) else 0.0)
             truncated.append(c.truncated)
             scores.append(c.score)
     ids, attention, starts, response = pad_rollouts(rows_prompt, rows_completion, tokenizer.pad_token_id)
@@ -410,18 +428,18 @@ def step_metrics(batch: RolloutBatch, info: dict, update_stats: list[dict], grou
 def evaluate(rm, tokenizer, examples: list[Example], options: GRPOOptions) -> dict:
     """Greedy pass@1, and `eval_samples` sampled answers per question scored by the SPRM: their mean
     accuracy, the accuracy of the SPRM's pick (best-of-k), and the score separation."""
-    from ..reflect import grade, sample
+    from ..reflect import sample
 
-    think_end = rm.config.think_tags[1] if rm.config.think_tags is not None else None
+    is_right = outcome_grader(rm, options.task)
     prompts = [encode_prompt(tokenizer, rm.format_prompt(e.question, tokenizer)) for e in examples]
     start = time.perf_counter()
     greedy = sample(rm, tokenizer, prompts, k=1, temperature=0.0, top_p=1.0, max_new_tokens=options.max_new_tokens,
                     batch_size=64, score=False)
-    pass_at_1 = sum(grade(g[0].text, e.answer, think_end=think_end) for g, e in zip(greedy, examples)) / len(examples)
+    pass_at_1 = sum(is_right(g[0].text, e) for g, e in zip(greedy, examples)) / len(examples)
     k = options.eval_samples
     groups = sample(rm, tokenizer, prompts, k=k, temperature=options.eval_temperature, top_p=options.eval_top_p,
                     max_new_tokens=options.max_new_tokens, seed=options.seed + 12345, batch_size=64)
-    correct = torch.tensor([[grade(c.text, e.answer, think_end=think_end) for c in g] for g, e in zip(groups, examples)])
+    correct = torch.tensor([[is_right(c.text, e) for c in g] for g, e in zip(groups, examples)])
     scores = torch.tensor([[c.score for c in g] for g in groups])
     best = scores.argmax(dim=1)
     wins, pairs = pairwise_ranking_accuracy(scores.flatten(), correct.flatten(), k)
@@ -523,16 +541,13 @@ def run_grpo(options: GRPOOptions) -> dict | None:
 def refit_head(rm, tokenizer, train: list[Example], options: GRPOOptions) -> dict | None:
     """Every rank samples its share of the first `refit.questions` training questions; rank 0 fits a fresh
     head on all of them (`reflect.head_fit`) and puts it on `rm`. Returns the fit's stats on rank 0."""
-    from ..reflect import grade
     from ..reflect.head_fit import collect_rollouts, fit_head
 
     fit = options.refit
     start = time.perf_counter()
-    think_end = rm.config.think_tags[1] if rm.config.think_tags is not None else None
     mine = train[: fit.questions][rank()::world_size()]
     generator = torch.Generator().manual_seed(fit.seed * 1_000_003 + rank())
-    rollouts = collect_rollouts(rm, tokenizer, mine, fit, lambda text, e: grade(text, e.answer, think_end=think_end),
-                                generator)
+    rollouts = collect_rollouts(rm, tokenizer, mine, fit, outcome_grader(rm, options.task), generator)
     sample_time = time.perf_counter() - start
     if world_size() > 1:
         parts = [None] * world_size() if is_main_process() else None
@@ -540,7 +555,11 @@ def refit_head(rm, tokenizer, train: list[Example], options: GRPOOptions) -> dic
         if not is_main_process():
             return None
         rollouts = [r for part in parts for r in part]
-    head, stats = fit_head(rollouts, rm.head.hidden_size, fit)
+    try:
+        head, stats = fit_head(rollouts, rm.head.hidden_size, fit)
+    except ValueError as error:
+        logger.warning("%s; keeping the head trained jointly with GRPO", error)
+        return {"skipped": str(error), "rollouts": len(rollouts)}
     rm.head = head
     rm.config.head_inputs, rm.config.score_aggregation = head.inputs, stats["aggregation"]
     stats.update({"rollouts": len(rollouts), "sample_time_s": sample_time, "time_s": time.perf_counter() - start})

@@ -80,6 +80,7 @@ class SFTOptions:
     eval_questions: int = 100
     eval_temperature: float = 0.0
     eval_max_new_tokens: int | None = None  # None: max_len (no training example is longer)
+    grading_task: str | None = None  # a built-in task's grader for the pass@1 check (None: math answers)
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -202,15 +203,21 @@ def _check_same_tokenizer_everywhere(tokenizer) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate_pass_at_1(model, tokenizer, examples: list[Example], temperature: float, max_new_tokens: int,
-                       seed: int) -> dict:
-    """pass@1 with reflect's sampler and grader: one sample per question (greedy at temperature 0)."""
+                       seed: int, grading_task: str | None = None) -> dict:
+    """pass@1 with reflect's sampler and grader (or a built-in task's): one sample per question (greedy at
+    temperature 0)."""
     from ..reflect import ReflectiveModel, grade, sample
+    from ..tasks.registry import get_task
 
     reflective = ReflectiveModel(model, config=None)
     prompts = [format_prompt(e.question) for e in examples]
     candidates = sample(reflective, tokenizer, prompts, k=1, temperature=temperature, top_p=1.0,
                         max_new_tokens=max_new_tokens, seed=seed, batch_size=64, score=False)
-    correct = [grade(c[0].text, e.answer, think_end=THINK_END) for c, e in zip(candidates, examples)]
+    if grading_task is None:
+        correct = [grade(c[0].text, e.answer, think_end=THINK_END) for c, e in zip(candidates, examples)]
+    else:
+        task = get_task(grading_task)
+        correct = [task.grade(c[0].text, e.question, e.answer) for c, e in zip(candidates, examples)]
     finished = sum(c[0].finished for c in candidates)
     return {
         "pass@1": sum(correct) / len(correct),
@@ -319,7 +326,8 @@ def run_sft(options: SFTOptions) -> dict | None:
         eval_start = time.perf_counter()
         max_new_tokens = options.max_len if options.eval_max_new_tokens is None else options.eval_max_new_tokens
         summary["eval"] = evaluate_pass_at_1(model, tokenizer, evaluation[: options.eval_questions],
-                                             options.eval_temperature, max_new_tokens, options.seed)
+                                             options.eval_temperature, max_new_tokens, options.seed,
+                                             options.grading_task)
         summary["eval"]["time_s"] = time.perf_counter() - eval_start
         logger.info("pass@1 on %d test questions: %.3f (%.1f s)", summary["eval"]["questions"],
                     summary["eval"]["pass@1"], summary["eval"]["time_s"])
