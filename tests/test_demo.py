@@ -327,3 +327,28 @@ def test_targets_by_hand():
     split["accuracy"]["32"]["pass"] = 0.5
     t = targets(split)
     assert t["sprm_rises_with_k"] is False and t["gap_closed"] is None
+
+
+def test_head_refit_ran_and_the_probe_reads_the_demo_candidates(quick_run, tmp_path):
+    out, _, _ = quick_run
+    refit = load_report(out)["training"]["grpo"]["head_refit"]
+    assert refit is not None and refit["rollouts"] == 32 * 4  # quick profile: 32 questions x 4 samples
+    probe = subprocess.run([*THINKSCALE, "bench", "probe", "--model", str(out / "grpo"), "--candidates",
+                            str(out / "eval" / "grpo-test" / CANDIDATES_FILE), "--out", str(tmp_path),
+                            "--max-candidates", "100"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert set(result["auc"]) == {"scored", "delimiter", "equals", "mean"}
+    assert all(len(row) == 2 for row in result["auc"].values())  # the quick policy has 2 layers
+    assert result["steps"] > 0 and "| scored |" in (tmp_path / "probe.md").read_text()
+    missing = subprocess.run([*THINKSCALE, "bench", "probe", "--model", str(out / "grpo"), "--candidates",
+                              str(tmp_path / "nope.jsonl")], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no candidates file" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_demo_refuses_another_tasks_folder(quick_run):
+    out, _, _ = quick_run
+    result = demo(out, "--task", "countdown")
+    assert result.returncode == 2
+    assert "holds a demo of task 'arithmetic', not 'countdown'" in result.stderr and "Traceback" not in result.stderr

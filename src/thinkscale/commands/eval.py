@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--think-end", metavar="TAG",
                         help="answers count only after this tag (default: the model's think-end tag, if it has "
                              "one); 'none' searches the whole completion")
+    parser.add_argument("--task", choices=_task_names(), default=None,
+                        help="the data is a built-in task's: grade and vote its way and label every step with "
+                             "its step checker (step AUC, first-error, probe); default: math answers, no step labels")
     parser.add_argument("--grade-timeout", type=float, default=5.0,
                         help="seconds allowed for one answer comparison by math-verify (default 5)")
     parser.add_argument("--device", default=None,
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     config = EvalConfig(ks=ks, temperature=args.temperature, top_p=args.top_p,
                         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, seed=args.seed, think_end=think_end,
-                        grade_timeout_s=args.grade_timeout)
+                        grade_timeout_s=args.grade_timeout, task=args.task)
     logger.info("evaluating %d questions, k = %s, into %s", len(examples), list(ks), out_dir)
     report = evaluate(examples, make_model_sampler(rm, tokenizer, config), config, out_dir,
                       format_prompt=lambda question: rm.format_prompt(question, tokenizer),
@@ -113,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(report))
     print(f"wrote {out_dir}")
     return 0
+
+
+def _task_names() -> list[str]:
+    from thinkscale.tasks.registry import names
+
+    return names()
 
 
 def _think_end(rm) -> str | None:

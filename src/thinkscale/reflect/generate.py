@@ -73,10 +73,12 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def decode(rm: ReflectiveModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: set[int],
            pad_id: int, temperature: float = 0.6, top_p: float = 0.95, repetition_penalty: float = 1.0,
-           generator: torch.Generator | None = None, keep_features: bool = True) -> list[Decoded]:
+           generator: torch.Generator | None = None, keep_features: bool = True,
+           keep_signals: bool = True) -> list[Decoded]:
     """Decode one batch of token-id prompts, left-padded, with the KV cache.
 
-    `keep_features` False runs the identical loop with no hook: generation alone.
+    `keep_features` False runs the identical loop with no hook: generation alone. `keep_signals` False
+    skips the free confidences (their rows are then empty; for measuring what they cost).
     """
     device = next(rm.policy.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -110,7 +112,8 @@ def decode(rm: ReflectiveModel, prompts: Sequence[Sequence[int]], max_new_tokens
             token = next_tokens(out.logits[:, -1], temperature, top_p, repetition_penalty, seen, generator)
             token = torch.where(done, torch.full_like(token, pad_id), token)
             generated.append(token)
-            signals.append(token_signals(out.logits[:, -1], token))
+            if keep_signals:
+                signals.append(token_signals(out.logits[:, -1], token))
             lengths += (~done).long()
             done |= torch.isin(token, eos)
             if bool(done.all()) or step == max_new_tokens - 1:
@@ -124,7 +127,7 @@ def decode(rm: ReflectiveModel, prompts: Sequence[Sequence[int]], max_new_tokens
 
     tokens = torch.stack(generated, dim=1).tolist()  # (B, G)
     feats = torch.stack(features, dim=1) if keep_features else None  # (B, G, c)
-    sigs = torch.stack(signals, dim=1).cpu()  # (B, G, 3)
+    sigs = torch.stack(signals, dim=1).cpu() if keep_signals else torch.zeros(B, len(generated), 3)  # (B, G, 3)
     results = []
     for b in range(B):
         n = int(lengths[b])

@@ -1,0 +1,54 @@
+"""`thinkscale data`: a built-in task's train / test / hard splits as JSONL, for sft, grpo and eval.
+
+    thinkscale data --task countdown --out data/countdown               # the demo's sizes and seed 0
+    thinkscale data --task arithmetic --seed 1 --train 0 --hard 0 --out data/arith-seed1   # a second test set
+
+Questions of the test and hard splits come from the task's evaluation pool (a hash of the question
+text), so they never appear in any seed's training split; `--exclude FILE` also drops the questions of
+another split (e.g. the demo's own test set), so a second test set is disjoint from the first.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from thinkscale.commands.argtypes import non_negative_int
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from thinkscale.tasks.registry import TASKS
+
+    parser.add_argument("--task", default="arithmetic", choices=list(TASKS),
+                        help="built-in task: " + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()))
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for train.jsonl, test.jsonl, hard.jsonl")
+    parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0, as the demo)")
+    parser.add_argument("--train", type=non_negative_int, default=20000, help="training questions (default 20000)")
+    parser.add_argument("--test", type=non_negative_int, default=200, help="test questions (default 200)")
+    parser.add_argument("--hard", type=non_negative_int, default=100, help="hard questions (default 100)")
+    parser.add_argument("--exclude", metavar="FILE", action="append", default=[],
+                        help="a JSONL file whose questions no split may contain (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from thinkscale.tasks.jsonl import read_examples, write_jsonl
+    from thinkscale.tasks.registry import get_task
+
+    task = get_task(args.task)
+    try:
+        excluded = {e.question for path in args.exclude for e in read_examples(path)}
+        # draw extra questions, then drop the excluded ones, so every split keeps its size
+        spare = len(excluded)
+        splits = task.make_splits(task.demo_config, args.seed, args.train + spare, args.test + spare,
+                                  args.hard + spare, hard_config=task.demo_hard_config)
+    except (OSError, ValueError) as error:
+        print(f"thinkscale data: error: {error}", file=sys.stderr)
+        return 2
+    sizes = {"train": args.train, "test": args.test, "hard": args.hard}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, problems in splits.items():
+        kept = [p for p in problems if p.question not in excluded][: sizes[name]]
+        write_jsonl(out / f"{name}.jsonl", (p.to_record() for p in kept))
+        print(f"{out / f'{name}.jsonl'}: {len(kept)} {args.task} questions")
+    return 0
