@@ -66,7 +66,7 @@ def _no_sync_accumulates(rank, world):
     assert calls == []  # nothing communicated inside no_sync
     x, y = micro[2]
     nn.functional.mse_loss(model(x), y).backward()
-    communicated = len(calls)
+    communicated = len([what for what in calls if "bucket" in what])
     grads = [p.grad.clone() for p in module.parameters()]
     # reference: sum of the three micro-batch grads on this rank, averaged over ranks by hand
     total = [torch.zeros_like(p) for p in reference.parameters()]
