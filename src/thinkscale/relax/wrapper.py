@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -125,7 +126,6 @@ class DataParallel(nn.Module):
         self.param_names = {id(p): name for name, p in module.named_parameters()}
         self.params = _trainable_parameters(module)
         _check_optimizer(self.optimizer, self.params, self.param_names, self.algorithm)
-        self.register_load_state_dict_pre_hook(_skip_foreign_algorithm_state)
 
         self.topology = _topology(process_group, self.algorithm, self.timeout_s, local_world_size)
         self.world_size = self.topology.world.size
@@ -216,7 +216,18 @@ class DataParallel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """`nn.Module.load_state_dict`, while no background averaging writes the weights (async).
-        A checkpoint of another algorithm loads its weights with `strict=False` (logged warning)."""
+        A checkpoint saved under another algorithm raises with strict=True; with strict=False its
+        weights load, the algorithm state starts fresh, a warning names both algorithms and
+        `missing_keys` lists `_extra_state`."""
+        saved = state_dict.get("_extra_state")
+        theirs = saved.get("algorithm") if isinstance(saved, dict) else None
+        if not strict and saved is not None and theirs != self.algorithm.name:
+            logger.warning("checkpoint holds state of algorithm %r, this model runs %r: loading the weights "
+                           "only (strict=False); the algorithm state starts fresh", theirs, self.algorithm.name)
+            metadata = getattr(state_dict, "_metadata", None)  # module versions, as state_dict() saved them
+            state_dict = OrderedDict((k, v) for k, v in state_dict.items() if k != "_extra_state")
+            if metadata is not None:
+                state_dict._metadata = metadata
         paused = self._impl.weights_paused() if self._impl is not None else contextlib.nullcontext()
         with paused:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -413,20 +424,6 @@ class DataParallel(nn.Module):
                 flat = flatten(group)
                 self.topology.world.broadcast_(flat, src=0)
                 unflatten_into(flat, group)
-
-
-def _skip_foreign_algorithm_state(module: DataParallel, state_dict, prefix, local_metadata, strict,
-                                  missing_keys, unexpected_keys, error_msgs) -> None:
-    """load_state_dict(strict=False) of a checkpoint saved under another algorithm: take the weights,
-    leave the algorithm state fresh, and say so (strict=True raises the same explanation)."""
-    key = prefix + "_extra_state"
-    saved = state_dict.get(key)
-    theirs = saved.get("algorithm") if isinstance(saved, dict) else None
-    if strict or saved is None or theirs == module.algorithm.name:
-        return
-    logger.warning("checkpoint holds state of algorithm %r, this model runs %r: loading the weights only "
-                   "(strict=False); the algorithm state starts fresh", theirs, module.algorithm.name)
-    del state_dict[key]
 
 
 def _trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
