@@ -221,8 +221,8 @@ class OrderedExecutor:
     Same order on every rank -> collectives match up; the thread lets them overlap backward compute.
     `wait(deadline)` re-raises a job's error (wrapped in CommunicationError) and never blocks past the
     deadline: one deadline for everything pending, so the total wait is bounded by the timeout, not by
-    jobs x timeout. After an error the executor is `abandon`ed: queued jobs are dropped and a fresh
-    thread takes later jobs (a job stuck in a collective ends when its group's timeout fires).
+    jobs x timeout. After an error the queued jobs are dropped and a fresh thread takes later ones (a
+    job stuck in a collective ends when its group's timeout fires), so the caller can still checkpoint.
 
     CUDA (`device` a CUDA device): each job runs on the executor's own stream after an event recorded on
     the submitting thread's current stream (the gradients it reads are computed there), and `wait()`
@@ -254,13 +254,15 @@ class OrderedExecutor:
             try:
                 fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout as exc:
+                self._restart()
                 raise CommunicationError(
                     f"{what} did not finish within {self.timeout_s:.0f}s: a peer rank is probably dead "
                     "or not calling in"
                 ) from exc
-            except CommunicationError:
-                raise
             except Exception as exc:
+                self._restart()
+                if isinstance(exc, CommunicationError):
+                    raise
                 raise CommunicationError(
                     f"{what} failed ({type(exc).__name__}: {exc}); a peer rank may have died"
                 ) from exc
@@ -271,7 +273,7 @@ class OrderedExecutor:
     def busy(self) -> bool:
         return bool(self._pending)
 
-    def abandon(self) -> None:
+    def _restart(self) -> None:
         """Drop queued jobs and continue on a fresh thread (after a failure; never blocks)."""
         self._pending = []
         self._pool.shutdown(wait=False, cancel_futures=True)

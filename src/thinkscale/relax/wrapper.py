@@ -327,9 +327,9 @@ class DataParallel(nn.Module):
             missing = self._complete_open_buckets()
             averaged = self._impl.averages_gradients()
             used = self._used_anywhere(missing) if averaged and self.find_unused_parameters else None
-            self.executor.wait(self._deadline)
+            self.executor.wait(self._deadline)  # on failure the executor drops its queue itself
         except CommunicationError:
-            self._abandon_iteration()
+            self._reset_iteration()  # the process can checkpoint and exit; the ranks are out of step
             raise
         if averaged:
             for bucket, index in missing:
@@ -375,16 +375,13 @@ class DataParallel(nn.Module):
         self._next_bucket = 0
         self._in_backward = False
 
-    def _abandon_iteration(self) -> None:
-        """After a failed or unfinished iteration: drop its state and queued jobs, so the process can
-        still save a checkpoint and exit (the ranks are out of step; training on is not safe)."""
-        self._reset_iteration()
-        self.executor.abandon()
-
     def _prepare_forward(self) -> None:
         if self._in_backward:  # the last backward raised before its end callback ran
-            logger.warning("the previous backward did not finish; its communication is abandoned")
-            self._abandon_iteration()
+            logger.warning("the previous backward did not finish; waiting for what it launched")
+            try:
+                self.executor.wait()
+            finally:
+                self._reset_iteration()
         if torch.is_grad_enabled() and self._sync_enabled:
             self._rebuild_if_trainable_changed()
         if self.broadcast_buffers and self._buffers_due:
@@ -408,11 +405,7 @@ class DataParallel(nn.Module):
         buffers = list(self.module.buffers())
         if buffers:
             self.executor.submit("buffer broadcast", lambda: self._broadcast_from_rank0(buffers))
-            try:
-                self.executor.wait()
-            except CommunicationError:
-                self.executor.abandon()
-                raise
+            self.executor.wait()
 
     def _broadcast_from_rank0(self, tensors: list[torch.Tensor]) -> None:
         """Overwrite `tensors` with rank 0's values (one broadcast per dtype)."""
