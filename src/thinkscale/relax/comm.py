@@ -204,8 +204,8 @@ def make_topology(
     # Every rank creates every group, in the same order (counter-named groups). Deliberately not
     # `use_local_synchronization=True` (torch 2.13 has it): its group name hashes the member ranks with
     # the caller's count of groups it belongs to, which differs between node leaders and the others
-    # after one hierarchical wrapper, so a second wrapper's node groups would get different names on
-    # the ranks of one node and wait for each other until the timeout.
+    # after one hierarchical wrapper, so a second wrapper's node groups get different names on the
+    # ranks of one node and wait for each other until the timeout (reproduced with 4 gloo ranks).
     for node in range(nodes):
         g = dist.new_group(ranks=ranks[node * local:(node + 1) * local], timeout=timeout)
         if node == my_node:
