@@ -46,7 +46,7 @@ class Comm:
         # Where small control tensors (flags, bitmaps) live: NCCL moves CUDA tensors only. Fixed here, on
         # the constructing thread, whose current device the launcher set (background threads start on
         # device 0).
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if "nccl" in self.backend
                        else torch.device("cpu"))
 
     def _global(self, group_rank: int) -> int:
@@ -112,7 +112,7 @@ class Comm:
         outgoing = t.contiguous().view(-1)  # kept referenced until the sends complete
         received = torch.empty_like(outgoing)
         peer_global = self._global(peer)
-        if self.backend == "nccl":
+        if t.is_cuda and "nccl" in self.backend:  # "nccl", or "cpu:gloo,cuda:nccl" for CUDA tensors
             # NCCL: an ungrouped isend/irecv pair to one peer deadlocks; one batched group does not.
             ops = [dist.P2POp(dist.irecv, received, peer_global, self.group),
                    dist.P2POp(dist.isend, outgoing, peer_global, self.group)]
@@ -290,7 +290,8 @@ def _on_stream(fn: Callable[[], None], stream: "torch.cuda.Stream") -> Callable[
     ready.record(torch.cuda.current_stream(stream.device))
 
     def run() -> None:
-        with torch.cuda.stream(stream):
+        # the executor's thread starts on device 0: allocations in `fn` must land on the stream's device
+        with torch.cuda.device(stream.device), torch.cuda.stream(stream):
             stream.wait_event(ready)
             fn()
 
