@@ -135,6 +135,24 @@ def _bf16_loop(rank, steps=4):
             torch.cat([p.detach().reshape(-1) for p in ddp_module.parameters()]))
 
 
+def _qadam_unused(rank, steps=6):
+    """QAdam past warm-up with a branch only rank 0 uses at some steps: the averaged first moment moves
+    every parameter on every rank, so replicas stay bit-identical."""
+    from thinkscale.relax.algorithms import QAdamOptimizer
+
+    torch.manual_seed(0)
+    module = Branchy()
+    opt = QAdamOptimizer(module.parameters(), lr=0.01, warmup_steps=2, weight_decay=0.01)
+    model = DataParallel(module, opt, algorithm="qadam", hierarchical=False, bucket_size_mb=0.001)
+    for step in range(steps):
+        x, y = rank_batch(rank, step)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x, uses_sometimes(rank, step)), y).backward()
+        opt.step()
+    model.close()
+    return _gather(torch.cat([p.detach().reshape(-1) for p in module.parameters()]))
+
+
 def _frozen_needs_rewrap(rank):
     module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
@@ -167,6 +185,7 @@ def _all_cases(rank, world):
         "amp_allreduce": _amp_loop(rank, "gradient_allreduce"),
         "amp_bytegrad": _amp_loop(rank, "bytegrad"),
         "bf16": _bf16_loop(rank),
+        "qadam_unused": _qadam_unused(rank),
         "rewrap_error": _frozen_needs_rewrap(rank),
         "buffers_off": _buffers_off(rank),
     }
@@ -259,3 +278,8 @@ def test_freezing_under_a_weight_space_algorithm_asks_to_rewrap(ranks):
     for result in ranks:
         assert "wrap the module again" in result["rewrap_error"]
         assert "low_precision_decentralized" in result["rewrap_error"]
+
+
+def test_qadam_with_unused_parameters_keeps_replicas_identical(ranks):
+    first, second = ranks[0]["qadam_unused"]
+    assert torch.isfinite(first).all() and torch.equal(first, second)
