@@ -219,9 +219,9 @@ class OrderedExecutor:
     """One background thread running communication jobs in submission order.
 
     Same order on every rank -> collectives match up; the thread lets them overlap backward compute.
-    `wait(deadline)` re-raises a job's error (wrapped in CommunicationError) and never blocks past the
-    deadline: one deadline for everything pending, so the total wait is bounded by the timeout, not by
-    jobs x timeout. After an error the queued jobs are dropped and a fresh thread takes later ones (a
+    `wait()` re-raises a job's error (wrapped in CommunicationError) and never blocks past one
+    deadline, `timeout_s` from the call, for everything pending: the total wait is bounded by the
+    timeout, not by jobs x timeout. After an error the queued jobs are dropped and a fresh thread takes later ones (a
     job stuck in a collective ends when its group's timeout fires), so the caller can still checkpoint.
 
     CUDA (`device` a CUDA device): each job runs on the executor's own stream after an event recorded on
@@ -237,18 +237,14 @@ class OrderedExecutor:
         self._pending: list[tuple[str, Future]] = []
         self._stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
 
-    def deadline(self) -> float:
-        """A deadline `timeout_s` from now (time.monotonic seconds), for `wait`."""
-        return time.monotonic() + self.timeout_s
-
     def submit(self, what: str, fn: Callable[[], None]) -> None:
         if self._stream is not None:
             fn = _on_stream(fn, self._stream)
         self._pending.append((what, self._pool.submit(fn)))
 
-    def wait(self, deadline: float | None = None) -> None:
-        """Wait for every pending job, all of them by `deadline` (default: `timeout_s` from now)."""
-        deadline = self.deadline() if deadline is None else deadline
+    def wait(self) -> None:
+        """Wait for every pending job, all of them within `timeout_s` from now."""
+        deadline = time.monotonic() + self.timeout_s
         pending, self._pending = self._pending, []
         for what, fut in pending:
             try:

@@ -75,9 +75,9 @@ class DataParallel(nn.Module):
         process_group: ranks to train over (default: the whole world). The wrapper creates its own
             groups over the same ranks so user collectives never interleave with its own.
         bucket_size_mb: gradient bucket size in MiB (a bucket may overshoot by one tensor).
-        timeout_s: limit for the communication of one iteration (and for every collective); a dead or
-            stuck rank raises `CommunicationError`, after which the engine is reset so the process can
-            save a checkpoint and exit.
+        timeout_s: limit for every collective, and for the whole wait at the end of backward (one
+            deadline, not one per bucket); a dead or stuck rank raises `CommunicationError`, after which
+            the engine is reset so the process can save a checkpoint and exit.
         local_world_size: processes per node for hierarchical mode (default: env LOCAL_WORLD_SIZE).
         broadcast_buffers: broadcast rank 0's buffers at forward, as DDP does (default True).
         find_unused_parameters: run the per-iteration "used" bitmap allreduce that keeps the grad of a
@@ -139,7 +139,7 @@ class DataParallel(nn.Module):
         # state of the backward in progress (one iteration), reset by _end_iteration
         self._in_backward = False
         self._next_bucket = 0  # next bucket to launch
-        self._deadline = 0.0  # the whole iteration's communication must finish by then
+        self._flag_index: dict[int, int] = {}  # parameter id -> position in the "used" bitmap
         self._logged_unused = False
         if self.world_size == 1:
             logger.info("DataParallel: world size 1, running %s as a plain module", type(module).__name__)
@@ -306,7 +306,6 @@ class DataParallel(nn.Module):
     # ----- engine: one iteration = one backward -----------------------------------------------------
     def _begin_iteration(self) -> None:
         self._in_backward = True
-        self._deadline = self.executor.deadline()
         # Runs once the whole backward has finished. This is how torch's DDP reducer finalizes too; no
         # public hook exists for "backward finished".
         torch.autograd.Variable._execution_engine.queue_callback(self._end_iteration)
@@ -327,7 +326,9 @@ class DataParallel(nn.Module):
             missing = self._complete_open_buckets()
             averaged = self._impl.averages_gradients()
             used = self._used_anywhere(missing) if averaged and self.find_unused_parameters else None
-            self.executor.wait(self._deadline)  # on failure the executor drops its queue itself
+            # one deadline for all of it, from the end of backward (a long backward is not a timeout);
+            # on failure the executor drops its queue itself
+            self.executor.wait()
         except CommunicationError:
             self._reset_iteration()  # the process can checkpoint and exit; the ranks are out of step
             raise
