@@ -153,6 +153,18 @@ def _qadam_unused(rank, steps=6):
     return _gather(torch.cat([p.detach().reshape(-1) for p in module.parameters()]))
 
 
+def _without_used_bitmap(rank):
+    """find_unused_parameters=False: no bitmap allreduce; a parameter no rank used gets zeros."""
+    torch.manual_seed(0)
+    module = Branchy()
+    model = DataParallel(module, find_unused_parameters=False)
+    x, y = rank_batch(rank, 0)
+    nn.functional.mse_loss(model(x, uses_sometimes(rank, 0)), y).backward()  # 'sometimes': rank 0 only
+    grads = {"never": module.never.weight.grad.clone(), "sometimes": module.sometimes.weight.grad.clone()}
+    model.close()
+    return grads
+
+
 def _frozen_needs_rewrap(rank):
     module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
@@ -186,6 +198,7 @@ def _all_cases(rank, world):
         "amp_bytegrad": _amp_loop(rank, "bytegrad"),
         "bf16": _bf16_loop(rank),
         "qadam_unused": _qadam_unused(rank),
+        "no_bitmap": _without_used_bitmap(rank),
         "rewrap_error": _frozen_needs_rewrap(rank),
         "buffers_off": _buffers_off(rank),
     }
@@ -283,3 +296,10 @@ def test_freezing_under_a_weight_space_algorithm_asks_to_rewrap(ranks):
 def test_qadam_with_unused_parameters_keeps_replicas_identical(ranks):
     first, second = ranks[0]["qadam_unused"]
     assert torch.isfinite(first).all() and torch.equal(first, second)
+
+
+def test_without_the_used_bitmap_unused_parameters_get_zeros(ranks):
+    for result in ranks:
+        assert torch.equal(result["no_bitmap"]["never"], torch.zeros(4, 16))
+        assert result["no_bitmap"]["sometimes"].abs().sum() > 0  # rank 0's gradient, halved, on both
+    assert torch.equal(ranks[0]["no_bitmap"]["sometimes"], ranks[1]["no_bitmap"]["sometimes"])
