@@ -3,7 +3,8 @@
     results = run_ranks(fn, world_size=2, args=(...), env={"LOCAL_WORLD_SIZE": "2"})
 
 `fn(rank, world_size, *args)` runs after the default process group is initialized (gloo, 127.0.0.1, a
-free port, one thread per rank; backend="nccl" binds rank r to cuda:r first). Its return value is saved with torch.save and returned in rank order.
+free port, one thread per rank; backend="nccl" binds rank r to cuda:r first). Its return value is saved
+with torch.save and returned in rank order.
 A rank that raises makes run_ranks raise with that rank's traceback; ranks still running after
 `timeout` are killed and run_ranks raises TimeoutError (a hang is a test failure, never a stuck suite).
 """
@@ -53,7 +54,8 @@ def run_ranks(fn, world_size: int, args: tuple = (), env: dict | None = None, ti
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, out_dir, env, args, pg_timeout_s, backend))
+        procs = [ctx.Process(target=_entry,
+                             args=(fn, r, world_size, port, out_dir, env, args, pg_timeout_s, backend))
                  for r in range(world_size)]
         for p in procs:
             p.start()

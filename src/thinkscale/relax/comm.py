@@ -221,8 +221,9 @@ class OrderedExecutor:
     Same order on every rank -> collectives match up; the thread lets them overlap backward compute.
     `wait()` re-raises a job's error (wrapped in CommunicationError) and never blocks past one
     deadline, `timeout_s` from the call, for everything pending: the total wait is bounded by the
-    timeout, not by jobs x timeout. After an error the queued jobs are dropped and a fresh thread takes later ones (a
-    job stuck in a collective ends when its group's timeout fires), so the caller can still checkpoint.
+    timeout, not by jobs x timeout. After an error the queued jobs are dropped and a fresh thread takes
+    later ones (a job stuck in a collective ends when its group's timeout fires), so the caller can
+    still checkpoint.
 
     CUDA (`device` a CUDA device): each job runs on the executor's own stream after an event recorded on
     the submitting thread's current stream (the gradients it reads are computed there), and `wait()`

@@ -223,7 +223,8 @@ class DataParallel(nn.Module):
         theirs = saved.get("algorithm") if isinstance(saved, dict) else None
         if not strict and saved is not None and theirs != self.algorithm.name:
             logger.warning("checkpoint holds state of algorithm %r, this model runs %r: loading the weights "
-                           "only (strict=False); the algorithm state starts fresh", theirs, self.algorithm.name)
+                           "only (strict=False); the algorithm state starts fresh",
+                           theirs, self.algorithm.name)
             metadata = getattr(state_dict, "_metadata", None)  # module versions, as state_dict() saved them
             state_dict = OrderedDict((k, v) for k, v in state_dict.items() if k != "_extra_state")
             if metadata is not None:
@@ -356,7 +357,8 @@ class DataParallel(nn.Module):
             names = [self.param_names.get(id(b.params[i]), "?") for b, i in missing]
             log = logger.info if self.find_unused_parameters else logger.warning
             log("parameters without a gradient on rank %d (handled like DDP's find_unused_parameters=%s): %s",
-                self.rank, self.find_unused_parameters, ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
+                self.rank, self.find_unused_parameters,
+                ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
         return missing
 
     def _used_anywhere(self, missing: list[tuple[Bucket, int]]) -> list[int]:
@@ -367,7 +369,8 @@ class DataParallel(nn.Module):
         for bucket, index in missing:
             flags[self._flag_index[id(bucket.params[index])]] = 0
         result: list[int] = []
-        self.executor.submit("used-parameter bitmap", lambda: result.extend(comm.allreduce_max_(flags).tolist()))
+        self.executor.submit("used-parameter bitmap",
+                             lambda: result.extend(comm.allreduce_max_(flags).tolist()))
         return result
 
     def _reset_iteration(self) -> None:
