@@ -31,7 +31,8 @@ How it hooks in (public PyTorch hooks, and the autograd engine callback DDP itse
 - `Optimizer.register_step_pre_hook` / `register_step_post_hook` drive algorithms that act on weights or
   optimizer state around the step; `iteration` counts steps that happened (a step that
   `torch.amp.GradScaler` skips, on every rank together since the averaged gradients overflow
-  everywhere, is not counted).
+  everywhere, is not counted). Under weight-space algorithms gradients stay local, so GradScaler would
+  skip on some ranks only: not supported there.
 With no process group initialized (or a group of one) the wrapper is a no-op around the module, so the same
 script runs under `python` and under `torchrun`.
 
