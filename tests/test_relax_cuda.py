@@ -11,8 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distributed_harness import run_ranks
-from relax_models import rank_batch
-from test_relax_ddp_loops import Branchy, uses_sometimes
+from relax_models import Branchy, rank_batch, uses_sometimes
 from thinkscale.relax import DataParallel
 
 pytestmark = [

@@ -10,35 +10,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distributed_harness import run_ranks
-from relax_models import rank_batch
+from relax_models import Branchy, rank_batch, uses_sometimes
 from thinkscale.relax import DataParallel
 
 STEPS = 7
 FREEZE_AT, UNFREEZE_AT = 2, 5  # mid.weight is frozen for steps 2-4, after wrapping
-
-
-class Branchy(nn.Module):
-    """BatchNorm, a branch no rank ever uses, and one that only some ranks use at some steps."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(8, 16)
-        self.bn = nn.BatchNorm1d(16)
-        self.mid = nn.Linear(16, 16)
-        self.out = nn.Linear(16, 4)
-        self.never = nn.Linear(16, 4)
-        self.sometimes = nn.Linear(16, 4)
-
-    def forward(self, x, use_sometimes: bool):
-        h = torch.tanh(self.bn(self.inp(x)))
-        h = torch.tanh(self.mid(h))
-        y = self.out(h)
-        return y + self.sometimes(h) if use_sometimes else y
-
-
-def uses_sometimes(rank: int, step: int) -> bool:
-    """Rank 0 only on even steps, both ranks at step 3, nobody on the other odd steps."""
-    return step == 3 or (rank == 0 and step % 2 == 0)
 
 
 def _grads(module: nn.Module) -> dict:
