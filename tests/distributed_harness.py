@@ -3,7 +3,8 @@
     results = run_ranks(fn, world_size=2, args=(...), env={"LOCAL_WORLD_SIZE": "2"})
 
 `fn(rank, world_size, *args)` runs after the default process group is initialized (gloo, 127.0.0.1, a
-free port, one thread per rank). Its return value is saved with torch.save and returned in rank order.
+free port, one thread per rank; backend="nccl" binds rank r to cuda:r first). Its return value is saved
+with torch.save and returned in rank order.
 A rank that raises makes run_ranks raise with that rank's traceback; ranks still running after
 `timeout` are killed and run_ranks raises TimeoutError (a hang is a test failure, never a stuck suite).
 """
@@ -27,12 +28,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, out_dir, env, args, pg_timeout_s):
+def _entry(fn, rank, world_size, port, out_dir, env, args, pg_timeout_s, backend):
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), **(env or {})})
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=pg_timeout_s))
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
@@ -45,13 +48,14 @@ def _entry(fn, rank, world_size, port, out_dir, env, args, pg_timeout_s):
 
 
 def run_ranks(fn, world_size: int, args: tuple = (), env: dict | None = None, timeout: float = 120.0,
-              pg_timeout_s: float = 60.0, allow_failures: bool = False):
+              pg_timeout_s: float = 60.0, allow_failures: bool = False, backend: str = "gloo"):
     """Returns the list of per-rank results (None for a rank that failed when allow_failures).
     With allow_failures, returns (results, errors) where errors maps rank -> traceback text."""
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, out_dir, env, args, pg_timeout_s))
+        procs = [ctx.Process(target=_entry,
+                             args=(fn, r, world_size, port, out_dir, env, args, pg_timeout_s, backend))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -11,6 +11,30 @@ def small_mlp(seed: int = 0, d_in: int = 8, hidden: int = 16, d_out: int = 4) ->
                          nn.Linear(hidden, d_out))
 
 
+class Branchy(nn.Module):
+    """BatchNorm, a branch no rank ever uses, and one that only some ranks use at some steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.mid = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+        self.never = nn.Linear(16, 4)
+        self.sometimes = nn.Linear(16, 4)
+
+    def forward(self, x, use_sometimes: bool):
+        h = torch.tanh(self.bn(self.inp(x)))
+        h = torch.tanh(self.mid(h))
+        y = self.out(h)
+        return y + self.sometimes(h) if use_sometimes else y
+
+
+def uses_sometimes(rank: int, step: int) -> bool:
+    """Rank 0 only on even steps, both ranks at step 3, nobody on the other odd steps."""
+    return step == 3 or (rank == 0 and step % 2 == 0)
+
+
 def rank_batch(rank: int, step: int, batch: int = 8, d_in: int = 8, d_out: int = 4):
     """Different data per rank and per step, reproducible anywhere."""
     g = torch.Generator().manual_seed(1000 * rank + step)

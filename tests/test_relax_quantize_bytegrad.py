@@ -88,7 +88,9 @@ def _bytegrad_grads(rank, world):
     x, y = rank_batch(rank, 0)
     with model.no_sync():  # local grads only
         torch.nn.functional.mse_loss(model(x), y).backward()
-    local = [b.flat.clone() for b in model.buckets]
+    # each bucket's local gradient in its layout, zero padding included
+    local = [torch.cat([p.grad.reshape(-1) for p in b.params]
+                       + [torch.zeros(b.flat.numel() - b.numel)]) for b in model.buckets]
     for p in module.parameters():
         p.grad = None
     torch.nn.functional.mse_loss(model(x), y).backward()

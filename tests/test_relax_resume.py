@@ -145,5 +145,102 @@ def test_checkpoint_of_another_algorithm_is_refused():
     target_module = small_mlp()
     target = DataParallel(target_module, torch.optim.SGD(target_module.parameters(), lr=0.1),
                           algorithm="decentralized")
-    with pytest.raises(ValueError, match="algorithm 'gradient_allreduce'.*runs 'decentralized'"):
+    with pytest.raises(ValueError, match="algorithm 'gradient_allreduce'.*runs 'decentralized'.*strict=False"):
         target.load_state_dict(source.state_dict())
+
+
+# ----- issue 10: QAdam through the wrapper, async under its lock, another algorithm's checkpoint -----
+def _qadam_build(seed):
+    from thinkscale.relax.algorithms import QAdamOptimizer
+
+    module = small_mlp(seed=seed)
+    opt = QAdamOptimizer(module.parameters(), lr=1e-2, warmup_steps=2, weight_decay=0.01)
+    return module, opt, DataParallel(module, opt, algorithm="qadam", hierarchical=False)
+
+
+def _qadam_resume(rank):
+    module, opt, model = _qadam_build(0)
+    _train(rank, model, opt, range(6))
+    straight = params_vector(module)
+    model.close()
+    module, opt, model = _qadam_build(0)
+    _train(rank, model, opt, range(3))  # past warm-up: the checkpoint holds compressed-phase moments
+    checkpoint = _save(model, opt)
+    model.close()
+    module, opt, model = _qadam_build(50 + rank)
+    state = _load(checkpoint)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    _train(rank, model, opt, range(3, 6))
+    resumed = params_vector(module)
+    model.close()
+    return straight, resumed
+
+
+def _async_state_dict_waits_for_the_averager(rank):
+    """A thread plays the averager mid-write (holding the weight lock, weights half updated): a
+    state_dict taken meanwhile must wait for the write to finish, and hold copies afterwards."""
+    import threading
+    import time
+
+    module = small_mlp(seed=0)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    model = DataParallel(module, opt, algorithm="async", sync_interval_ms=60_000)
+    lock, holding = model._impl.lock, threading.Event()
+
+    def averager_write():
+        lock.acquire_averager(threading.Event())
+        holding.set()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(1.0)
+                time.sleep(0.05)  # a reader without the lock would see some tensors updated, some not
+        lock.release()
+
+    before = params_vector(module)
+    writer = threading.Thread(target=averager_write)
+    writer.start()
+    holding.wait()
+    state = model.state_dict()
+    writer.join()
+    taken = torch.cat([state[f"module.{name}"].reshape(-1) for name, _ in module.named_parameters()])
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(5.0)  # the checkpoint holds copies: later training does not change it
+    after = torch.cat([state[f"module.{name}"].reshape(-1) for name, _ in module.named_parameters()])
+    model.close()
+    return {"complete_write": torch.equal(taken, before + 1.0), "copies": torch.equal(after, taken)}
+
+
+def _world2(rank, world):
+    return {"qadam": _qadam_resume(rank), "async": _async_state_dict_waits_for_the_averager(rank)}
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return run_ranks(_world2, 2, timeout=120)
+
+
+def test_qadam_resume_through_the_wrapper_continues_identically(world2):
+    for result in world2:
+        straight, resumed = result["qadam"]
+        assert torch.equal(resumed, straight)
+    assert torch.equal(world2[0]["qadam"][0], world2[1]["qadam"][0])
+
+
+def test_async_state_dict_never_reads_weights_mid_write(world2):
+    for result in world2:
+        assert result["async"] == {"complete_write": True, "copies": True}
+
+
+def test_checkpoint_of_another_algorithm_with_strict_false_loads_weights_and_says_so(caplog):
+    module = small_mlp(seed=1)
+    source = DataParallel(module, torch.optim.SGD(module.parameters(), lr=0.1), algorithm="gradient_allreduce")
+    target_module = small_mlp(seed=2)
+    target = DataParallel(target_module, torch.optim.SGD(target_module.parameters(), lr=0.1),
+                          algorithm="decentralized")
+    with caplog.at_level("WARNING", logger="thinkscale.relax.wrapper"):
+        result = target.load_state_dict(source.state_dict(), strict=False)
+    assert torch.equal(params_vector(target_module), params_vector(module))
+    assert result.missing_keys == ["_extra_state"]
+    assert "'gradient_allreduce', this model runs 'decentralized'" in caplog.text

@@ -2,8 +2,9 @@
 
 Parameters are taken in reversed registration order (backward visits the last layers first), split by
 dtype, and a bucket closes once it holds `bucket_bytes` (it may overshoot by one tensor). Each bucket
-owns one contiguous buffer; every parameter's `.grad` is a view into it, so autograd accumulates
-straight into the buffer and a bucket is communicated without packing.
+owns one contiguous buffer; a parameter's `.grad` becomes a view into it when its gradient is ready
+(`take_grad`), so later iterations accumulate straight into the buffer (unless the loop sets grads to
+None, then the fresh gradient is copied in once) and a bucket is communicated without packing.
 """
 from __future__ import annotations
 
@@ -37,16 +38,26 @@ class Bucket:
             offset += p.numel()
         return out
 
-    def attach_grads(self) -> None:
-        """Make every param.grad the bucket view again (after zero_grad(set_to_none=True), say),
-        keeping any gradient already there."""
-        for p, view in zip(self.params, self.views):
-            if p.grad is None:
-                view.zero_()
-                p.grad = view
-            elif p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)
-                p.grad = view
+    def take_grad(self, index: int) -> None:
+        """Make params[index].grad the bucket view, keeping the gradient it holds (its grad is ready)."""
+        p, view = self.params[index], self.views[index]
+        if p.grad is None:
+            view.zero_()
+        elif p.grad.data_ptr() != view.data_ptr():
+            view.copy_(p.grad)
+        p.grad = view
+
+    def stage_missing(self, index: int) -> None:
+        """params[index] got no gradient this iteration: its slot takes what this rank contributes (its
+        current grad, or zeros), without making the slot its grad (the engine decides that after the
+        exchange, as DDP does for unused parameters)."""
+        p, view = self.params[index], self.views[index]
+        if p.grad is None:
+            view.zero_()
+        elif p.grad.data_ptr() == view.data_ptr():
+            p.grad = view.clone()  # the slot is about to be averaged; the local value stays apart
+        else:
+            view.copy_(p.grad)
 
 
 def plan_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[torch.nn.Parameter]]:
@@ -70,7 +81,7 @@ def plan_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[li
 def build_buckets(
     params: list[torch.nn.Parameter], bucket_bytes: int, pad_multiple: int = 1
 ) -> list[Bucket]:
-    """Allocate each bucket's flat buffer (padded to `pad_multiple` elements) and attach grad views."""
+    """Allocate each bucket's flat buffer (padded to `pad_multiple` elements) and its grad views."""
     buckets = []
     for index, group in enumerate(plan_buckets(params, bucket_bytes)):
         numel = sum(p.numel() for p in group)
@@ -78,7 +89,6 @@ def build_buckets(
         flat = torch.zeros(padded, dtype=group[0].dtype, device=group[0].device)
         bucket = Bucket(index=index, params=group, flat=flat)
         bucket.views = bucket.split(flat)
-        bucket.attach_grads()
         buckets.append(bucket)
     return buckets
 

@@ -5,11 +5,16 @@ group ranks and work unchanged on the whole world or on the node leaders of hier
 Collectives are blocking calls: the engine runs them on one ordered background thread (see
 `OrderedExecutor`), which gives overlap with backward and the same launch order on every rank.
 Every group is created with a timeout, so a dead peer surfaces as an error instead of a hang.
+
+GPU path (NCCL; written and reviewed, not yet run on GPUs - see tests marked `cuda`): point-to-point
+exchanges are grouped with `batch_isend_irecv` (ungrouped NCCL isend/irecv pairs deadlock), and the
+executor runs its jobs on a CUDA stream of its own, ordered against the training stream with events.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -37,6 +42,12 @@ class Comm:
         self.ranks: list[int] = dist.get_process_group_ranks(group) if group is not None else [0]
         self.size = len(self.ranks)
         self.rank = dist.get_rank(group) if group is not None else 0
+        self.backend = str(dist.get_backend(group)) if group is not None else "none"
+        # Where small control tensors (flags, bitmaps) live: NCCL moves CUDA tensors only. Fixed here, on
+        # the constructing thread, whose current device the launcher set (background threads start on
+        # device 0).
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if "nccl" in self.backend
+                       else torch.device("cpu"))
 
     def _global(self, group_rank: int) -> int:
         return self.ranks[group_rank]
@@ -53,6 +64,11 @@ class Comm:
     def allreduce_min_(self, t: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return t
+
+    def allreduce_max_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -89,13 +105,20 @@ class Comm:
         or one isend + recv of the whole tensor, moved one direction at a time (3.4-3.5 s); chunks all
         posted up front took 1.7-1.8 s, the full-duplex time. Posting the sends first was still
         half-duplex inside training (decentralized, 94 MB: 15.4 s vs 7.2 s with receives first).
-        gloo's batch_isend_irecv is avoided (known to hang).
+        gloo's batch_isend_irecv is avoided (known to hang); NCCL needs it (below).
         """
         if peer == self.rank:
             return t.clone()
         outgoing = t.contiguous().view(-1)  # kept referenced until the sends complete
         received = torch.empty_like(outgoing)
         peer_global = self._global(peer)
+        if t.is_cuda and "nccl" in self.backend:  # "nccl", or "cpu:gloo,cuda:nccl" for CUDA tensors
+            # NCCL: an ungrouped isend/irecv pair to one peer deadlocks; one batched group does not.
+            ops = [dist.P2POp(dist.irecv, received, peer_global, self.group),
+                   dist.P2POp(dist.isend, outgoing, peer_global, self.group)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+            return received.view(t.shape)
         # receives first, so the peer's data always has somewhere to land
         works = [dist.irecv(c, src=peer_global, group=self.group) for c in received.split(EXCHANGE_CHUNK)]
         works += [dist.isend(c, dst=peer_global, group=self.group) for c in outgoing.split(EXCHANGE_CHUNK)]
@@ -178,7 +201,12 @@ def make_topology(
         return Topology(world=world)
     my_node = world.rank // local
     intra = None
-    for node in range(nodes):  # every rank must create every group, in the same order
+    # Every rank creates every group, in the same order (counter-named groups). Deliberately not
+    # `use_local_synchronization=True` (torch 2.13 has it): its group name hashes the member ranks with
+    # the caller's count of groups it belongs to, which differs between node leaders and the others
+    # after one hierarchical wrapper, so a second wrapper's node groups get different names on the
+    # ranks of one node and wait for each other until the timeout (reproduced with 4 gloo ranks).
+    for node in range(nodes):
         g = dist.new_group(ranks=ranks[node * local:(node + 1) * local], timeout=timeout)
         if node == my_node:
             intra = Comm(g)
@@ -191,37 +219,77 @@ class OrderedExecutor:
     """One background thread running communication jobs in submission order.
 
     Same order on every rank -> collectives match up; the thread lets them overlap backward compute.
-    `wait()` re-raises a job's error (wrapped in CommunicationError) and never blocks past `timeout_s`.
+    `wait()` re-raises a job's error (wrapped in CommunicationError) and never blocks past one
+    deadline, `timeout_s` from the call, for everything pending: the total wait is bounded by the
+    timeout, not by jobs x timeout. After an error the queued jobs are dropped and a fresh thread takes
+    later ones (a job stuck in a collective ends when its group's timeout fires), so the caller can
+    still checkpoint.
+
+    CUDA (`device` a CUDA device): each job runs on the executor's own stream after an event recorded on
+    the submitting thread's current stream (the gradients it reads are computed there), and `wait()`
+    makes the caller's current stream wait for the executor's stream, so results are visible to the
+    training stream without a host synchronization.
     """
 
-    def __init__(self, timeout_s: float, name: str = "relax-comm"):
+    def __init__(self, timeout_s: float, device: torch.device | None = None, name: str = "relax-comm"):
         self.timeout_s = timeout_s
+        self._name = name
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._pending: list[tuple[str, Future]] = []
+        self._stream = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
 
     def submit(self, what: str, fn: Callable[[], None]) -> None:
+        if self._stream is not None:
+            fn = _on_stream(fn, self._stream)
         self._pending.append((what, self._pool.submit(fn)))
 
     def wait(self) -> None:
+        """Wait for every pending job, all of them within `timeout_s` from now."""
+        deadline = time.monotonic() + self.timeout_s
         pending, self._pending = self._pending, []
         for what, fut in pending:
             try:
-                fut.result(timeout=self.timeout_s)
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout as exc:
+                self._restart()
                 raise CommunicationError(
                     f"{what} did not finish within {self.timeout_s:.0f}s: a peer rank is probably dead "
                     "or not calling in"
                 ) from exc
-            except CommunicationError:
-                raise
             except Exception as exc:
+                self._restart()
+                if isinstance(exc, CommunicationError):
+                    raise
                 raise CommunicationError(
                     f"{what} failed ({type(exc).__name__}: {exc}); a peer rank may have died"
                 ) from exc
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
 
     @property
     def busy(self) -> bool:
         return bool(self._pending)
 
-    def shutdown(self) -> None:
+    def _restart(self) -> None:
+        """Drop queued jobs and continue on a fresh thread (after a failure; never blocks)."""
+        self._pending = []
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+
+    def shutdown(self) -> None:
+        self._pending = []
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _on_stream(fn: Callable[[], None], stream: "torch.cuda.Stream") -> Callable[[], None]:
+    """`fn` to run on `stream`, after the work queued so far on the caller's current stream."""
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(stream.device))
+
+    def run() -> None:
+        # the executor's thread starts on device 0: allocations in `fn` must land on the stream's device
+        with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            fn()
+
+    return run

@@ -26,9 +26,15 @@ it cannot deadlock (the averager then skips that round's local update); a failed
 thread is re-raised on the training thread at the next forward as `CommunicationError`; the thread's
 group is created with the engine's timeout. Not covered: weights changed outside forward/backward/step
 (or forward inside `no_sync()`, which bypasses the engine) are not protected by the lock.
+
+Checkpoints: `DataParallel.state_dict()` / `load_state_dict()` take the weight lock (state_dict returns
+copies, since torch.save reads them later). CUDA: the averaging thread issues its copies and adds on its
+thread's current stream, the device's default stream, which the training thread uses too, so the lock's
+host-side order is also the order on the GPU; the control flag lives on the group's device.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -97,6 +103,7 @@ class AsyncModelAverage(Algorithm):
 
     name = "async"
     requires_full_optimizer = True  # steps are counted and locked through the optimizer's hooks
+    rebuilds_buckets = False  # the averaging thread holds the parameter list
     peer_selection_mode: str = "all"
     sync_interval_ms: float = 500
     warmup_steps: int = 0
@@ -121,6 +128,8 @@ def _mean(t: torch.Tensor, comm: Comm) -> None:
 
 
 class _AsyncImpl(AlgorithmImpl):
+    writes_weights_in_background = True
+
     def __init__(self, engine, config: AsyncModelAverage):
         super().__init__(engine)
         self.config = config
@@ -155,6 +164,20 @@ class _AsyncImpl(AlgorithmImpl):
             self._start()
         if torch.is_grad_enabled():  # a no_grad forward (evaluation) has no backward to release the lock
             self._trainer_acquire()
+
+    def averages_gradients(self):
+        return self.in_warmup
+
+    @contextlib.contextmanager
+    def weights_paused(self):
+        """Hold the weight lock (if this thread does not already) so the averager cannot write."""
+        held_before = self._trainer_holds
+        self._trainer_acquire()
+        try:
+            yield
+        finally:
+            if not held_before:
+                self._trainer_release()
 
     def on_bucket_ready(self, bucket):
         if not self.in_warmup:
@@ -227,7 +250,7 @@ class _AsyncImpl(AlgorithmImpl):
 
     def _loop(self) -> None:
         interval_s = self.config.sync_interval_ms / 1000
-        keep_going = torch.ones(1, dtype=torch.int32)
+        keep_going = torch.ones(1, dtype=torch.int32, device=self.comm.device)  # NCCL: a CUDA tensor
         try:
             with torch.no_grad():
                 while True:

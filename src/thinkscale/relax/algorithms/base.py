@@ -5,14 +5,20 @@
 below. The engine (`DataParallel`) calls them at fixed points of the training loop:
 
     forward:   before_forward()                      main thread, before the module runs
-    backward:  on_bucket_ready(bucket) -> job|None   a job runs on the ordered comm thread
-               after_backward()                      once every bucket's job finished; grads only
-    step:      before_step() / after_step()          optimizer step pre/post hooks
+    backward:  on_bucket_ready(bucket) -> job|None   a job runs on the ordered comm thread; every
+                                                     bucket, every iteration, in order (a bucket with
+                                                     unused parameters at the end of backward)
+               after_backward()                      end of backward, every job finished; grads only
+    step:      before_step() / after_step()          optimizer step pre/post hooks (not called for a
+                                                     step GradScaler skips)
 
+and answers the engine's questions: `averages_gradients()` (this iteration), `weights_paused()` (a
+context in which no background thread writes the weights, for checkpoints).
 Hooks must not change parameters before `before_step` (autograd may still need them in backward).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar
 
@@ -28,6 +34,9 @@ class Algorithm:
     name: ClassVar[str] = ""
     # Whether the engine should refuse an optimizer that does not update every trainable parameter.
     requires_full_optimizer: ClassVar[bool] = False
+    # Whether the engine may rebuild buckets (and the runtime, its state_dict carried over) when the
+    # set of parameters with requires_grad=True changes after wrapping.
+    rebuilds_buckets: ClassVar[bool] = True
 
     def reify(self, engine: "DataParallel") -> "AlgorithmImpl":
         raise NotImplementedError
@@ -48,8 +57,22 @@ class Algorithm:
 class AlgorithmImpl:
     """Runtime of one algorithm on one wrapped model. Every hook is optional."""
 
+    # True when a background thread writes the weights (async): checkpoints copy them under the lock.
+    writes_weights_in_background: ClassVar[bool] = False
+
     def __init__(self, engine: "DataParallel"):
         self.engine = engine
+
+    def averages_gradients(self) -> bool:
+        """Whether this iteration's gradients end averaged over ranks. Then the engine treats
+        parameters without a gradient like DDP's find_unused_parameters=True (averaged if some rank
+        used them, left as they were if none did); otherwise grads stay local and such parameters keep
+        theirs. Every rank must give the same answer (derive it from step counters)."""
+        return False
+
+    def weights_paused(self):
+        """A context in which no background thread writes the weights."""
+        return contextlib.nullcontext()
 
     def before_forward(self) -> None:
         pass

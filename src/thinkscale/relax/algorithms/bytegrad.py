@@ -54,6 +54,9 @@ class _ByteGradImpl(AlgorithmImpl):
         super().__init__(engine)
         self.config = config
 
+    def averages_gradients(self):
+        return True
+
     def on_bucket_ready(self, bucket):
         topology, average = self.engine.topology, self.config.average
 

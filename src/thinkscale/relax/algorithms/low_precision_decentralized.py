@@ -87,6 +87,7 @@ class LowPrecisionDecentralized(Algorithm):
 
     name = "low_precision_decentralized"
     requires_full_optimizer = True
+    rebuilds_buckets = False  # w, l, r are kept per bucket and mirror the neighbours' buckets
     hierarchical: bool = True
     communication_interval: int = 1
 

@@ -29,8 +29,10 @@ Where this differs from the source (BAGUA's QAdam), each a documented defect the
   with the gradient buckets, and the optimizer's `exp_avg` state tensors are views of them.
 
 After warm-up `param.grad` holds this rank's local gradient (only m is averaged), so clipping gradients
-between backward and step has no effect there. World size 1: `QAdamOptimizer` alone does the same math
-without communication.
+between backward and step has no effect there, and `torch.amp.GradScaler` cannot be used after warm-up
+(m is formed during backward from the still-scaled gradient). A parameter without a gradient on some
+rank after warm-up still steps on every rank with the averaged m. World size 1: `QAdamOptimizer` alone
+does the same math without communication.
 """
 from __future__ import annotations
 
@@ -133,9 +135,12 @@ class QAdamOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 state = self.state[p]
+                # After warm-up under the engine every rank holds the same averaged m for every bucketed
+                # parameter, used here or not, so every rank steps it once it has had a step (a
+                # grad-less skip on some ranks only would split the replicas).
+                if p.grad is None and not (averaged and not warmup and state.get("step", 0) > 0):
+                    continue
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p)
                 if "exp_avg_sq" not in state:
@@ -143,15 +148,15 @@ class QAdamOptimizer(torch.optim.Optimizer):
                 first_step = state.get("step", 0) == 0
                 state["step"] = state.get("step", 0) + 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                grad = decayed_gradient(p.grad, p, group["weight_decay"])
+                grad = None if p.grad is None else decayed_gradient(p.grad, p, group["weight_decay"])
                 if warmup:
                     update_first_moment_(m, grad, beta1)
                     update_second_moment_(v, grad, beta2)
                 else:
                     if not averaged:  # alone (no engine): the local gradient is the average
                         update_first_moment_(m, grad, beta1)
-                    if first_step:  # never had an Adam step: v as Adam's first step would set it
-                        update_second_moment_(v, grad, beta2)
+                    if first_step and grad is not None:  # never had an Adam step: v as Adam's first
+                        update_second_moment_(v, grad, beta2)  # step would set it
                 adam_update_(p, m, v, group["lr"], beta1, beta2, group["eps"], state["step"])
         self.steps_taken += 1
         return loss
@@ -235,6 +240,10 @@ class _QAdamImpl(AlgorithmImpl):
         # one flat momentum buffer per gradient bucket, same layout and padding
         self.momenta = {b.index: torch.zeros_like(b.flat) for b in engine.buckets}
         self.momentum_views = {b.index: b.split(self.momenta[b.index]) for b in engine.buckets}
+
+    def averages_gradients(self):
+        # warm-up, and the step that initialises v from the full-precision average (warmup_steps=0)
+        return self.optimizer.next_step_is_warmup or self.optimizer.steps_taken == 0
 
     def on_bucket_ready(self, bucket):
         optimizer, topology = self.optimizer, self.engine.topology
