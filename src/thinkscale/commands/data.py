@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="built-in task: " + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()))
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for train.jsonl, test.jsonl, hard.jsonl")
     parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0, as the demo)")
-    parser.add_argument("--train", type=non_negative_int, default=20000, help="training questions (default 20000)")
+    parser.add_argument("--train", type=non_negative_int, default=None,
+                        help="training questions (default: the demo's, 20000 arithmetic / 8000 countdown)")
     parser.add_argument("--test", type=non_negative_int, default=200, help="test questions (default 200)")
     parser.add_argument("--hard", type=non_negative_int, default=100, help="hard questions (default 100)")
     parser.add_argument("--exclude", metavar="FILE", action="append", default=[],
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from thinkscale.tasks.registry import get_task
 
     task = get_task(args.task)
+    if args.train is None:
+        args.train = task.demo_num_train
     try:
         excluded = {e.question for path in args.exclude for e in read_examples(path)}
         # draw extra questions, then drop the excluded ones, so every split keeps its size

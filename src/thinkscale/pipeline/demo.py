@@ -64,7 +64,7 @@ class DemoConfig:
     task: str = "arithmetic"
     task_config: object | None = None  # None: the task's demo_config
     hard_task_config: object | None = None  # None: the task's demo_hard_config
-    num_train: int = 20000
+    num_train: int | None = None  # None: the task's demo size (arithmetic 20000, countdown 8000)
     num_test: int = 200  # test questions evaluated with 32 samples each
     num_hard: int = 100
     # sft (~4-5 min): None = SFTOptions' default
@@ -99,6 +99,8 @@ class DemoConfig:
         get_task(self.task)  # an unknown name lists the valid ones
         if self.profile not in ("default", "quick"):
             raise ValueError(f"profile must be 'default' or 'quick', got {self.profile!r}")
+        if self.num_train is None:
+            self.num_train = get_task(self.task).demo_num_train
         for name in ("num_train", "num_test", "num_hard", "sft_eval_samples", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

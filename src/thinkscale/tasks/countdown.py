@@ -535,8 +535,9 @@ def generate(
     problems: list[Problem] = []
     seen: set[str] = set(exclude)
     misses = 0
-    # As in arithmetic: a long run of misses means the problem space is too small for `n`.
-    max_misses = 200 * (n + 10) * (10 if want_eval else 1)
+    # A long run of misses in a row means the space is (nearly) used up: the space is ~10k puzzles for
+    # the default config, so counting misses in a row fails in seconds instead of grinding on.
+    max_misses = 20_000 * (10 if want_eval else 1)
     while len(problems) < n:
         problem = random_problem(rng, config)
         if problem.question in seen or in_eval_pool(problem.question) != want_eval:
@@ -549,6 +550,7 @@ def generate(
             continue
         seen.add(problem.question)
         problems.append(problem)
+        misses = 0
     return problems
 
 

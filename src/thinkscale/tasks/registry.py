@@ -32,6 +32,7 @@ class Task:
     grade_answer: Callable[[str, str, str, "str | None"], bool]  # (completion, question, reference, think_end)
     step_truth: Callable[[str, Sequence[str]], list]  # (question, steps) -> per-step truth
     equivalent: Callable[[str, str], bool] | None = None  # None: math equivalence (reflect.grade)
+    demo_num_train: int = 20000  # training questions of the demo (the task's space must hold that many)
 
     def grade(self, completion: str, question: str, reference: str, think_end: str | None = THINK_END) -> bool:
         """Whether a completion's final answer is right (never raises)."""
@@ -78,6 +79,8 @@ TASKS: dict[str, Task] = {
         grade_answer=lambda completion, question, reference, think_end: countdown.grade(completion, question, think_end),
         step_truth=countdown.step_truth,
         equivalent=_countdown_equal,
+        # ~10k distinct puzzles lie in the training pool of the default config: 8000 leaves room to draw
+        demo_num_train=8000,
     ),
 }
 
