@@ -169,7 +169,7 @@ def _questions(n: int, seed: int) -> list[str]:
     from thinkscale.pipeline.demo import DemoConfig
     from thinkscale.tasks.arithmetic import generate
 
-    return [p.question for p in generate(DemoConfig().task, n, seed, "test")]
+    return [p.question for p in generate(DemoConfig().task_configs[0], n, seed, "test")]
 
 
 def load_pipeline(args: argparse.Namespace, questions: list[str]) -> Subject:
@@ -191,7 +191,7 @@ def load_pipeline(args: argparse.Namespace, questions: list[str]) -> Subject:
         source = f"trained checkpoint {args.policy_dir}" + (" (with its trained head)" if rm.head_is_trained else "")
     else:
         demo = DemoConfig() if args.pipeline_profile == "default" else DemoConfig.quick_profile()
-        train = generate(demo.task, TOKENIZER_TRAIN_PROBLEMS, args.seed, "train")
+        train = generate(demo.task_configs[0], TOKENIZER_TRAIN_PROBLEMS, args.seed, "train")
         tokenizer = train_tokenizer(format_prompt(p.question) + p.completion for p in train)
         policy = build_policy(demo.policy or PolicyConfig(), tokenizer, seed=args.seed)
         rm = ReflectiveModel(policy, config=ReflectConfig(**{**reflect_config(), **overrides}))

@@ -238,7 +238,7 @@ def policy_workload(args, rank: int, world_size: int) -> Workload:
     from thinkscale.train import sft
 
     demo = DemoConfig()
-    options = sft.SFTOptions(out="-", task=demo.task, policy=demo.policy, num_train=args.policy_train_examples,
+    options = sft.SFTOptions(out="-", task=demo.task_configs[0], policy=demo.policy, num_train=args.policy_train_examples,
                              num_test=POLICY_EVAL_EXAMPLES, num_hard=0, seed=args.seed,
                              batch_size=args.batch_size or demo.sft_batch_size or sft.SFTOptions.batch_size)
     train, test, _ = sft.load_data(options)
