@@ -368,7 +368,7 @@ def bench_model(subject: Subject, args: argparse.Namespace, new_tokens: int) -> 
                                                   args.top_p, generator=generator, keep_features=True)]
         post = []
         for _ in range(args.repeats):
-            t, _, _ = _timed(lambda: [scores_from_features(rm, tok, ids, d.tokens, d.features) for ids, d in rows],
+            t, _, _ = _timed(lambda: [scores_from_features(rm, tok, ids, d.tokens, d.features, d.signals) for ids, d in rows],
                              args.device)
             post.append(t)
 
