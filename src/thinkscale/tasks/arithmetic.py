@@ -15,17 +15,15 @@ questions already in `test`), so a question never appears in two splits whatever
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field, replace
 from typing import Union
 
-from . import format_completion, format_prompt
+from . import format_completion, format_prompt, splits
+from .splits import SPLITS, draw_distinct, in_eval_pool  # noqa: F401 (in_eval_pool: part of this module's API)
 
 OPERATORS = ("+", "-", "*", "/")
 SHAPES = ("chain", "tree")
-SPLITS = ("train", "test", "hard")
-EVAL_POOL_FRACTION = 0.1  # share of all questions reserved for test/hard (by hash of the text)
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 _MAX_ATTEMPTS_PER_PROBLEM = 2000
 
@@ -275,12 +273,6 @@ def step_truth(question: str, steps: list[str]) -> list[bool]:
     return truth
 
 
-def in_eval_pool(question: str) -> bool:
-    """Whether `question` belongs to the evaluation pool (test/hard) rather than training; stable across runs."""
-    digest = hashlib.sha256(question.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < EVAL_POOL_FRACTION
-
-
 def generate(
     config: ArithmeticConfig,
     n: int,
@@ -290,35 +282,11 @@ def generate(
 ) -> list[Problem]:
     """`n` distinct problems for `split`, deterministic for (config, n, seed, split, exclude).
 
-    "train" draws from the training pool, "test" and "hard" from the evaluation pool (see the module
-    docstring); `config` decides the difficulty, so pass `config.harder()` for the hard split.
-    Questions in `exclude` are skipped.
+    "train" draws from the training pool, "test" and "hard" from the evaluation pool (see the module docstring);
+    `config` decides the difficulty, so pass `config.harder()` for the hard split. Questions in
+    `exclude` are skipped.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed: {SPLITS}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    want_eval = split != "train"
-    rng = random.Random(f"thinkscale-arithmetic:{seed}:{split}")
-    problems: list[Problem] = []
-    seen: set[str] = set(exclude)
-    misses = 0
-    # Each accepted problem costs ~1 draw for train and ~10 for the evaluation pool; a long run of
-    # misses means the problem space is too small for `n`.
-    max_misses = 200 * (n + 10) * (10 if want_eval else 1)
-    while len(problems) < n:
-        problem = random_problem(rng, config)
-        if problem.question in seen or in_eval_pool(problem.question) != want_eval:
-            misses += 1
-            if misses > max_misses:
-                raise ValueError(
-                    f"found only {len(problems)} of {n} distinct {split} problems; the problem space of "
-                    f"{config} is too small: allow more operations, digits or operators"
-                )
-            continue
-        seen.add(problem.question)
-        problems.append(problem)
-    return problems
+    return draw_distinct(random_problem, config, n, seed, split, exclude, task="arithmetic", hint="allow more operations, digits or operators")
 
 
 def make_splits(
@@ -330,10 +298,4 @@ def make_splits(
     hard_config: ArithmeticConfig | None = None,
 ) -> dict[str, list[Problem]]:
     """Train, test and hard splits with pairwise disjoint questions; hard uses `config.harder()` by default."""
-    test = generate(config, n_test, seed, "test")
-    hard_config = config.harder() if hard_config is None else hard_config
-    return {
-        "train": generate(config, n_train, seed, "train"),
-        "test": test,
-        "hard": generate(hard_config, n_hard, seed, "hard", exclude={p.question for p in test}),
-    }
+    return splits.make_splits(generate, config, seed, n_train, n_test, n_hard, hard_config)

@@ -33,7 +33,9 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Union
 
-from .arithmetic import SPLITS, Problem, in_eval_pool
+from . import splits
+from .arithmetic import Problem
+from .splits import draw_distinct
 
 __all__ = [
     "OPERATORS",
@@ -522,36 +524,11 @@ def generate(
 ) -> list[Problem]:
     """`n` distinct problems for `split`, deterministic for (config, n, seed, split, exclude).
 
-    "train" draws from the training pool, "test" and "hard" from the evaluation pool (see
-    `arithmetic.in_eval_pool`); `config` decides the difficulty, so pass `config.harder()` for the
-    hard split. Questions in `exclude` are skipped.
+    "train" draws from the training pool, "test" and "hard" from the evaluation pool (`splits.in_eval_pool`);
+    `config` decides the difficulty, so pass `config.harder()` for the hard split. Questions in
+    `exclude` are skipped.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed: {SPLITS}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    want_eval = split != "train"
-    rng = random.Random(f"thinkscale-countdown:{seed}:{split}")
-    problems: list[Problem] = []
-    seen: set[str] = set(exclude)
-    misses = 0
-    # A long run of misses in a row means the space is (nearly) used up: the space is ~10k puzzles for
-    # the default config, so counting misses in a row fails in seconds instead of grinding on.
-    max_misses = 20_000 * (10 if want_eval else 1)
-    while len(problems) < n:
-        problem = random_problem(rng, config)
-        if problem.question in seen or in_eval_pool(problem.question) != want_eval:
-            misses += 1
-            if misses > max_misses:
-                raise ValueError(
-                    f"found only {len(problems)} of {n} distinct {split} problems; the problem space of "
-                    f"{config} is too small: allow more numbers, a wider operand or target range"
-                )
-            continue
-        seen.add(problem.question)
-        problems.append(problem)
-        misses = 0
-    return problems
+    return draw_distinct(random_problem, config, n, seed, split, exclude, task="countdown", hint="allow more numbers, a wider operand or target range")
 
 
 def make_splits(
@@ -563,10 +540,4 @@ def make_splits(
     hard_config: CountdownConfig | None = None,
 ) -> dict[str, list[Problem]]:
     """Train, test and hard splits with pairwise disjoint questions; hard uses `config.harder()` by default."""
-    test = generate(config, n_test, seed, "test")
-    hard_config = config.harder() if hard_config is None else hard_config
-    return {
-        "train": generate(config, n_train, seed, "train"),
-        "test": test,
-        "hard": generate(hard_config, n_hard, seed, "hard", exclude={p.question for p in test}),
-    }
+    return splits.make_splits(generate, config, seed, n_train, n_test, n_hard, hard_config)
