@@ -53,3 +53,12 @@ def least_squares(rank: int, n: int = 64, d: int = 10, seed: int = 0):
 
 def params_vector(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def gather_all(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's copy of `t` (all_gather on the default group)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return parts

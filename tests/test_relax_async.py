@@ -8,17 +8,11 @@ import torch.distributed as dist
 from torch import nn
 
 from distributed_harness import run_ranks
-from relax_models import least_squares, params_vector, small_mlp
+from relax_models import gather_all, least_squares, params_vector, small_mlp
 from thinkscale.relax import DataParallel, algorithms
 from thinkscale.relax.algorithms.async_model_average import WeightLock
 
 INTERVAL_MS = 20
-
-
-def _gather(t: torch.Tensor) -> list[torch.Tensor]:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return parts
 
 
 def _train(model, opt, x, y, steps, sleep_s=0.0):
@@ -47,7 +41,7 @@ def _async_ranks(rank, world):
 
     # warm-up: synchronous gradient allreduce keeps replicas identical, no averaging thread yet
     _train(model, opt, x, y, 3)
-    out["warmup_equal"] = all(torch.equal(p, params_vector(lin)) for p in _gather(params_vector(lin)))
+    out["warmup_equal"] = all(torch.equal(p, params_vector(lin)) for p in gather_all(params_vector(lin)))
     out["running_in_warmup"] = model._impl.running
 
     # uneven speeds: rank 1 is slow and takes few steps; averaging pulls it along with rank 0
@@ -59,7 +53,7 @@ def _async_ranks(rank, world):
     dist.barrier()  # averaging keeps running meanwhile
     time.sleep(5 * INTERVAL_MS / 1000)
     out["end_loss"] = _loss(lin, x, y)
-    replicas = _gather(params_vector(lin))
+    replicas = gather_all(params_vector(lin))
     out["end_gap"] = (replicas[0] - replicas[1]).abs().max().item()
 
     # abort: no more averaging, even when replicas differ
@@ -70,7 +64,7 @@ def _async_ranks(rank, world):
     before = params_vector(lin)
     time.sleep(5 * INTERVAL_MS / 1000)
     out["unchanged_while_aborted"] = torch.equal(before, params_vector(lin))
-    out["gap_after_abort"] = (_gather(before)[0] - _gather(before)[1]).abs().max().item()
+    out["gap_after_abort"] = (gather_all(before)[0] - gather_all(before)[1]).abs().max().item()
 
     # resume: averaging again; with no training, every replica becomes the mean
     dist.barrier()
@@ -79,7 +73,7 @@ def _async_ranks(rank, world):
     rounds = model._impl.rounds
     while model._impl.rounds < rounds + 2 and time.monotonic() < deadline:
         time.sleep(INTERVAL_MS / 1000)
-    expected = (_gather(before)[0] + _gather(before)[1]) / 2
+    expected = (gather_all(before)[0] + gather_all(before)[1]) / 2
     out["resumed_gap"] = (params_vector(lin) - expected).abs().max().item()
     model.close()  # aborts the loop
     out["running_after_close"] = model._impl is None

@@ -6,12 +6,11 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distributed_harness import run_ranks
-from relax_models import Branchy, rank_batch, uses_sometimes
+from relax_models import Branchy, gather_all, params_vector, rank_batch, uses_sometimes
 from thinkscale.relax import DataParallel
 
 pytestmark = [
@@ -20,16 +19,6 @@ pytestmark = [
                        reason="needs >= 2 CUDA GPUs for 2-process NCCL (not available here)"),
 ]
 STEPS = 5
-
-
-def _vector(module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-
-
-def _gather(t: torch.Tensor) -> list[torch.Tensor]:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return parts
 
 
 def _versus_ddp(rank, device):
@@ -48,7 +37,7 @@ def _versus_ddp(rank, device):
             torch.nn.utils.clip_grad_norm_(module.parameters(), 0.5)
             opt.step()
     ours.close()
-    return {"diff": (_vector(ours_module) - _vector(ddp_module)).abs().max().item(),
+    return {"diff": (params_vector(ours_module) - params_vector(ddp_module)).abs().max().item(),
             "never_grad_none": ours_module.never.weight.grad is None}
 
 
@@ -59,17 +48,17 @@ def _train(rank, device, algorithm, **options):
     model = DataParallel(module, opt, algorithm=algorithm, hierarchical=False, **options)
     seen, errors = [], []
     opt.register_step_pre_hook(lambda *_: errors.append(
-        None if not seen else (_vector(module) - seen[-1]).abs().max().item()))
+        None if not seen else (params_vector(module) - seen[-1]).abs().max().item()))
     for step in range(STEPS):
         if algorithm == "decentralized":  # shift_one with 2 ranks: the pair average of both replicas
-            parts = _gather(_vector(module))
+            parts = gather_all(params_vector(module))
             seen.append((parts[0] + parts[1]) / 2)
         x, y = (t.to(device) for t in rank_batch(rank, step))
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     model.close()
-    return {"ranks": _gather(_vector(module)), "errors": errors}
+    return {"ranks": gather_all(params_vector(module)), "errors": errors}
 
 
 def _nccl_cases(rank, world):

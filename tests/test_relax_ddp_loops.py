@@ -5,12 +5,11 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distributed_harness import run_ranks
-from relax_models import Branchy, rank_batch, uses_sometimes
+from relax_models import Branchy, gather_all, rank_batch, uses_sometimes
 from thinkscale.relax import DataParallel
 
 STEPS = 7
@@ -19,12 +18,6 @@ FREEZE_AT, UNFREEZE_AT = 2, 5  # mid.weight is frozen for steps 2-4, after wrapp
 
 def _grads(module: nn.Module) -> dict:
     return {name: None if p.grad is None else p.grad.clone() for name, p in module.named_parameters()}
-
-
-def _gather(t: torch.Tensor) -> list[torch.Tensor]:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return parts
 
 
 def _branchy_loop(rank, algorithm):
@@ -126,7 +119,7 @@ def _qadam_unused(rank, steps=6):
         nn.functional.mse_loss(model(x, uses_sometimes(rank, step)), y).backward()
         opt.step()
     model.close()
-    return _gather(torch.cat([p.detach().reshape(-1) for p in module.parameters()]))
+    return gather_all(torch.cat([p.detach().reshape(-1) for p in module.parameters()]))
 
 
 def _without_used_bitmap(rank):
@@ -161,7 +154,7 @@ def _buffers_off(rank):
     x, _ = rank_batch(rank, 0)
     model(x).sum().backward()
     model(x).sum().backward()
-    means = _gather(module[1].running_mean)
+    means = gather_all(module[1].running_mean)
     model.close()
     return means
 

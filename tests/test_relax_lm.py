@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distributed_harness import run_ranks
+from relax_models import gather_all, params_vector
 from thinkscale.relax import DataParallel
 from thinkscale.relax.algorithms import QAdamOptimizer
 
@@ -28,16 +28,6 @@ def tiny_policy():
 def lm_batch(rank: int, step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(100 * rank + step)
     return torch.randint(2, VOCAB, (4, 12), generator=g)
-
-
-def _vector(module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-
-
-def _gather(t: torch.Tensor) -> list[torch.Tensor]:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return parts
 
 
 def _train(model, module, opt, rank, steps=STEPS, before_forward=None):
@@ -67,8 +57,8 @@ def _versus_ddp(rank, base):
             model(input_ids=ids, labels=ids).loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             opt.step()
-    out = {"diff": (_vector(ours_module) - _vector(ddp_module)).abs().max().item(),
-           "moved": (_vector(ours_module) - _vector(base)).abs().max().item(),
+    out = {"diff": (params_vector(ours_module) - params_vector(ddp_module)).abs().max().item(),
+           "moved": (params_vector(ours_module) - params_vector(base)).abs().max().item(),
            "tied": ours_module.lm_head.weight is ours_module.model.embed_tokens.weight,
            "bucketed": sum(len(b.params) for b in ours.buckets),
            "parameters": len(list(ours_module.parameters()))}
@@ -82,7 +72,7 @@ def _bytegrad(rank, base):
     model = DataParallel(module, opt, algorithm="bytegrad", bucket_size_mb=0.05, hierarchical=False)
     _train(model, module, opt, rank)
     model.close()
-    return _gather(_vector(module))
+    return gather_all(params_vector(module))
 
 
 def _decentralized(rank, base):
@@ -93,9 +83,9 @@ def _decentralized(rank, base):
     model = DataParallel(module, opt, algorithm="decentralized", hierarchical=False)
     seen, errors = [], []
     opt.register_step_pre_hook(  # after the engine's own pre-hook: the weights are averaged by now
-        lambda *_: errors.append((_vector(module) - (seen[-1][0] + seen[-1][1]) / 2).abs().max().item()))
-    _train(model, module, opt, rank, before_forward=lambda: seen.append(_gather(_vector(module))))
-    differ = not torch.equal(*_gather(_vector(module)))
+        lambda *_: errors.append((params_vector(module) - (seen[-1][0] + seen[-1][1]) / 2).abs().max().item()))
+    _train(model, module, opt, rank, before_forward=lambda: seen.append(gather_all(params_vector(module))))
+    differ = not torch.equal(*gather_all(params_vector(module)))
     model.close()
     return {"errors": errors, "ranks_differ": differ}
 
@@ -106,7 +96,7 @@ def _qadam(rank, base):
     model = DataParallel(module, opt, algorithm="qadam", bucket_size_mb=0.05, hierarchical=False)
     _train(model, module, opt, rank)
     model.close()
-    return _gather(_vector(module))
+    return gather_all(params_vector(module))
 
 
 def _async(rank, base):
@@ -114,10 +104,10 @@ def _async(rank, base):
     opt = _adamw(module)
     model = DataParallel(module, opt, algorithm="async", warmup_steps=3, sync_interval_ms=10)
     _train(model, module, opt, rank, steps=3)
-    warmup_equal = torch.equal(*_gather(_vector(module)))
+    warmup_equal = torch.equal(*gather_all(params_vector(module)))
     _train(model, module, opt, rank, steps=STEPS - 3)
     model.close()
-    return {"warmup_equal": warmup_equal, "finite": bool(torch.isfinite(_vector(module)).all())}
+    return {"warmup_equal": warmup_equal, "finite": bool(torch.isfinite(params_vector(module)).all())}
 
 
 def _low_precision(rank, base):
@@ -128,10 +118,10 @@ def _low_precision(rank, base):
                          bucket_size_mb=0.05)
     _train(model, module, opt, rank)
     w, l, r = (torch.cat(parts) for parts in zip(*model._impl.replicas))
-    peer_w = _gather(w)[1 - rank]
+    peer_w = gather_all(w)[1 - rank]
     model.close()
     return {"l_is_peer_w": torch.equal(l, peer_w), "r_is_peer_w": torch.equal(r, peer_w),
-            "finite": bool(torch.isfinite(_vector(module)).all())}
+            "finite": bool(torch.isfinite(params_vector(module)).all())}
 
 
 def _lm_cases(rank, world):
