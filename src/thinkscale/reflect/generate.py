@@ -78,7 +78,7 @@ def decode(rm: ReflectiveModel, prompts: Sequence[Sequence[int]], max_new_tokens
     """Decode one batch of token-id prompts, left-padded, with the KV cache.
 
     `keep_features` False runs the identical loop with no hook: generation alone. `keep_signals` False
-    skips the free confidences (their rows are then empty; for measuring what they cost).
+    skips the free confidences (their rows are then empty, shape (G, 0); for measuring what they cost).
     """
     device = next(rm.policy.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
@@ -127,7 +127,7 @@ def decode(rm: ReflectiveModel, prompts: Sequence[Sequence[int]], max_new_tokens
 
     tokens = torch.stack(generated, dim=1).tolist()  # (B, G)
     feats = torch.stack(features, dim=1) if keep_features else None  # (B, G, c)
-    sigs = torch.stack(signals, dim=1).cpu() if keep_signals else torch.zeros(B, len(generated), 3)  # (B, G, 3)
+    sigs = torch.stack(signals, dim=1).cpu() if keep_signals else torch.zeros(B, len(generated), 0)  # (B, G, 3)
     results = []
     for b in range(B):
         n = int(lengths[b])
