@@ -7,7 +7,8 @@ import torch
 
 from reflect_util import bpe_tokenizer, favor_tokens, tiny_policy
 from thinkscale.reflect import ReflectiveModel, sample, score_sequences
-from thinkscale.reflect.generate import _filter_top_p, decode, next_tokens
+from thinkscale.reflect.engine import RowSpec, decode_rows, filter_top_p, next_tokens, row_seed
+from thinkscale.reflect.generate import decode
 
 PROMPTS = ["First we add the numbers.\n\n", "Two", "Compute 3 times 5 (carefully)."]  # lengths differ: left padding
 
@@ -103,9 +104,71 @@ def test_bad_input_is_rejected():
 
 def test_top_p_and_repetition_penalty():
     probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
-    assert torch.equal(_filter_top_p(probs, 0.7), torch.tensor([[0.5, 0.0, 0.3, 0.0]]))
-    assert torch.equal(_filter_top_p(probs, 0.1), torch.tensor([[0.5, 0.0, 0.0, 0.0]]))
+    assert torch.equal(filter_top_p(probs, 0.7), torch.tensor([[0.5, 0.0, 0.3, 0.0]]))
+    assert torch.equal(filter_top_p(probs, 0.1), torch.tensor([[0.5, 0.0, 0.0, 0.0]]))
     logits = torch.tensor([[2.0, 1.5, -1.0]])
     seen = torch.tensor([[True, False, False]])
-    assert next_tokens(logits, 0.0, 1.0, 1.0, seen, None).item() == 0
-    assert next_tokens(logits, 0.0, 1.0, 1.5, seen, None).item() == 1  # 2.0 / 1.5 < 1.5
+    zero, one, u = torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.5])
+    assert next_tokens(logits, zero, one, u, 1.0, seen).item() == 0
+    assert next_tokens(logits, zero, one, u, 1.5, seen).item() == 1  # 2.0 / 1.5 < 1.5
+
+
+def test_inverse_cdf_sampling_by_hand():
+    # probabilities 0.5, 0.0, 0.3, 0.2 at temperature 1: cdf 0.5, 0.5, 0.8, 1.0
+    logits = torch.tensor([0.5, 0.0, 0.3, 0.2]).log().expand(6, 4)
+    uniforms = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.8, 0.999])
+    t = torch.ones(6)
+    picked = next_tokens(logits, t, torch.ones(6), uniforms).tolist()
+    assert picked == [0, 0, 2, 2, 3, 3]  # the zero-probability token 1 is never drawn
+    # per-row settings: row 0 greedy, row 1 top-p 0.6 keeps {0, 2} (mass 0.8) and renormalizes
+    two = logits[:2]
+    assert next_tokens(two, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.6]), torch.tensor([0.99, 0.7])).tolist() == [0, 2]
+    assert next_tokens(two, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.6]), torch.tensor([0.99, 0.6])).tolist() == [0, 0]
+
+
+def test_row_seed_is_a_stable_function_of_its_inputs():
+    assert row_seed(1, 0, 0) == row_seed(1, 0, 0)
+    assert len({row_seed(1, 0, 0), row_seed(1, 0, 1), row_seed(1, 1, 0), row_seed(2, 0, 0)}) == 4
+    assert 0 <= row_seed(123, 4, 5) < 2**63
+
+
+def test_a_row_draws_the_same_tokens_whatever_shares_its_batch():
+    rm, tok = make_rm("llama")
+    rm.eval()
+    eos = {tok.eos_token_id}
+    prompts = [tok.encode(p) for p in PROMPTS]
+    specs = [RowSpec(p, 20, temperature=1.0, top_p=0.9, seed=s) for s in (3, 4) for p in prompts]
+    together = decode_rows(rm, specs, eos, tok.pad_token_id)
+    alone = [decode_rows(rm, [s], eos, tok.pad_token_id)[0] for s in specs]
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert any(r.finish == "eos" for r in together) and any(r.finish == "length" for r in together)
+    for a, b in zip(together, alone):
+        assert torch.allclose(a.feature_matrix(), b.feature_matrix(), atol=1e-4)
+        assert torch.allclose(a.signal_matrix(), b.signal_matrix(), atol=1e-4)
+    # and sample() gives the same candidates with any batch size
+    kw = dict(k=3, temperature=1.0, top_p=0.9, max_new_tokens=20, seed=5)
+    one = sample(rm, tok, PROMPTS, batch_size=1, **kw)
+    nine = sample(rm, tok, PROMPTS, batch_size=9, **kw)
+    assert [c.token_ids for p in one for c in p] == [c.token_ids for p in nine for c in p]
+
+
+def test_a_stopped_row_leaves_the_batch_and_the_others_are_unchanged():
+    rm, tok = make_rm("llama")
+    rm.eval()
+    eos = {tok.eos_token_id}
+    prompts = [tok.encode(p) for p in PROMPTS]
+    specs = [RowSpec(p, 24, temperature=1.0, top_p=1.0, seed=10 + i) for i, p in enumerate(prompts)]
+    reference = decode_rows(rm, specs, eos, tok.pad_token_id)
+    batch_sizes = []
+
+    def stop_row_0_after_3(rows):
+        batch_sizes.append(len(rows))
+        for row in rows:
+            if row.spec is specs[0] and len(row.tokens) == 3:
+                row.stop("pruned")
+
+    stopped = decode_rows(rm, specs, eos, tok.pad_token_id, after_token=stop_row_0_after_3)
+    assert stopped[0].finish == "pruned" and stopped[0].tokens == reference[0].tokens[:3]
+    assert torch.allclose(stopped[0].feature_matrix(), reference[0].feature_matrix()[:3], atol=1e-5)
+    assert [r.tokens for r in stopped[1:]] == [r.tokens for r in reference[1:]]
+    assert batch_sizes[:4] == [3, 3, 3, 2]  # from step 4 on, row 0 no longer runs

@@ -314,7 +314,7 @@ def bench_model(subject: Subject, args: argparse.Namespace, new_tokens: int) -> 
     import torch
 
     from thinkscale.reflect import sample, score_sequences
-    from thinkscale.reflect.generate import decode
+    from thinkscale.reflect.engine import RowSpec, decode_rows, row_seed
     from thinkscale.reflect.scoring import scores_from_features
 
     rm = subject.rm.to(args.device).eval()
@@ -360,21 +360,19 @@ def bench_model(subject: Subject, args: argparse.Namespace, new_tokens: int) -> 
 
         # the fused path's own work after decoding, alone: step mask + head at the scored positions
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
         rows = []
-        with torch.no_grad():
-            for ids in prompt_ids:  # the same batches and generator stream as `sample`
-                rows += [(ids, d) for d in decode(rm, [ids] * k, new_tokens, set(), pad_id, args.temperature,
-                                                  args.top_p, generator=generator, keep_features=True)]
+        for p, ids in enumerate(prompt_ids):  # the same rows and seeds as `sample`
+            specs = [RowSpec(ids, new_tokens, args.temperature, args.top_p, row_seed(args.seed, p, j)) for j in range(k)]
+            rows += [(ids, r) for r in decode_rows(rm, specs, set(), pad_id)]
         post = []
         for _ in range(args.repeats):
-            t, _, _ = _timed(lambda: [scores_from_features(rm, tok, ids, d.tokens, d.features, d.signals) for ids, d in rows],
+            t, _, _ = _timed(lambda: [scores_from_features(rm, tok, ids, r.tokens, r.feature_matrix(), r.signal_matrix()) for ids, r in rows],
                              args.device)
             post.append(t)
 
     reference = tokens_seen["plain"][0]
     identical = all(run == reference for m in MODES for run in tokens_seen[m])
-    identical = identical and [d.tokens for _, d in rows] == reference
+    identical = identical and [r.tokens for _, r in rows] == reference
     generated = {m: sum(len(ids) for ids in tokens_seen[m][-1]) for m in MODES}
     fused_scores = [c.step_scores for c in last["fused"][0]]
     summary = {m: summarize_mode(wall[m], cpu[m], generated[m], wall["plain"], cpu["plain"]) for m in MODES}
