@@ -14,20 +14,26 @@ CORPUS = [
 
 
 @functools.lru_cache(maxsize=None)
-def bpe_tokenizer():
-    """A byte-level BPE trained in well under a second; '.' and '\\n\\n' stay separate tokens."""
+def bpe_tokenizer(plain_think_tags: bool = False):
+    """A byte-level BPE trained in well under a second; '.' and '\\n\\n' stay separate tokens.
+
+    The think tags are special tokens, or with `plain_think_tags` ordinary added tokens (decoding then
+    keeps them, as a served model's reasoning split needs)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<eos>", "<think>", "</think>"]
+    specials = ["<pad>", "<eos>"] + ([] if plain_think_tags else ["<think>", "</think>"])
     trainer = trainers.BpeTrainer(
         vocab_size=320, special_tokens=specials, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    if plain_think_tags:
+        fast.add_tokens(["<think>", "</think>"])
+    return fast
 
 
 def tiny_policy(kind: str = "llama", vocab_size: int = 320, hidden: int = 32, layers: int = 2, seed: int = 0):

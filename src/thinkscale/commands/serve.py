@@ -1,0 +1,91 @@
+"""`thinkscale serve`: the OpenAI API in front of a reflective model, on 127.0.0.1 by default.
+
+    thinkscale serve                                   # the demo's model (runs/demo/grpo)
+    thinkscale serve --model DIR --port 8000 --max-batch 32
+    curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{"model": "grpo", "messages": [{"role": "user", "content": "What is 7 + 5 - 3?"}], "reasoning_effort": "low"}'
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from thinkscale.commands.argtypes import positive_float, positive_int
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL = Path("runs/demo/grpo")
+EFFORT_HELP = "none/minimal = one sample; low/medium/high = best of 2/8/32"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from thinkscale.serve.protocol import EFFORTS
+
+    parser.add_argument("--model", metavar="DIR",
+                        help=f"model directory as saved by ReflectiveModel (policy + tokenizer + SPRM head) "
+                             f"(default: the demo's, {DEMO_MODEL}, when it exists)")
+    parser.add_argument("--head", metavar="PATH", help="SPRM head file or folder (default: the one in --model)")
+    parser.add_argument("--name", help="the model id clients send as `model` (default: the --model folder's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--default-effort", choices=list(EFFORTS), default="medium",
+                        help=f"reasoning_effort of requests that give none ({EFFORT_HELP}; default medium)")
+    parser.add_argument("--selection", default="sprm",
+                        help="how the best of k is chosen when a request does not say (any `select()` strategy, "
+                             "e.g. sprm, majority, weighted, deepconf; default sprm)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="default sampling temperature (default 0.6)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="default nucleus mass (default 0.95)")
+    parser.add_argument("--max-tokens", type=positive_int, default=512,
+                        help="completion length when a request gives none, capped by the context (default 512)")
+    parser.add_argument("--max-candidates", type=positive_int, default=64,
+                        help="most rows one request may ask for: prompts x n x k (default 64)")
+    parser.add_argument("--max-batch", type=positive_int, default=32,
+                        help="most rows decoded together; the candidates of waiting requests share it (default 32)")
+    parser.add_argument("--max-queue", type=positive_int, default=64,
+                        help="requests that may wait; more get 429 with Retry-After (default 64)")
+    parser.add_argument("--no-batching", action="store_true",
+                        help="decode one request at a time (the baseline `thinkscale bench serve` compares against)")
+    parser.add_argument("--shutdown-timeout", type=positive_float, default=30.0,
+                        help="seconds a SIGTERM waits for requests in flight before refusing them (default 30)")
+
+
+def run(args: argparse.Namespace) -> int:
+    model = Path(args.model) if args.model is not None else DEMO_MODEL
+    if args.model is None and not model.is_dir():
+        print(f"thinkscale serve: error: no --model given and no demo model at {DEMO_MODEL}; "
+              "run `thinkscale demo` (about 10 minutes) or pass --model DIR", file=sys.stderr)
+        return 2
+    if not (model / "config.json").is_file():
+        print(f"thinkscale serve: error: no model in {model} (no config.json); pass a folder saved by "
+              "ReflectiveModel.save_pretrained or a Hugging Face model folder", file=sys.stderr)
+        return 2
+    try:
+        from thinkscale.serve.app import ServeOptions, Served, create_app
+
+        options = ServeOptions(default_effort=args.default_effort, default_selection=args.selection,
+                               temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                               max_candidates=args.max_candidates, max_batch=args.max_batch,
+                               max_queue=args.max_queue, pack=not args.no_batching)
+        from thinkscale.serve.protocol import Settings
+
+        Settings(args.name or model.resolve().name, options.default_effort, options.default_selection)  # checks
+    except ValueError as error:
+        print(f"thinkscale serve: error: {error}", file=sys.stderr)
+        return 2
+    import torch
+    import uvicorn
+
+    device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    served = Served.load(model, head=args.head, device=device, name=args.name)
+    if not served.rm.head_is_trained:
+        logger.warning("the SPRM head is untrained: best-of-k by sprm picks at random")
+    app = create_app(served, options)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    server = uvicorn.Server(config)
+    logger.info("model %r on http://%s:%d/v1 (Ctrl-C or SIGTERM stops it)", served.name, args.host, args.port)
+    server.run()
+    return 0

@@ -1,0 +1,315 @@
+"""The HTTP edge: FastAPI routes in the OpenAI shape over the scheduler and `select()`.
+
+    app = create_app(Served.load("runs/demo/grpo"), ServeOptions())
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health. A request is
+checked (`protocol`), its n x k candidate rows go to the scheduler with their seeds, and each answer is
+the candidate `select()` keeps among its k. The app holds no model logic: decoding, scoring and selection
+all live in `reflect`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from thinkscale.reflect.candidate import Candidate
+from thinkscale.reflect.engine import RowSpec, row_seed
+from thinkscale.reflect.generate import _encode_prompt, _eos_ids, pad_token_id
+from thinkscale.reflect.select import select
+
+from . import protocol
+from .protocol import Answer, ApiError, Generation, Settings
+from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
+from .text import DeltaStream, opens_think, split_reasoning
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Served:
+    """The model a server answers with: policy + head, its tokenizer and the name clients ask for."""
+
+    rm: Any
+    tokenizer: Any
+    name: str
+
+    @classmethod
+    def load(cls, model_dir: str | Path, head: str | None = None, device: str = "cpu",
+             name: str | None = None) -> "Served":
+        from transformers import AutoTokenizer
+
+        from thinkscale.reflect.model import ReflectiveModel
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        rm = ReflectiveModel.from_pretrained(str(model_dir), head=head).to(device).eval()
+        return cls(rm, tokenizer, name or Path(model_dir).resolve().name)
+
+    @property
+    def context(self) -> int | None:
+        return getattr(self.rm.policy.config, "max_position_embeddings", None)
+
+    @property
+    def think_tags(self) -> tuple[str, str] | None:
+        return self.rm.config.think_tags
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of a conversation. A model trained with a prompt template (the built-in tasks'),
+        or with no chat template, gets the built-in one: earlier turns as "role: text" lines, then the last
+        user message in the model's own prompt format; otherwise the tokenizer's chat template."""
+        if self.rm.config.prompt_template is None and getattr(self.tokenizer, "chat_template", None) is not None:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        *history, last = messages
+        if last["role"] != "user":
+            raise ApiError(400, "the last message must be the user's (this model's prompt format has no "
+                                "assistant prefill)", param="messages", code="invalid_value")
+        turns = "".join(f"{m['role']}: {m['content']}\n" for m in history)
+        return turns + self.rm.format_prompt(last["content"], self.tokenizer)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything `thinkscale serve` sets besides the model (see its --help)."""
+
+    default_effort: str = "medium"
+    default_selection: str = "sprm"
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 512
+    max_candidates: int = 64
+    max_batch: int = 32
+    max_queue: int = 64
+    max_body_bytes: int = 1 << 20
+    pack: bool = True
+    grade_timeout_s: float = 5.0
+
+
+def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAPI:
+    settings = Settings(served.name, options.default_effort, options.default_selection, options.temperature,
+                        options.top_p, options.max_tokens, options.max_candidates, served.context)
+    eos_ids = _eos_ids(served.rm, served.tokenizer)
+    vocab = served.rm.policy.get_output_embeddings().weight.shape[0]
+    state: dict[str, Scheduler] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app) -> AsyncIterator[None]:
+        state["scheduler"] = Scheduler(served.rm, served.tokenizer, eos_ids, pad_token_id(served.tokenizer, eos_ids),
+                                       options.max_batch, options.max_queue, options.pack)
+        logger.info("serving %s (context %s, max batch %d rows)", served.name, served.context, options.max_batch)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state["scheduler"].close)
+
+    app = FastAPI(title="thinkscale", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, error: HTTPException):
+        return JSONResponse(ApiError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, error: RequestValidationError):
+        return JSONResponse(ApiError(400, str(error)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(_request, error: Exception):
+        logger.exception("internal error")
+        return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}: {error}").body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": served.name, **state["scheduler"].stats()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
+                                            "owned_by": "thinkscale"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await _read_json(request, options.max_body_bytes)
+        protocol.check_model(body, settings)
+        text = served.render_chat(protocol.chat_messages(body))
+        ids = _encode_prompt(served.tokenizer, text)
+        gen = protocol.parse_generation(body, "chat", settings, [ids], [text])
+        return await _answer(request, gen)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _read_json(request, options.max_body_bytes)
+        protocol.check_model(body, settings)
+        prompts = protocol.completion_prompts(body)
+        ids = [_encode_prompt(served.tokenizer, p) for p in prompts]
+        if any(not p for p in ids):
+            raise ApiError(400, "'prompt': a prompt is empty after tokenization", param="prompt", code="invalid_value")
+        texts = [p if isinstance(p, str) else served.tokenizer.decode(p) for p in prompts]
+        gen = protocol.parse_generation(body, "completion", settings, ids, texts, vocab)
+        return await _answer(request, gen)
+
+    # -- answering -------------------------------------------------------------------------------
+    def _job(gen: Generation, listener=None) -> Job:
+        seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**62)
+        # answer q (prompt p, choice i: q = p * n + i) and candidate j use row (q, j): the rows of offline
+        # sample([prompt p repeated n times...], k, seed) - a seeded request answers as that would
+        rows = [RowSpec(gen.prompts[q // gen.n], gen.max_tokens, gen.temperature, gen.top_p, row_seed(seed, q, j))
+                for q in range(len(gen.prompts) * gen.n) for j in range(gen.k)]
+        return Job(rows, gen.stop, listener)
+
+    def _submit(job: Job) -> asyncio.Future:
+        try:
+            return asyncio.wrap_future(state["scheduler"].submit(job))
+        except QueueFull as error:
+            raise ApiError(429, f"the server is busy: {error}; retry later", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except ShuttingDown as error:
+            raise ApiError(503, str(error), code="shutting_down") from None
+
+    def _answers(gen: Generation, candidates: list[Candidate]) -> tuple[list[Answer], dict]:
+        answers, answer_tokens = [], 0
+        think_end = served.think_tags[1] if served.think_tags is not None else None
+        for q in range(len(gen.prompts) * gen.n):
+            group = candidates[q * gen.k:(q + 1) * gen.k]
+            chosen = group[0] if gen.k == 1 else select(group, gen.selection, think_end=think_end,
+                                                        timeout_s=options.grade_timeout_s)
+            in_think = opens_think(gen.prompt_texts[q // gen.n], served.think_tags)
+            tags = served.think_tags if gen.kind == "chat" else None
+            reasoning, content = split_reasoning(chosen.text, tags, in_think)
+            answer_tokens += len(served.tokenizer.encode(content, add_special_tokens=False)) if content else 0
+            selected = {"strategy": gen.selection if gen.k > 1 else "single", "k": gen.k,
+                        "candidate": chosen.sample_index, "score": chosen.score, "step_scores": chosen.step_scores,
+                        "candidate_scores": [c.score for c in group]}
+            answers.append(Answer(chosen.text, reasoning, content, "stop" if chosen.finished else "length", selected))
+        prompt_tokens = sum(len(gen.prompts[q // gen.n]) * gen.k for q in range(len(gen.prompts) * gen.n))
+        completion_tokens = sum(c.num_generated_tokens for c in candidates)
+        return answers, protocol.usage(prompt_tokens, completion_tokens, answer_tokens)
+
+    async def _answer(request, gen: Generation):
+        if gen.stream:
+            return StreamingResponse(_stream(gen), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        job = _job(gen)
+        future = _submit(job)
+        try:
+            while True:  # wait, and give up the rows if the client goes away
+                done, _ = await asyncio.wait({future}, timeout=0.25)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise ApiError(499, "the client closed the connection", code="client_closed")
+            candidates = _result(future)
+        finally:
+            if not future.done():
+                job.cancel()
+        answers, usage = await asyncio.to_thread(_answers, gen, candidates)
+        return protocol.response_body(gen, settings, answers, usage)
+
+    def _result(future: asyncio.Future) -> list[Candidate]:
+        try:
+            return future.result()
+        except ShuttingDown as error:
+            raise ApiError(503, f"the request was not completed: {error}", code="shutting_down") from None
+
+    async def _stream(gen: Generation) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        listener = None
+        if gen.k == 1:  # one sample per answer: its tokens go out as they come
+            listener = lambda i, tokens, ended: loop.call_soon_threadsafe(events.put_nowait, (i, tokens, ended))
+        job = _job(gen, listener)
+        try:
+            future = _submit(job)
+        except ApiError as error:
+            yield _sse(error.body())
+            yield "data: [DONE]\n\n"
+            return
+        try:
+            streams = {q: DeltaStream(served.think_tags if gen.kind == "chat" else None,
+                                      gen.kind == "chat" and opens_think(gen.prompt_texts[q // gen.n], served.think_tags),
+                                      gen.stop) for q in range(len(gen.prompts) * gen.n)}
+            started: set[int] = set()
+            if listener is not None:
+                ended = 0
+                while ended < len(streams):
+                    if future.done() and events.empty():
+                        break  # the job failed before all its rows ended; its error follows
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    q, tokens, last = getter.result()
+                    text = served.tokenizer.decode(tokens, skip_special_tokens=True)
+                    reasoning, content = streams[q].feed(text, final=last)
+                    if reasoning or content or q not in started:
+                        yield _sse(protocol.chunk_body(gen, settings, q, reasoning, content, first=q not in started))
+                        started.add(q)
+                    ended += last
+            try:
+                await asyncio.wait({future})
+                candidates = _result(future)
+            except ApiError as error:
+                yield _sse(error.body())
+                yield "data: [DONE]\n\n"
+                return
+            answers, usage = await asyncio.to_thread(_answers, gen, candidates)
+            for q, answer in enumerate(answers):
+                if listener is None:  # best of k: the chosen candidate goes out once it is chosen
+                    text = answer.text
+                    if gen.kind == "chat":
+                        reasoning, content = answer.reasoning or "", answer.content
+                    else:
+                        reasoning, content = "", text
+                    yield _sse(protocol.chunk_body(gen, settings, q, reasoning, content, first=True))
+                yield _sse(protocol.chunk_body(gen, settings, q, finish_reason=answer.finish_reason,
+                                               selected=answer.selected))
+            if gen.include_usage:
+                yield _sse(protocol.usage_chunk(gen, settings, usage))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # a no-op when done; frees the rows when the client went away mid-stream
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _read_json(request, limit: int) -> dict:
+    """The request body as a JSON object; 413 past `limit` bytes, 400 when it is not UTF-8 JSON."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"the request body is {length} bytes; the limit is {limit}", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ApiError(400, f"the request body is not UTF-8 (byte {error.start})", code="invalid_json") from None
+    except json.JSONDecodeError as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error.msg} at line {error.lineno} "
+                            f"column {error.colno}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body

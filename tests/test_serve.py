@@ -1,0 +1,340 @@
+"""`thinkscale serve` as users meet it: a real server process on 127.0.0.1, driven by the official
+`openai` client (and raw httpx for what the client will not send), checked against offline
+`sample` + `select` with the same seeds."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from reflect_util import bpe_tokenizer, favor_tokens, tiny_policy
+from thinkscale.reflect import ReflectiveModel, sample
+from thinkscale.reflect.select import select
+from thinkscale.serve.text import split_reasoning
+
+pytestmark = pytest.mark.slow
+NAME = "tiny"
+TEMPLATE = "{question}\n<think>\n"  # the built-in tasks' prompt format: the completion starts inside a think block
+MAX_TOKENS = 24
+
+
+def build_model(path):
+    tok = bpe_tokenizer(plain_think_tags=True)
+    policy = favor_tokens(tiny_policy("llama", vocab_size=len(tok)), tok, texts=(".", "\n", " we", " is", "</think>"),
+                          eos_scale=10.0, scale=80.0)
+    rm = ReflectiveModel.from_pretrained(policy, step_delimiter="\n", prompt_template=TEMPLATE)
+    rm.save_pretrained(path, tokenizer=tok)
+    return rm, tok
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `thinkscale serve` process on a free port, up once /health answers."""
+
+    def __init__(self, model_dir, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "thinkscale", "serve", "--model", str(model_dir),
+                                      "--name", NAME, "--port", str(self.port), "--shutdown-timeout", "20", *extra],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not come up in 90 s")
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, **kw)
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def stop(self, timeout: float = 30) -> str:
+        """SIGTERM, and the server's log once it has exited after a graceful shutdown."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        # uvicorn re-raises the SIGTERM once it has shut down, the Unix convention for a stopped service
+        assert self.proc.returncode in (0, -signal.SIGTERM), output
+        assert "Application shutdown complete" in output, output
+        return output
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("served")
+    rm, tok = build_model(path)
+    return path, ReflectiveModel.from_pretrained(str(path)).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    s = Server(model[0], "--max-batch", "64")
+    yield s
+    s.stop()
+
+
+def offline(model, question: str, k: int, seed: int, copies: int = 1, selection: str = "sprm", **kw):
+    """What a seeded request must answer: offline sample + select with the same seed."""
+    _, rm, tok = model
+    prompt = rm.format_prompt(question, tok)
+    groups = sample(rm, tok, [prompt] * copies, k=k, seed=seed, max_new_tokens=kw.get("max_tokens", MAX_TOKENS),
+                    temperature=kw.get("temperature", 0.6), top_p=kw.get("top_p", 0.95))
+    chosen = [g[0] if k == 1 else select(g, selection, think_end="</think>") for g in groups]
+    return groups, chosen
+
+
+def chat(client, question, **kw):
+    return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                          max_tokens=MAX_TOKENS, **kw)
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [NAME]
+    assert server.health()["status"] == "ok"
+
+
+@pytest.mark.parametrize("effort,k", [("none", 1), ("minimal", 1), ("low", 2), ("medium", 8), ("high", 32)])
+def test_each_effort_answers_as_offline_sample_and_select(server, model, effort, k):
+    question = "First we add the numbers."
+    out = chat(server.client(), question, reasoning_effort=effort, seed=11)
+    groups, chosen = offline(model, question, k, seed=11)
+    choice = out.choices[0]
+    reasoning, content = split_reasoning(chosen[0].text, ("<think>", "</think>"), True)
+    assert choice.message.content == content
+    assert getattr(choice.message, "reasoning_content", None) == reasoning
+    assert choice.finish_reason == ("stop" if chosen[0].finished else "length")
+    selected = choice.selected
+    assert selected["k"] == k and selected["candidate"] == chosen[0].sample_index
+    assert selected["score"] == pytest.approx(chosen[0].score, abs=1e-4)
+    assert selected["step_scores"] == pytest.approx(chosen[0].step_scores, abs=1e-4)
+    assert out.usage.completion_tokens == sum(c.num_generated_tokens for c in groups[0])
+    assert out.usage.prompt_tokens == k * groups[0][0].num_prompt_tokens
+    assert 0 <= out.usage.completion_tokens_details.reasoning_tokens <= out.usage.completion_tokens
+    assert out.model == NAME and out.object == "chat.completion"
+
+
+def test_completions_with_n_and_several_prompts(server, model):
+    _, rm, tok = model
+    prompts = ["Two", "Compute 3 times 5"]
+    # the client's completions.create has no reasoning_effort parameter: it goes in extra_body
+    out = server.client().completions.create(model=NAME, prompt=prompts, n=2, seed=5, max_tokens=MAX_TOKENS,
+                                             extra_body={"selection": "majority", "reasoning_effort": "low"})
+    assert len(out.choices) == 4
+    groups = sample(rm, tok, [p for p in prompts for _ in range(2)], k=2, seed=5, max_new_tokens=MAX_TOKENS)
+    expected = [select(g, "majority", think_end="</think>").text for g in groups]
+    assert [c.text for c in out.choices] == expected
+    assert all(c.selected["strategy"] == "majority" for c in out.choices)
+
+
+def test_streaming_equals_the_non_streamed_answer(server):
+    client = server.client()
+    for effort in ("none", "low"):
+        full = chat(client, "Two", reasoning_effort=effort, seed=3)
+        stream = chat(client, "Two", reasoning_effort=effort, seed=3, stream=True, stream_options={"include_usage": True})
+        reasoning, content, finish, usage, chunks = "", "", None, None, 0
+        for chunk in stream:
+            chunks += 1
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+                content += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+        assert content == full.choices[0].message.content
+        assert reasoning == (getattr(full.choices[0].message, "reasoning_content", None) or "")
+        assert finish == full.choices[0].finish_reason
+        assert usage.completion_tokens == full.usage.completion_tokens
+        if effort == "none":
+            assert chunks > 5  # token by token, not one block
+
+
+def test_stop_strings_cut_the_answer(server, model):
+    question = "First we add the numbers."
+    _, chosen = offline(model, question, 1, seed=21)
+    text = chosen[0].text
+    stop = "</think>"
+    assert stop in text[1:], "the tiny model should close its think block within the budget"
+    out = server.client().completions.create(model=NAME, prompt=model[1].format_prompt(question, model[2]),
+                                             seed=21, max_tokens=MAX_TOKENS, stop=[stop],
+                                             extra_body={"reasoning_effort": "none"})
+    assert out.choices[0].text == text[:text.index(stop)] and out.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_are_batched_and_exact(server, model):
+    before = server.health()["waves"]
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        calls = [client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": f"Two {i}"}],
+                                                reasoning_effort="low", seed=100 + i, max_tokens=MAX_TOKENS)
+                 for i in range(16)]
+        return await asyncio.gather(*calls)
+
+    outs = asyncio.run(main())
+    waves = server.health()["waves"] - before
+    assert waves < 8, f"16 concurrent requests took {waves} decode waves: they were not packed together"
+    for i, out in enumerate(outs):
+        _, chosen = offline(model, f"Two {i}", 2, seed=100 + i)
+        assert out.choices[0].selected["candidate"] == chosen[0].sample_index
+        assert out.choices[0].message.content == split_reasoning(chosen[0].text, ("<think>", "</think>"), True)[1]
+
+
+def test_odd_text_is_handled(server):
+    client = server.client()
+    for text in ["nul \x00 bell \x07 escape \x1b[31m", "emoji \U0001f600 日本"]:
+        out = chat(client, text, reasoning_effort="none", seed=1)
+        assert isinstance(out.choices[0].message.content, str)
+    # half a character as a JSON escape (the client cannot even encode it; raw bytes can)
+    body = b'{"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "lone \\ud800 surrogate"}]}'
+    response = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=30)
+    assert response.status_code == 200 and isinstance(response.json()["choices"][0]["message"]["content"], str)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _error(response: httpx.Response, status: int, param=None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, model):
+    url = server.url + "/v1/chat/completions"
+    ok = {"model": NAME, "messages": [{"role": "user", "content": "Two"}], "max_tokens": 4}
+    post = lambda body, **kw: httpx.post(url, json=body, timeout=30, **kw)
+    assert "xhigh" in _error(post({**ok, "reasoning_effort": "xhigh"}), 400, "reasoning_effort")["message"]
+    _error(post({**ok, "temperature": "hot"}), 400, "temperature")
+    _error(post({**ok, "temperature": 3}), 400, "temperature")
+    _error(post({**ok, "n": True}), 400, "n")
+    _error(post({**ok, "n": 3, "reasoning_effort": "high"}), 400, "n")  # 96 candidates > 64
+    _error(post({**ok, "messages": []}), 400, "messages")
+    _error(post({**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages[0].role")
+    _error(post({**ok, "messages": [{"role": "user", "content": 5}]}), 400, "messages[0].content")
+    _error(post({k: v for k, v in ok.items() if k != "messages"}), 400, "messages")
+    _error(post({**ok, "selection": "nonsense"}), 400, "selection")
+    _error(post({**ok, "selection": "oracle"}), 400, "selection")
+    _error(post({**ok, "stop": [""]}), 400, "stop")
+    _error(post({**ok, "max_tokens": 0}), 400, "max_tokens")
+    _error(post({**ok, "logprobs": True}), 400, "logprobs")
+    long_question = " we" * 300  # > 256 positions
+    assert _error(post({**ok, "messages": [{"role": "user", "content": long_question}]}), 400)["code"] == \
+        "context_length_exceeded"
+    _error(post({**ok, "max_tokens": 300}), 400, "max_tokens")
+    assert _error(post({**ok, "model": "gpt-9"}), 404, "model")["code"] == "model_not_found"
+    _error(post({**ok, "model": None}), 400, "model")
+    _error(httpx.post(url, content=b'{"model": "tiny", "messages": [', timeout=10,
+                      headers={"content-type": "application/json"}), 400)
+    _error(httpx.post(url, content=b'{"model": "\xff\xfe"}', timeout=10), 400)
+    _error(httpx.post(url, content=b"[1, 2]", timeout=10), 400)
+    _error(httpx.post(url, content=b"x" * (2 << 20), timeout=30), 413)
+    completions = server.url + "/v1/completions"
+    _error(httpx.post(completions, json={"model": NAME, "prompt": [[1, 2], "x"]}, timeout=10), 400, "prompt")
+    _error(httpx.post(completions, json={"model": NAME, "prompt": [10**9]}, timeout=10), 400, "prompt")
+    _error(httpx.post(completions, json={"model": NAME, "prompt": "x", "best_of": 4}), 400, "best_of")
+    _error(httpx.get(server.url + "/v1/nothing", timeout=10), 404)
+    _error(httpx.get(url, timeout=10), 405)
+    # the official client sees the same errors as exceptions
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+        chat(server.client(), "Two", reasoning_effort="extreme")
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert server.health()["status"] == "ok"
+    assert chat(server.client(), "Two", reasoning_effort="none").choices[0].message.content is not None
+
+
+def test_a_client_that_goes_away_frees_its_rows(server):
+    before = server.health()["cancelled_rows"]
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Two"}], "max_tokens": 200,
+            "reasoning_effort": "none", "stream": True, "seed": 1, "temperature": 1.0}
+    # a long stream: read one chunk, then hang up
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
+    deadline = time.monotonic() + 20
+    while server.health()["cancelled_rows"] == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.health()["cancelled_rows"] > before
+
+
+# ----------------------------------------------------------------------------- queue and shutdown
+
+
+def test_a_full_queue_says_429_and_sigterm_answers_or_refuses_in_flight_requests(model):
+    server = Server(model[0], "--max-batch", "1", "--max-queue", "1", "--no-batching")
+    results: list = []
+
+    def ask(i):
+        try:
+            r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                           json={"model": NAME, "messages": [{"role": "user", "content": "Two"}], "seed": i,
+                                 "max_tokens": 120, "reasoning_effort": "medium", "temperature": 1.0})
+            results.append((r.status_code, r.headers.get("retry-after"), r.json()))
+        except httpx.TransportError as error:  # refused once the server stopped listening
+            results.append((None, None, repr(error)))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    started = time.monotonic()
+    server.stop(timeout=60)
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive(), "a request hung through shutdown"
+    assert time.monotonic() - started < 45
+    statuses = [status for status, _, _ in results]
+    assert len(results) == 6 and 429 in statuses and 200 in statuses, statuses
+    for status, retry_after, body in results:
+        assert status in (200, 429, 503, None), (status, body)
+        if status == 429:
+            assert retry_after is not None and body["error"]["code"] == "queue_full"
+        if status == 200:
+            assert body["choices"][0]["message"]["content"] is not None
+
+
+def test_cli_errors_are_one_line(tmp_path, model):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "thinkscale", "serve", *args], cwd=tmp_path, env=env,
+                                       capture_output=True, text=True, timeout=120)
+    out = run()
+    assert out.returncode == 2 and "thinkscale demo" in out.stderr and "Traceback" not in out.stderr
+    out = run("--model", str(tmp_path))
+    assert out.returncode == 2 and f"no model in {tmp_path}" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = run("--model", str(model[0]), "--selection", "bogus")
+    assert out.returncode == 2 and "unknown selection strategy 'bogus'" in out.stderr and "Traceback" not in out.stderr
