@@ -125,9 +125,7 @@ def server_args(model: str, args: argparse.Namespace) -> tuple[list[str], str]:
             raise ValueError(f"no model in {args.model_dir}: run `thinkscale demo` first or pass --model-dir")
         return ["--model", args.model_dir, "--name", "pipeline"], "pipeline"
     if model == "smollm2":
-        from thinkscale.bench.reflect_cost import SMOLLM2_GGUF, smollm2_dir
-
-        return ["--model", smollm2_dir(), "--gguf", SMOLLM2_GGUF, "--name", "smollm2"], "smollm2"
+        return ["--model", "smollm2"], "smollm2"
     raise ValueError(f"unknown model {model!r}; valid: pipeline, smollm2")
 
 

