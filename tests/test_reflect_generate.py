@@ -172,3 +172,36 @@ def test_a_stopped_row_leaves_the_batch_and_the_others_are_unchanged():
     assert torch.allclose(stopped[0].feature_matrix(), reference[0].feature_matrix()[:3], atol=1e-5)
     assert [r.tokens for r in stopped[1:]] == [r.tokens for r in reference[1:]]
     assert batch_sizes[:4] == [3, 3, 3, 2]  # from step 4 on, row 0 no longer runs
+
+
+def test_a_paused_row_resumes_exactly_and_a_fork_continues_from_its_parents_cache():
+    rm, tok = make_rm("llama")
+    rm.eval()
+    eos = {tok.eos_token_id}
+    prompts = [tok.encode(p) for p in PROMPTS]
+    specs = [RowSpec(p, 20, temperature=1.0, top_p=1.0, seed=20 + i) for i, p in enumerate(prompts)]
+    reference = decode_rows(rm, specs, eos, tok.pad_token_id)
+    assert len(reference[0].tokens) > 4 and len(reference[1].tokens) > 6  # both still run when the policy acts
+    children = []
+    steps = {"n": 0}
+
+    def pause_and_fork(rows):
+        steps["n"] += 1
+        for row in rows:
+            if row.spec is specs[1] and steps["n"] == 2:
+                row.pause()  # row 1 sits out steps 3-5
+            if row.spec is specs[1] and steps["n"] == 5:
+                row.resume()
+            if row.spec is specs[0] and steps["n"] == 3 and row.running:
+                children.append(row.fork(seed=99, tag="child"))
+
+    out = decode_rows(rm, specs, eos, tok.pad_token_id, after_token=pause_and_fork)
+    assert [r.tokens for r in out[:3]] == [r.tokens for r in reference]  # pausing and forking disturb nobody
+    assert torch.allclose(out[1].feature_matrix(), reference[1].feature_matrix(), atol=1e-5)
+    child = out[3]
+    assert child is children[0] and child.inherited == 3 and child.tokens[:3] == reference[0].tokens[:3]
+    # the child's continuation is what a fresh row from the parent's prefix draws with the child's seed
+    fresh = decode_rows(rm, [RowSpec(prompts[0] + child.tokens[:3], 17, temperature=1.0, top_p=1.0, seed=99)],
+                        eos, tok.pad_token_id)[0]
+    assert child.tokens[3:] == fresh.tokens and child.generated == len(fresh.tokens)
+    assert torch.allclose(child.feature_matrix()[3:], fresh.feature_matrix(), atol=1e-4)
