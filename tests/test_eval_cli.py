@@ -117,3 +117,35 @@ def test_every_option_has_help_and_modes_map_to_k():
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--data", "d", "--mode", "low", "--k", "2"])
     assert str(eval_command.default_out_dir("/x/my-model", "sets/aime24.jsonl", 32)) == "runs/eval/my-model-aime24-k32"
+
+
+def test_eval_search_end_to_end_resume_and_bad_options(model_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(e.to_record()) + "\n" for e in QUESTIONS))
+    out = tmp_path / "search"
+    args = ["--model", model_dir, "--data", data, "--k", "2,4", "--max-new-tokens", "16", "--seed", "3", "--out", out,
+            "--device", "cpu", "--search", "prune:warmup=1,keep=50", "--search", "beam:width=2", "--no-plots"]
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    records = [json.loads(line) for line in (out / "search.jsonl").read_text().splitlines()]
+    methods = ["best_of_n", "prune:warmup=1,keep=50", "beam:width=2"]  # best_of_n joins as the baseline
+    assert sorted((r["method"], r["k"], r["index"]) for r in records) == sorted(
+        (m, k, i) for m in methods for k in (2, 4) for i in range(3))
+    for r in records:
+        assert set(r["picks"]) == {"sprm", "majority", "deepconf"}
+        assert r["generated_tokens"] == sum(c["generated_tokens"] for c in r["candidates"]) or r["method"] == "beam:width=2"
+        if r["method"] == "best_of_n":
+            assert len(r["candidates"]) == r["k"] and r["rows"] == r["k"]
+    report = json.loads((out / "search.json").read_text())
+    cell = next(c for c in report["cells"] if c["method"] == "best_of_n" and c["k"] == 4)
+    mine = [r for r in records if r["method"] == "best_of_n" and r["k"] == 4]
+    assert cell["tokens"] == sum(r["generated_tokens"] for r in mine) / 3
+    assert cell["accuracy"]["majority"] == 100.0 * sum(r["picks"]["majority"] for r in mine) / 3
+    assert "| best_of_n | 2 |" in first.stdout
+    again = run_cli(*args, cwd=tmp_path)  # resumes: nothing is decoded again
+    assert again.returncode == 0 and "resuming: 18 of 18" in again.stderr
+    assert json.loads((out / "search.json").read_text())["cells"] == report["cells"]
+    bad = run_cli("--model", model_dir, "--data", data, "--search", "beam:depth=2", cwd=tmp_path)
+    assert bad.returncode == 2 and "bad option 'depth=2'" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("--model", model_dir, "--data", data, "--search", "beam", "--k", "6", cwd=tmp_path)
+    assert bad.returncode == 2 and "multiple of width" in bad.stderr

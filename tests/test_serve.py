@@ -338,3 +338,21 @@ def test_cli_errors_are_one_line(tmp_path, model):
     assert out.returncode == 2 and f"no model in {tmp_path}" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     out = run("--model", str(model[0]), "--selection", "bogus")
     assert out.returncode == 2 and "unknown selection strategy 'bogus'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_search_request_answers_as_offline_search_and_select(server, model):
+    from thinkscale.reflect.search import SearchConfig, search
+
+    _, rm, tok = model
+    spec = "prune:signal=confidence,warmup=2,keep=50,window=4"
+    out = chat(server.client(), "Two", reasoning_effort="medium", seed=8, extra_body={"search": spec})
+    result = search(rm, tok, [rm.format_prompt("Two", tok)], SearchConfig.parse(spec, 8), max_new_tokens=MAX_TOKENS,
+                    seed=8)[0]
+    chosen = select(result.complete, "sprm", think_end="</think>")
+    selected = out.choices[0].selected
+    assert selected["search"] == spec and selected["candidate"] == chosen.sample_index
+    assert out.choices[0].message.content == split_reasoning(chosen.text, ("<think>", "</think>"), True)[1]
+    assert out.usage.completion_tokens == result.generated_tokens
+    bad = httpx.post(server.url + "/v1/chat/completions", timeout=10, json={
+        "model": NAME, "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low", "search": "beam:width=3"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "search"

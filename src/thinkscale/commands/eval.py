@@ -3,6 +3,7 @@ accuracy of every selection strategy (SPRM best-of-k, majority, weighted vote, p
 
     thinkscale eval --model runs/grpo/final --data test.jsonl --mode high
     thinkscale eval --model DIR --data test.jsonl --k 1,2,4,8 --out runs/eval/mine   # rerun resumes
+    thinkscale eval --model DIR --data test.jsonl --k 8,32 --search prune:signal=confidence --search beam:width=4
 """
 from __future__ import annotations
 
@@ -74,6 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="torch device for the model, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--search", action="append", metavar="METHOD[:OPTIONS]",
+                        help="instead of best-of-k sampling, run this test-time search at each k of --k (or the "
+                             "--mode's k) and report accuracy against generated tokens; repeat for several. "
+                             "best_of_n (k independent samples), prune (options signal=sprm|confidence, warmup=N "
+                             "rows decoded in full, keep=percent kept (90), window=tokens per confidence group "
+                             "(16)), beam and dvts (width=continuations per surviving row (4)); best_of_n is "
+                             "always included as the baseline")
+    parser.add_argument("--selectors", default="sprm,majority,deepconf",
+                        help="with --search: selection strategies to report (default sprm,majority,deepconf)")
+    parser.add_argument("--budget", type=positive_int, default=None, metavar="TOKENS",
+                        help="with --search: at most this many generated tokens per question (all its rows together)")
 
 
 def default_out_dir(model: str, data: str, k_max: int) -> Path:
@@ -85,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from thinkscale.reflect.report import markdown_table
     from thinkscale.tasks.jsonl import read_examples
 
+    if args.search is not None:
+        return run_search(args)
     ks = args.k if args.k is not None else ks_for_effort(EFFORT_K[args.mode or "medium"])
     try:
         examples = read_examples(args.data)  # bad data fails here, before the model loads
@@ -93,16 +107,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out_dir = Path(args.out) if args.out is not None else default_out_dir(args.model, args.data, max(ks))
 
-    import torch
-    from transformers import AutoTokenizer
-
-    from thinkscale.reflect.model import ReflectiveModel
-
-    device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    rm = ReflectiveModel.from_pretrained(args.model, head=args.head).to(device)
-    if not rm.head_is_trained:
-        logger.warning("the SPRM head is untrained: sprm@k and weighted@k only show chance")
+    rm, tokenizer = _load_model(args)
     think_end = _think_end(rm) if args.think_end is None else (None if args.think_end == "none" else args.think_end)
 
     config = EvalConfig(ks=ks, temperature=args.temperature, top_p=args.top_p,
@@ -114,6 +119,56 @@ def run(args: argparse.Namespace) -> int:
                       format_prompt=lambda question: rm.format_prompt(question, tokenizer),
                       plots=not args.no_plots)
     print(markdown_table(report))
+    print(f"wrote {out_dir}")
+    return 0
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+    from transformers import AutoTokenizer
+
+    from thinkscale.reflect.model import ReflectiveModel
+
+    device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    rm = ReflectiveModel.from_pretrained(args.model, head=args.head).to(device)
+    if not rm.head_is_trained:
+        logger.warning("the SPRM head is untrained: sprm@k and weighted@k only show chance")
+    return rm, tokenizer
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """`--search`: accuracy against generated tokens for each method and k (reflect.search_eval)."""
+    from thinkscale.reflect.evaluate import EvalConfig
+    from thinkscale.reflect.search_eval import SearchStudy, evaluate_search, markdown_search
+    from thinkscale.reflect.select import parse_strategy
+    from thinkscale.tasks.jsonl import read_examples
+
+    ks = args.k if args.k is not None else (EFFORT_K[args.mode or "medium"],)
+    methods = tuple(dict.fromkeys(["best_of_n", *args.search]))
+    try:
+        selectors = tuple(s.strip() for s in args.selectors.split(",") if s.strip())
+        for s in selectors:
+            parse_strategy(s)
+        study = SearchStudy(methods, ks, selectors, args.budget)
+        study.configs()  # bad methods or options fail before the model loads
+        examples = read_examples(args.data)
+    except (OSError, ValueError) as error:
+        print(f"thinkscale eval: error: {error}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out) if args.out is not None else (
+        Path("runs") / "eval" / f"{Path(args.model).resolve().name}-{Path(args.data).stem}-search")
+    rm, tokenizer = _load_model(args)
+    think_end = _think_end(rm) if args.think_end is None else (None if args.think_end == "none" else args.think_end)
+    config = EvalConfig(ks=ks, temperature=args.temperature, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, think_end=think_end, grade_timeout_s=args.grade_timeout, task=args.task)
+    logger.info("search study on %d questions: %s at k = %s, into %s", len(examples), ", ".join(methods),
+                list(ks), out_dir)
+    report = evaluate_search(examples, rm, tokenizer, study, config, out_dir,
+                             format_prompt=lambda question: rm.format_prompt(question, tokenizer),
+                             plots=not args.no_plots)
+    print(markdown_search(report))
     print(f"wrote {out_dir}")
     return 0
 

@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selection", default="sprm",
                         help="how the best of k is chosen when a request does not say (any `select()` strategy, "
                              "e.g. sprm, majority, weighted, deepconf; default sprm)")
+    parser.add_argument("--search", default="best_of_n", metavar="METHOD[:OPTIONS]",
+                        help="how low/medium/high spend their k candidates when a request does not say (its "
+                             "`search` field): best_of_n (k independent samples, packed with other requests), or a "
+                             "search of `thinkscale eval --search` such as prune:signal=confidence or beam:width=4 "
+                             "(decoded per request, fewer tokens; default best_of_n)")
     parser.add_argument("--temperature", type=float, default=0.6, help="default sampling temperature (default 0.6)")
     parser.add_argument("--top-p", type=float, default=0.95, help="default nucleus mass (default 0.95)")
     parser.add_argument("--max-tokens", type=positive_int, default=512,
@@ -82,12 +87,13 @@ def run(args: argparse.Namespace) -> int:
         from thinkscale.serve.app import ServeOptions, Served, create_app
 
         options = ServeOptions(default_effort=args.default_effort, default_selection=args.selection,
+                               default_search=args.search,
                                temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                                max_candidates=args.max_candidates, max_batch=args.max_batch,
                                max_queue=args.max_queue, pack=not args.no_batching)
         from thinkscale.serve.protocol import Settings
 
-        Settings("check", options.default_effort, options.default_selection)  # bad defaults fail before loading
+        Settings("check", options.default_effort, options.default_selection, options.default_search)  # fail early
     except ValueError as error:
         print(f"thinkscale serve: error: {error}", file=sys.stderr)
         return 2

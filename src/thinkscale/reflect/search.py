@@ -186,8 +186,9 @@ Policy = Callable[[list[Row], _Context], None]
 
 def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]], config: SearchConfig,
            temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 512, seed: int = 0,
-           repetition_penalty: float = 1.0) -> list[SearchResult]:
+           repetition_penalty: float = 1.0, cancelled: Callable[[], bool] | None = None) -> list[SearchResult]:
     """Run `config`'s search on each prompt (text verbatim, or token ids); one SearchResult per prompt.
+    `cancelled()` returning True stops every row at its next token (a server's client went away).
 
     Example::
 
@@ -214,6 +215,10 @@ def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
     def run(specs: list[RowSpec], policy: Policy | None) -> list[Row]:
         def after_token(batch: list[Row]) -> None:
             ctx.register(batch)
+            if cancelled is not None and cancelled():
+                for row in batch:
+                    row.stop("cancelled")
+                return
             if config.budget is not None:
                 _enforce_budget(batch, ctx)
             if policy is not None:

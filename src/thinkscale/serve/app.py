@@ -24,15 +24,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from thinkscale.reflect.candidate import Candidate
 from thinkscale.reflect.engine import RowSpec, row_seed
 from thinkscale.reflect.generate import _encode_prompt, _eos_ids, pad_token_id
+from thinkscale.reflect.search import SearchConfig, search
 from thinkscale.reflect.select import select
 
 from . import protocol
 from .protocol import Answer, ApiError, Generation, Settings
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
-from .text import DeltaStream, opens_think, split_reasoning
+from .text import DeltaStream, cut_at_stop, opens_think, split_reasoning
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class ServeOptions:
 
     default_effort: str = "medium"
     default_selection: str = "sprm"
+    default_search: str = "best_of_n"
     temperature: float = 0.6
     top_p: float = 0.95
     max_tokens: int = 512
@@ -99,8 +100,8 @@ class ServeOptions:
 
 
 def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAPI:
-    settings = Settings(served.name, options.default_effort, options.default_selection, options.temperature,
-                        options.top_p, options.max_tokens, options.max_candidates, served.context)
+    settings = Settings(served.name, options.default_effort, options.default_selection, options.default_search,
+                        options.temperature, options.top_p, options.max_tokens, options.max_candidates, served.context)
     eos_ids = _eos_ids(served.rm, served.tokenizer)
     vocab = served.rm.policy.get_output_embeddings().weight.shape[0]
     state: dict[str, Scheduler] = {}
@@ -167,10 +168,17 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
     # -- answering -------------------------------------------------------------------------------
     def _job(gen: Generation, listener=None) -> Job:
         seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**62)
+        answers = len(gen.prompts) * gen.n
+        if gen.search != "best_of_n":  # one search call on the engine, for all the request's answers
+            config = SearchConfig.parse(gen.search, gen.k)
+            prompts = [gen.prompts[q // gen.n] for q in range(answers)]
+            return Job([], gen.stop, call=lambda cancelled: search(
+                served.rm, served.tokenizer, prompts, config, gen.temperature, gen.top_p, gen.max_tokens, seed,
+                cancelled=cancelled))
         # answer q (prompt p, choice i: q = p * n + i) and candidate j use row (q, j): the rows of offline
         # sample([prompt p repeated n times...], k, seed) - a seeded request answers as that would
         rows = [RowSpec(gen.prompts[q // gen.n], gen.max_tokens, gen.temperature, gen.top_p, row_seed(seed, q, j))
-                for q in range(len(gen.prompts) * gen.n) for j in range(gen.k)]
+                for q in range(answers) for j in range(gen.k)]
         return Job(rows, gen.stop, listener)
 
     def _submit(job: Job) -> asyncio.Future:
@@ -182,23 +190,30 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         except ShuttingDown as error:
             raise ApiError(503, str(error), code="shutting_down") from None
 
-    def _answers(gen: Generation, candidates: list[Candidate]) -> tuple[list[Answer], dict]:
+    def _answers(gen: Generation, result: list) -> tuple[list[Answer], dict]:
+        """The chosen answer of each group of candidates, and the usage of everything decoded."""
+        if gen.search != "best_of_n":  # a search: SearchResults, whose cost is what they generated
+            groups = [r.complete for r in result]
+            completion_tokens = sum(r.generated_tokens for r in result)
+        else:
+            groups = [result[q * gen.k:(q + 1) * gen.k] for q in range(len(result) // gen.k)]
+            completion_tokens = sum(c.num_generated_tokens for c in result)
         answers, answer_tokens = [], 0
         think_end = served.think_tags[1] if served.think_tags is not None else None
-        for q in range(len(gen.prompts) * gen.n):
-            group = candidates[q * gen.k:(q + 1) * gen.k]
-            chosen = group[0] if gen.k == 1 else select(group, gen.selection, think_end=think_end,
-                                                        timeout_s=options.grade_timeout_s)
+        for q, group in enumerate(groups):
+            chosen = group[0] if len(group) == 1 else select(group, gen.selection, think_end=think_end,
+                                                             timeout_s=options.grade_timeout_s)
+            text, stopped = cut_at_stop(chosen.text, gen.stop)
             in_think = opens_think(gen.prompt_texts[q // gen.n], served.think_tags)
             tags = served.think_tags if gen.kind == "chat" else None
-            reasoning, content = split_reasoning(chosen.text, tags, in_think)
+            reasoning, content = split_reasoning(text, tags, in_think)
             answer_tokens += len(served.tokenizer.encode(content, add_special_tokens=False)) if content else 0
-            selected = {"strategy": gen.selection if gen.k > 1 else "single", "k": gen.k,
+            selected = {"strategy": gen.selection if gen.k > 1 else "single", "k": gen.k, "search": gen.search,
                         "candidate": chosen.sample_index, "score": chosen.score, "step_scores": chosen.step_scores,
                         "candidate_scores": [c.score for c in group]}
-            answers.append(Answer(chosen.text, reasoning, content, "stop" if chosen.finished else "length", selected))
+            finish = "stop" if chosen.finished or stopped else "length"
+            answers.append(Answer(text, reasoning, content, finish, selected))
         prompt_tokens = sum(len(gen.prompts[q // gen.n]) * gen.k for q in range(len(gen.prompts) * gen.n))
-        completion_tokens = sum(c.num_generated_tokens for c in candidates)
         return answers, protocol.usage(prompt_tokens, completion_tokens, answer_tokens)
 
     async def _answer(request, gen: Generation):
@@ -215,14 +230,14 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
                 if await request.is_disconnected():
                     job.cancel()
                     raise ApiError(499, "the client closed the connection", code="client_closed")
-            candidates = _result(future)
+            result = _result(future)
         finally:
             if not future.done():
                 job.cancel()
-        answers, usage = await asyncio.to_thread(_answers, gen, candidates)
+        answers, usage = await asyncio.to_thread(_answers, gen, result)
         return protocol.response_body(gen, settings, answers, usage)
 
-    def _result(future: asyncio.Future) -> list[Candidate]:
+    def _result(future: asyncio.Future) -> list:
         try:
             return future.result()
         except ShuttingDown as error:
@@ -265,12 +280,12 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
                     ended += last
             try:
                 await asyncio.wait({future})
-                candidates = _result(future)
+                result = _result(future)
             except ApiError as error:
                 yield _sse(error.body())
                 yield "data: [DONE]\n\n"
                 return
-            answers, usage = await asyncio.to_thread(_answers, gen, candidates)
+            answers, usage = await asyncio.to_thread(_answers, gen, result)
             for q, answer in enumerate(answers):
                 if listener is None:  # best of k: the chosen candidate goes out once it is chosen
                     text = answer.text

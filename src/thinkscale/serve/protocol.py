@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from thinkscale.reflect.search import SearchConfig
 from thinkscale.reflect.select import EFFORT_K, parse_strategy
 
 # reasoning_effort -> candidates per answer; "none" and "minimal" are a single sample
@@ -41,6 +42,7 @@ class Settings:
     model_name: str
     default_effort: str = "medium"
     default_selection: str = "sprm"
+    default_search: str = "best_of_n"  # how low/medium/high spend their k rows (reflect.search)
     temperature: float = 0.6
     top_p: float = 0.95
     max_tokens: int = 512  # when a request gives none (capped by the context)
@@ -51,6 +53,7 @@ class Settings:
         if self.default_effort not in EFFORTS:
             raise ValueError(f"default effort must be one of {', '.join(EFFORTS)}, got {self.default_effort!r}")
         parse_strategy(self.default_selection)
+        SearchConfig.parse(self.default_search, 32)
         if self.max_candidates < 1 or self.max_tokens < 1:
             raise ValueError("max_candidates and max_tokens must be >= 1")
 
@@ -66,6 +69,7 @@ class Generation:
     k: int
     effort: str
     selection: str
+    search: str  # "best_of_n" (k independent samples) or a reflect.search spec, e.g. "prune:signal=confidence"
     temperature: float
     top_p: float
     max_tokens: int
@@ -215,6 +219,12 @@ def parse_generation(body: Any, kind: str, settings: Settings, prompts: list[lis
     if name == "oracle":
         raise _bad("selection", "'oracle' needs the right answer, which a server does not have")
 
+    search = _optional(body, "search", lambda v: isinstance(v, str), "a search spec such as 'prune:signal=sprm'")
+    search = settings.default_search if search is None else search
+    try:
+        SearchConfig.parse(search, EFFORTS[effort] if EFFORTS[effort] > 1 else 4)
+    except ValueError as error:
+        raise _bad("search", str(error)) from None
     n = _optional(body, "n", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     n = 1 if n is None else n
     k = EFFORTS[effort]
@@ -234,7 +244,7 @@ def parse_generation(body: Any, kind: str, settings: Settings, prompts: list[lis
         for i, ids in enumerate(prompts):
             if any(not 0 <= t < vocab_size for t in ids):
                 raise _bad("prompt", f"prompt {i} has token ids outside the vocabulary [0, {vocab_size})")
-    return Generation(kind, prompts, prompt_texts, n, k, effort, selection,
+    return Generation(kind, prompts, prompt_texts, n, k, effort, selection, search if k > 1 else "best_of_n",
                       settings.temperature if temperature is None else float(temperature),
                       settings.top_p if top_p is None else float(top_p), limit, seed, _stop(body),
                       bool(stream), include_usage)

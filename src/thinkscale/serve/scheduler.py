@@ -6,6 +6,7 @@ decodes until each has ended, and rows leave it as they end (the engine drops th
 finishes - and its client gets its answer - while longer ones go on. Rows that arrive during a wave wait
 for the next one (the engine does not splice new rows into a running KV cache).
 `pack=False` takes one request per wave: the one-at-a-time baseline of `thinkscale bench serve`.
+A request answered by a search (`Job.call`) runs on its own: its policies own the whole batch.
 
 From the engine's `after_token` hook the scheduler stops the rows of cancelled jobs (a client that went
 away), cuts rows at their stop strings, and hands new tokens to streaming jobs.
@@ -45,6 +46,8 @@ class Job:
     rows: list[RowSpec]
     stop: tuple[str, ...] = ()
     listener: TokenListener | None = None
+    # a job that is one call on the engine of its own (a search): run alone, its return value resolves `future`
+    call: Callable[[Callable[[], bool]], object] | None = None
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     _done: dict[int, Candidate] = field(default_factory=dict)
@@ -80,7 +83,10 @@ class Scheduler:
                 raise ShuttingDown("the server is shutting down")
             if self._waiting_jobs >= self.max_queue:
                 raise QueueFull(f"{self._waiting_jobs} requests are already waiting (the limit is {self.max_queue})")
-            self._pending.extend((job, i) for i in range(len(job.rows)))
+            if job.call is None:
+                self._pending.extend((job, i) for i in range(len(job.rows)))
+            else:
+                self._pending.append((job, -1))
             self._waiting_jobs += 1
             self._cond.notify()
         return job.future
@@ -112,15 +118,17 @@ class Scheduler:
             wave: list[tuple[Job, int]] = []
             while self._pending and len(wave) < self.max_batch:
                 job, i = self._pending[0]
-                if wave and not self.pack and job is not wave[-1][0]:
-                    break
+                if wave and (job.call is not None or (not self.pack and job is not wave[-1][0])):
+                    break  # a call-job runs alone; without packing, one job per wave
                 self._pending.popleft()
                 if job.cancelled.is_set():
                     _fail(job, ShuttingDown("cancelled"))
                 else:
                     wave.append((job, i))
-                if i == len(job.rows) - 1:  # the job's last row left the queue
+                if i == len(job.rows) - 1:  # the job's last row left the queue (-1: a call-job)
                     self._waiting_jobs -= 1
+                if job.call is not None:
+                    break
             return wave
 
     def _loop(self) -> None:
@@ -129,6 +137,9 @@ class Scheduler:
             if wave is None:
                 return
             if not wave:
+                continue
+            if wave[0][0].call is not None:
+                self._run_call(wave[0][0])
                 continue
             specs = [replace(job.rows[i], tag=(job, i)) for job, i in wave]
             try:
@@ -140,6 +151,23 @@ class Scheduler:
                     _fail(job, error)
             self.waves += 1
             self.decoded_rows += len(specs)
+
+    def _run_call(self, job: Job) -> None:
+        def cancelled() -> bool:
+            return job.cancelled.is_set() or self._closing
+
+        try:
+            with _eval_mode(self.rm):
+                result = job.call(cancelled)
+        except Exception as error:
+            logger.exception("a search request failed")
+            _fail(job, error)
+            return
+        self.waves += 1
+        if cancelled():
+            _fail(job, ShuttingDown("cancelled"))
+        elif not job.future.done():
+            job.future.set_result(result)
 
     def _after_token(self, rows: list[Row]) -> None:
         for row in rows:
