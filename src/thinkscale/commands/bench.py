@@ -1,8 +1,9 @@
-"""`thinkscale bench relax|reflect|serve|probe`: the two benchmarks, each printed as ratios against its baseline.
+"""`thinkscale bench relax|reflect|serve|search|probe`: the two benchmarks, each printed as ratios against its baseline.
 
 relax:   relax algorithms vs torch DDP (and its fp16 / PowerSGD hooks) on an emulated cluster (root).
 reflect: tokens/s of sampling with fused SPRM scoring vs plain sampling, rescoring and an external RM.
 serve:   requests/s, tokens/s and latency of the server, batched scheduler vs one request at a time.
+search:  seconds and tokens per question of each search method against best_of_n at the same k.
 probe:   linear probes of the true step labels on every layer's hidden states (the ceiling of a head).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ BENCHMARKS = {
     "relax": ("thinkscale.bench.relax_grid", "relax vs DDP on network namespaces with shaped, delayed links (root)"),
     "reflect": ("thinkscale.bench.reflect_cost", "cost of SPRM scoring: fused vs rescoring vs an external reward model"),
     "serve": ("thinkscale.bench.serve_load", "thinkscale serve under 1/4/16 concurrent clients: batched scheduler vs one at a time"),
+    "search": ("thinkscale.bench.search_wall", "wall time of each test-time search against best_of_n at the same k"),
     "probe": ("thinkscale.bench.sprm_probe", "linear probes of the true step labels on the policy's hidden states"),
 }
 

@@ -202,7 +202,8 @@ def decode_rows(rm: ReflectiveModel, specs: Sequence[RowSpec], eos_ids: set[int]
                                keep_signals)
                 if seen is not None:
                     index = torch.tensor(live, device=device)
-                    seen[index] = seen[index].scatter(1, torch.tensor([[batch[b].tokens[-1]] for b in live], device=device), True)
+                    newest = torch.tensor([[batch[b].tokens[-1]] for b in live], device=device)
+                    seen[index] = seen[index].scatter(1, newest, True)
             if after_token is not None:
                 after_token(list(batch))
             keep = [b for b, row in enumerate(batch) if row.running]
