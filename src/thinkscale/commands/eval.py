@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from thinkscale.reflect.select import EFFORT_K
-from thinkscale.commands.argtypes import positive_int
+from thinkscale.commands.argtypes import ensure_writable_dir, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +80,23 @@ def default_out_dir(model: str, data: str, k_max: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from thinkscale.reflect.evaluate import EvalConfig, evaluate, make_model_sampler
+    from thinkscale.reflect.model import check_model_dir
     from thinkscale.reflect.report import markdown_table
     from thinkscale.tasks.jsonl import read_examples
 
+    # Bad input fails here, in one line, before the model loads: data, options, model folder, --out.
     ks = args.k if args.k is not None else ks_for_effort(EFFORT_K[args.mode or "medium"])
-    try:
-        examples = read_examples(args.data)  # bad data fails here, before the model loads
-    except (OSError, ValueError) as error:
-        print(f"thinkscale eval: error: {error}", file=sys.stderr)
-        return 2
+    examples = read_examples(args.data)
+    config = EvalConfig(ks=ks, temperature=args.temperature, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.batch_size, seed=args.seed, grade_timeout_s=args.grade_timeout,
+                        task=args.task)
+    check_model_dir(args.model)
     out_dir = Path(args.out) if args.out is not None else default_out_dir(args.model, args.data, max(ks))
+    ensure_writable_dir(out_dir)
 
     import torch
     from transformers import AutoTokenizer
@@ -104,11 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if not rm.head_is_trained:
         logger.warning("the SPRM head is untrained: sprm@k and weighted@k only show chance")
     think_end = _think_end(rm) if args.think_end is None else (None if args.think_end == "none" else args.think_end)
-
-    config = EvalConfig(ks=ks, temperature=args.temperature, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size, seed=args.seed, think_end=think_end,
-                        grade_timeout_s=args.grade_timeout, task=args.task)
+    config = replace(config, think_end=think_end)
     logger.info("evaluating %d questions, k = %s, into %s", len(examples), list(ks), out_dir)
     report = evaluate(examples, make_model_sampler(rm, tokenizer, config), config, out_dir,
                       format_prompt=lambda question: rm.format_prompt(question, tokenizer),
