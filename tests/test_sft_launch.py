@@ -36,6 +36,13 @@ def rank_one_hangs_on_the_first_attempt():
     return restart_count(), t.item()
 
 
+def rank_one_is_killed():
+    if rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no exception, no record
+    dist.all_reduce(torch.zeros(1))  # rank 0 fails here, as a consequence
+    return "unreachable"
+
+
 def report_group():
     return dist.is_initialized(), rank(), world_size()
 
@@ -52,6 +59,12 @@ def test_a_crashing_worker_fails_the_launch_with_its_error():
     assert info.value.rank == 1
     assert "rank_one_raises" in str(info.value)  # the worker's traceback travels too
     assert time.monotonic() - start < 30  # the waiting peer is stopped, not left to time out
+
+
+def test_a_killed_worker_is_named_as_the_cause_not_its_peer():
+    with pytest.raises(WorkerFailedError, match=r"^worker rank 1 failed: killed by SIGKILL") as info:
+        launch(rank_one_is_killed, nproc=2, timeout_s=60)
+    assert info.value.exitcode == -signal.SIGKILL
 
 
 def test_a_hung_worker_is_caught_by_the_collective_timeout_and_the_workers_restart():

@@ -143,6 +143,19 @@ def test_resume_from_a_mid_run_checkpoint_ends_bit_identical(tmp_path):
     assert any(not torch.equal(step4[f"module.{k}"], v) for k, v in weights(out).items())  # steps 5-6 did train
 
 
+def test_a_checkpoint_is_whole_or_absent_and_only_a_written_one_prunes(tmp_path):
+    for step in (1, 2):
+        checkpoint.save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, {}, {}, keep=2)
+    with pytest.raises(Exception):  # the write fails midway (a lambda cannot be saved), as on a full disk
+        checkpoint.save_checkpoint(tmp_path, 3, {"w": torch.zeros(2), "bad": lambda: 0}, {}, {}, keep=2)
+    assert [step for step, _ in checkpoint.finished_checkpoints(tmp_path)] == [1, 2]
+    assert sorted(p.name for p in checkpoint.checkpoints_dir(tmp_path).iterdir()) == ["step-00000001", "step-00000002"]
+    step, mine, _ = checkpoint.load_checkpoint(tmp_path, {})
+    assert step == 2 and torch.equal(mine["w"], torch.full((2,), 2.0))
+    checkpoint.save_checkpoint(tmp_path, 3, {"w": torch.zeros(2)}, {}, {}, keep=2)
+    assert [step for step, _ in checkpoint.finished_checkpoints(tmp_path)] == [2, 3]
+
+
 def test_a_fresh_run_forgets_older_checkpoints(tmp_path):
     out = tmp_path / "run"
     checkpoint.save_stage(checkpoint.checkpoint_path(out, 99), state={"step": 99})  # an older run's, "newer"

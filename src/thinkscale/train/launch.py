@@ -232,6 +232,12 @@ def _elastic_launch(fn: Callable, args: tuple, nproc: int, backend: str | None, 
                 raise KeyboardInterrupt from None
             raise
         except ChildFailedError as e:
+            # A worker killed by a signal (SIGKILL, OOM, a segfault) records nothing, and its peers then
+            # fail in a collective: the signal is the root cause. SIGTERM is the agent stopping the others.
+            killed = [(r, f) for r, f in sorted(e.failures.items()) if f.signal_name() not in ("<N/A>", "SIGTERM")]
+            if killed:
+                failed_rank, failure = killed[0]
+                raise WorkerFailedError(failed_rank, *_failure_message(failure), exitcode=failure.exitcode) from None
             first = _first_recorded_failure(failure_dir)
             if first is not None:
                 raise WorkerFailedError(first["rank"], first["error"], first["details"]) from None
