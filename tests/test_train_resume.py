@@ -27,8 +27,8 @@ from thinkscale.train.sft import SFTOptions, run_sft
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 TINY = ["--hidden-size", "32", "--layers", "2", "--heads", "2"]
-SFT_ARGS = ["--num-train", "256", "--num-test", "4", "--num-hard", "0", *TINY, "--batch-size", "8", "--steps", "40",
-            "--eval-questions", "0", "--nproc", "2", "--save-every", "5"]
+SFT_ARGS = ["--num-train", "256", "--num-test", "4", "--num-hard", "0", *TINY, "--batch-size", "8", "--steps", "80",
+            "--eval-questions", "0", "--nproc", "2", "--save-every", "10"]
 GRPO_ARGS = ["--nproc", "2", "--steps", "12", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "12",
              "--eval-questions", "0", "--save-every", "2"]
 
@@ -56,9 +56,21 @@ def resumed_step(stderr: str) -> int:
     return int(found[0])
 
 
+def worker_pids(pid: int) -> list[int]:
+    """The worker processes the launcher in process `pid` spawned (not its resource tracker)."""
+    found = []
+    for child in descendants(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except OSError:  # exited meanwhile
+            pass
+    return sorted(found)
+
+
 def run_and_kill_a_worker(args: list, out: Path, logs: Path, timeout: float = 240):
-    """Start `thinkscale *args`, SIGKILL one of its workers once the first checkpoint is on disk, and wait
-    for the command to end. Returns (exit status, stderr, the newest checkpoint's step at the kill)."""
+    """Start `thinkscale *args`, SIGKILL one of its workers (the first spawned, usually rank 0, the one
+    that writes checkpoints) once the first checkpoint is on disk, and wait for the command to end. Returns (exit status, stderr, the newest checkpoint's step at the kill)."""
     stdout, stderr = open(logs / "stdout", "w+"), open(logs / "stderr", "w+")  # files: pipes could fill up
     proc = subprocess.Popen([sys.executable, "-m", "thinkscale", *map(str, args)], env=ENV, stdout=stdout,
                             stderr=stderr, text=True)
@@ -67,7 +79,7 @@ def run_and_kill_a_worker(args: list, out: Path, logs: Path, timeout: float = 24
         while not checkpoint.finished_checkpoints(out):
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
             time.sleep(0.02)
-        workers = sorted(p for p in descendants(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes())
+        workers = worker_pids(proc.pid)
         assert len(workers) == 2 and not checkpoint.is_done(out)
         step_at_kill = checkpoint.finished_checkpoints(out)[-1][0]
         os.kill(workers[0], signal.SIGKILL)
@@ -90,12 +102,12 @@ def sft_uninterrupted(tmp_path_factory):
 
 def test_checkpoints_are_periodic_kept_in_the_output_and_pruned(sft_uninterrupted):
     steps = [step for step, _ in checkpoint.finished_checkpoints(sft_uninterrupted)]
-    assert steps == [35, 40]  # every 5 steps, the newest 2 kept (--keep-checkpoints default), carried into out
-    state = checkpoint.load_state(checkpoint.checkpoint_path(sft_uninterrupted, 40))
-    assert state["step"] == 40 and state["world_size"] == 2 and state["options"]["save_every"] == 5
-    names = sorted(p.name for p in checkpoint.checkpoint_path(sft_uninterrupted, 40).iterdir())
+    assert steps == [70, 80]  # every 10 steps, the newest 2 kept (--keep-checkpoints default), carried into out
+    state = checkpoint.load_state(checkpoint.checkpoint_path(sft_uninterrupted, 80))
+    assert state["step"] == 80 and state["world_size"] == 2 and state["options"]["save_every"] == 10
+    names = sorted(p.name for p in checkpoint.checkpoint_path(sft_uninterrupted, 80).iterdir())
     assert names == ["done", "rank0.pt", "rank1.pt", "shared.pt", "stage_state.json"]
-    rank0 = torch.load(checkpoint.checkpoint_path(sft_uninterrupted, 40) / "rank0.pt", weights_only=True)
+    rank0 = torch.load(checkpoint.checkpoint_path(sft_uninterrupted, 80) / "rank0.pt", weights_only=True)
     assert set(rank0) >= {"model", "optimizer", "scheduler", "rng"}
     assert rank0["model"]["_extra_state"]["algorithm"] == "gradient_allreduce"  # relax state travels too
 
@@ -105,7 +117,7 @@ def test_sft_worker_killed_mid_run_restarts_and_ends_bit_identical(sft_uninterru
     status, stderr, step_at_kill = run_and_kill_a_worker(["sft", "--out", out, *SFT_ARGS, "--max-restarts", "1"],
                                                          out, tmp_path)
     assert status == 0, stderr[-3000:]
-    assert 5 <= step_at_kill <= resumed_step(stderr) < 40
+    assert 10 <= step_at_kill <= resumed_step(stderr) < 80
     assert_bit_identical(weights(out), weights(sft_uninterrupted))
 
 

@@ -25,7 +25,8 @@ def add_failure_arguments(parser: argparse.ArgumentParser, defaults) -> None:
                         "on CPU with gradient_allreduce it ends bit-identical to an uninterrupted run")
     g.add_argument("--max-restarts", type=non_negative_int, default=0, metavar="N",
                    help="when a worker fails (an error, killed, out of memory, hung past --collective-timeout), "
-                        "restart all workers up to N times; they resume from the newest checkpoint")
+                        "restart all workers up to N times; they resume from the newest checkpoint "
+                        "(under torchrun, torchrun's own --max-restarts applies)")
     g.add_argument("--collective-timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, metavar="S",
                    help="seconds a worker waits for the others in a collective or the rendezvous before the "
                         "run counts as failed: how long a hung worker can stall the job")
@@ -40,7 +41,7 @@ def checkpoint_options(args: argparse.Namespace) -> dict:
 def run_training_stage(stage: str, fn: Callable, options, args: argparse.Namespace,
                        print_summary: Callable[[dict], None], saved_what: str) -> int:
     from thinkscale.train import checkpoint
-    from thinkscale.train.launch import launch
+    from thinkscale.train.launch import launch, restart_count
 
     if checkpoint.is_done(options.out) and not args.overwrite:
         print(f"{options.out} already holds a finished {stage} run (use --overwrite to retrain)")
@@ -48,7 +49,8 @@ def run_training_stage(stage: str, fn: Callable, options, args: argparse.Namespa
         return 0
     ensure_writable_dir(options.out)
     newest = checkpoint.latest_checkpoint(options.out)
-    if newest is not None and not args.resume and not args.overwrite:
+    # (under torchrun a restarted worker runs this command again: it resumes without being asked)
+    if newest is not None and not args.resume and not args.overwrite and restart_count() == 0:
         raise ValueError(f"{options.out} holds checkpoints of an unfinished run (newest: {newest.name}): add "
                          "--resume to continue it, or --overwrite to start over")
     if newest is not None and args.resume:

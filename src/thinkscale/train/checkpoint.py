@@ -6,8 +6,10 @@
 
 and, while a stage trains, periodic checkpoints to resume it exactly (every rank calls these):
 
-    save_checkpoint(out, step, mine={"model": ..., "optimizer": ...}, shared={"history": [...]}, keep=2)
-    resumed = load_checkpoint(out, options)              # None, or (step, this rank's `mine`, `shared`)
+    resumed = resume_point(out, options_json, resume)    # None, or (step, this rank's `mine`, `shared`)
+    if checkpoint_due(step, total_steps, save_every):
+        save_checkpoint(out, step, mine={"model": ..., "rng": rng_state()}, shared={"history": [...]},
+                        options=options_json, keep=2)
 
 Layout of a stage directory: the model (`save_pretrained`: config.json, model.safetensors, ...), the
 tokenizer files, `stage_state.json` (small JSON state), any extra JSON/files, and the `done` marker.
@@ -42,7 +44,7 @@ STATE_FILE = "stage_state.json"
 CHECKPOINTS_DIR = "checkpoints"
 SHARED_FILE = "shared.pt"
 # options that may change between a run and its resumption: they do not change what is trained
-RESUMABLE_CHANGES = frozenset({"out", "resume", "save_every", "keep_checkpoints", "log_every"})
+RESUMABLE_CHANGES = frozenset({"out", "resume", "save_every", "keep_checkpoints"})
 
 
 def jsonable(value: Any) -> Any:
