@@ -127,29 +127,28 @@ def thinkscale(*args, timeout=120):
 
 
 def test_the_cli_as_a_user_runs_it(files):
-    """The known bad paths, and one bad input of each kind, through `python -m thinkscale`, two at a time."""
+    """The issue's bad paths (a malformed line with workers, a folder without a model; a non-UTF-8 file is in
+    the matrix above), a bad head, an unwritable --out and a worker's error, through `python -m thinkscale`."""
     out, blocked = files["root"] / "out", files["file"] / "sub"
     cases = [  # (args, exit status, the one line on stderr)
         (["sft", "--data", files["malformed"], "--out", out, "--nproc", "2"], 2,
          "thinkscale sft: error: " + str(files["malformed"]) + ":2: malformed JSON"),
-        (["grpo", "--model", files["model"], "--data", files["latin1"], "--out", out], 2,
-         "latin1.jsonl:2: not UTF-8 text"),
         (["eval", "--model", files["no_model"], "--data", files["good"]], 2,
          f"thinkscale eval: error: no model in {files['no_model']} (expected config.json and model.safetensors"),
         (["eval", "--model", files["model"], "--data", files["good"], "--head", files["wrong_head"], "--out", out], 2,
          "head in " + str(files["wrong_head"]) + " has hidden size 64, the policy has 32"),
-        (["sft", "--data", files["good"], "--out", blocked], 2, f"--out {blocked}: cannot write there (Not a directory)"),
         (["demo", "--out", blocked], 2, f"--out {blocked}: cannot write there"),
         # an error raised in a worker process: one line too, naming the rank
         (["sft", "--data", files["good"], "--out", out, "--nproc", "2", "--batch-size", "8", "--hidden-size", "32",
           "--layers", "1", "--heads", "2"], 1,
-         "thinkscale sft: worker rank 0 failed: ValueError: each rank has 1 examples, fewer than batch_size=8"),
+         "failed: ValueError: each rank has 1 examples, fewer than batch_size=8"),  # both ranks fail: either first
     ]
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda case: thinkscale(*case[0]), cases))
     for (args, status, expected), result in zip(cases, results):
         assert result.returncode == status, (args, result.stderr[-2000:])
         assert_one_clear_line(result.stderr, expected)
+    assert results[-1].stderr.startswith("thinkscale sft: worker rank ")
 
 
 def test_verbose_adds_the_traceback(files, capsys):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed_harness import descendants
 from thinkscale.cli import main
@@ -152,6 +153,24 @@ def test_rerun_skips_finished_stages(quick_run):
     assert report["stages"]["sft"]["seconds_when_run"] > 1.0  # kept from the run that did the work
     assert result.stdout.count("finished earlier, skipped") == 4
     assert (out / "grpo" / checkpoint.DONE_MARKER).stat().st_mtime_ns == grpo_marker
+
+
+def test_a_rerun_continues_an_interrupted_training_stage_from_its_checkpoint(quick_run, tmp_path):
+    """What a demo killed after SFT's last step leaves: sft/ with that checkpoint only. A plain rerun
+    resumes from it (no training again), skips the finished stages, and ends with the same model."""
+    from safetensors.torch import load_file
+
+    finished, _, _ = quick_run
+    out = tmp_path / "run"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("logs"))
+    shutil.rmtree(out / "sft")
+    shutil.copytree(checkpoint.checkpoint_path(finished / "sft", 60), checkpoint.checkpoint_path(out / "sft", 60))
+    result = demo(out, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[2/4] sft: supervised fine-tuning" in result.stdout and result.stdout.count("finished earlier") == 3
+    assert "step-00000060 (step 60)" in (out / "logs" / "sft-rank0.log").read_text()  # "resuming from ..."
+    resumed, original = load_file(out / "sft" / "model.safetensors"), load_file(finished / "sft" / "model.safetensors")
+    assert resumed.keys() == original.keys() and all(torch.equal(resumed[k], original[k]) for k in original)
 
 
 def _alive(pid: int) -> bool:

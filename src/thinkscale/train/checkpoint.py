@@ -43,8 +43,9 @@ DONE_MARKER = "done"
 STATE_FILE = "stage_state.json"
 CHECKPOINTS_DIR = "checkpoints"
 SHARED_FILE = "shared.pt"
-# options that may change between a run and its resumption: they do not change what is trained
-RESUMABLE_CHANGES = frozenset({"out", "resume", "save_every", "keep_checkpoints"})
+# Options that may change between a run and its resumption: checkpointing, and paths (a moved folder
+# resumes; the weights, optimizer and reference policy come from the checkpoint, not from `model`).
+RESUMABLE_CHANGES = frozenset({"resume", "save_every", "keep_checkpoints", "out", "data", "eval_data", "model"})
 
 
 def jsonable(value: Any) -> Any:
