@@ -189,3 +189,6 @@ def test_cli_refuses_to_forget_or_mix_unfinished_runs(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "step-00000005: written with other options (" in err and "lr 0.5 -> 0.002" in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+    args[args.index("--nproc") + 1] = "1"
+    assert main(args + ["--resume", "--lr", "0.5"]) == 2
+    assert "step-00000005: written by 2 workers, this run has 1; resume with --nproc 2" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def checkpoint_options(args: argparse.Namespace) -> dict:
 def run_training_stage(stage: str, fn: Callable, options, args: argparse.Namespace,
                        print_summary: Callable[[dict], None], saved_what: str) -> int:
     from thinkscale.train import checkpoint
-    from thinkscale.train.launch import launch, restart_count
+    from thinkscale.train.launch import launch, restart_count, under_torchrun
 
     if checkpoint.is_done(options.out) and not args.overwrite:
         print(f"{options.out} already holds a finished {stage} run (use --overwrite to retrain)")
@@ -54,7 +54,8 @@ def run_training_stage(stage: str, fn: Callable, options, args: argparse.Namespa
         raise ValueError(f"{options.out} holds checkpoints of an unfinished run (newest: {newest.name}): add "
                          "--resume to continue it, or --overwrite to start over")
     if newest is not None and args.resume:
-        checkpoint.check_resumable(newest, checkpoint.jsonable(asdict(options)))  # before any worker starts
+        workers = None if under_torchrun() else args.nproc  # (torchrun decides, and the workers check)
+        checkpoint.check_resumable(newest, checkpoint.jsonable(asdict(options)), workers)  # before workers start
     summary = launch(fn, args=(options,), nproc=args.nproc, timeout_s=args.collective_timeout,
                      max_restarts=args.max_restarts)
     if summary is not None:  # rank 0 (or the only process)
