@@ -16,6 +16,7 @@ import tempfile
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -88,3 +89,22 @@ def run_ranks(fn, world_size: int, args: tuple = (), env: dict | None = None, ti
     if missing:
         raise RuntimeError(f"ranks {missing} exited with codes {[procs[r].exitcode for r in missing]}")
     return results
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (read from /proc): the workers a command line started."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found

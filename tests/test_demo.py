@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from distributed_harness import descendants
 from thinkscale.cli import main
 from thinkscale.commands.demo import nproc_warning
 from thinkscale.pipeline.evaluation import shard_indices
@@ -153,23 +155,22 @@ def test_rerun_skips_finished_stages(quick_run):
     assert (out / "grpo" / checkpoint.DONE_MARKER).stat().st_mtime_ns == grpo_marker
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
+def test_a_rerun_continues_an_interrupted_training_stage_from_its_checkpoint(quick_run, tmp_path):
+    """What a demo killed after SFT's last step leaves: sft/ with that checkpoint only. A plain rerun
+    resumes from it (no training again), skips the finished stages, and ends with the same model."""
+    from safetensors.torch import load_file
+
+    finished, _, _ = quick_run
+    out = tmp_path / "run"
+    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("logs"))
+    shutil.rmtree(out / "sft")
+    shutil.copytree(checkpoint.checkpoint_path(finished / "sft", 60), checkpoint.checkpoint_path(out / "sft", 60))
+    result = demo(out, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[2/4] sft: supervised fine-tuning" in result.stdout and result.stdout.count("finished earlier") == 3
+    assert "step-00000060 (step 60)" in (out / "logs" / "sft-rank0.log").read_text()  # "resuming from ..."
+    resumed, original = load_file(out / "sft" / "model.safetensors"), load_file(finished / "sft" / "model.safetensors")
+    assert resumed.keys() == original.keys() and all(torch.equal(resumed[k], original[k]) for k in original)
 
 
 def _alive(pid: int) -> bool:
@@ -193,7 +194,7 @@ def test_fresh_starts_over_and_ctrl_c_leaves_no_workers_and_no_partial_stage(qui
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / "logs" / "sft-rank1.log").exists():  # both SFT workers are up
-                workers = _descendants(proc.pid)
+                workers = descendants(proc.pid)
                 if len(workers) >= 2:
                     break
             time.sleep(0.2)
@@ -213,8 +214,10 @@ def test_fresh_starts_over_and_ctrl_c_leaves_no_workers_and_no_partial_stage(qui
     assert (out / "data" / checkpoint.DONE_MARKER).read_text() != data_marker
     time.sleep(1.0)
     assert not [pid for pid in workers if _alive(pid)], "workers outlived Ctrl-C"
-    # the interrupted stage is absent or complete, never half-written
-    assert not (out / "sft").exists() or checkpoint.is_done(out / "sft")
+    # the interrupted stage is absent, complete or holds only whole checkpoints, never half-written
+    sft = out / "sft"
+    assert not sft.exists() or checkpoint.is_done(sft) or os.listdir(sft) == [checkpoint.CHECKPOINTS_DIR]
+    assert all(checkpoint.is_done(p) for p in checkpoint.checkpoints_dir(sft).glob("step-*"))  # a killed save may leave .step-*.tmp-*
     assert not list(out.glob(".sft.tmp-*"))
 
 

@@ -1,6 +1,7 @@
 """Joint GRPO + SPR: batch layout, the joint update against a hand-written reference, a tiny in-process run,
 and a 2-rank run through the real CLI."""
 import json
+import os
 import subprocess
 import sys
 
@@ -196,8 +197,11 @@ def test_options_reject_meaningless_values():
 
 
 def cli(*args, timeout=120):
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:  # a source checkout under test, not the installed package
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return subprocess.run([sys.executable, "-m", "thinkscale.cli", "grpo", *args], capture_output=True, text=True,
-                          timeout=timeout, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                          timeout=timeout, env=env)
 
 
 def test_cli_two_ranks_then_skip_and_clear_errors(model_dir, tmp_path, capsys):

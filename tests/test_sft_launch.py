@@ -1,4 +1,5 @@
-"""train.launch: 2 spawned workers, a crashing worker, Ctrl-C, in-process and torchrun modes."""
+"""train.launch: 2 spawned workers, a crashing worker, a hung worker restarted, Ctrl-C, in-process and
+torchrun modes."""
 import os
 import signal
 import socket
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from thinkscale.train.launch import WorkerFailedError, launch, rank, world_size
+from thinkscale.train.launch import WorkerFailedError, launch, rank, restart_count, world_size
 
 
 def sum_of_ranks(offset):
@@ -24,6 +25,21 @@ def rank_one_raises():
     if rank() == 1:
         raise ValueError("bad shard on rank 1")
     dist.all_reduce(torch.zeros(1))  # rank 0 waits here for a peer that is gone
+    return "unreachable"
+
+
+def rank_one_hangs_on_the_first_attempt():
+    if restart_count() == 0 and rank() == 1:
+        time.sleep(120)  # hung: never reaches the collective its peer waits in
+    t = torch.tensor([1.0])
+    dist.all_reduce(t)
+    return restart_count(), t.item()
+
+
+def rank_one_is_killed():
+    if rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no exception, no record
+    dist.all_reduce(torch.zeros(1))  # rank 0 fails here, as a consequence
     return "unreachable"
 
 
@@ -43,6 +59,18 @@ def test_a_crashing_worker_fails_the_launch_with_its_error():
     assert info.value.rank == 1
     assert "rank_one_raises" in str(info.value)  # the worker's traceback travels too
     assert time.monotonic() - start < 30  # the waiting peer is stopped, not left to time out
+
+
+def test_a_killed_worker_is_named_as_the_cause_not_its_peer():
+    with pytest.raises(WorkerFailedError, match=r"^worker rank 1 failed: killed by SIGKILL") as info:
+        launch(rank_one_is_killed, nproc=2, timeout_s=60)
+    assert info.value.exitcode == -signal.SIGKILL
+
+
+def test_a_hung_worker_is_caught_by_the_collective_timeout_and_the_workers_restart():
+    start = time.monotonic()
+    assert launch(rank_one_hangs_on_the_first_attempt, nproc=2, timeout_s=8, max_restarts=1) == (1, 2.0)
+    assert time.monotonic() - start < 60  # the hung rank was stopped, not waited for (120 s)
 
 
 def test_more_workers_than_cpus_warns(monkeypatch):

@@ -2,6 +2,10 @@
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
 modules are imported only when their subcommand runs, so `thinkscale --help` stays fast.
+
+Errors: whatever a command raises (bad data, a model folder without a model, a failed worker) is printed
+as one line, `thinkscale <command>: error: <file:line: problem>`, with exit status 2 for bad input
+(ValueError, OSError) and 1 for any other failure; `-v` adds the traceback (a worker's too).
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -53,12 +58,35 @@ def main(argv: list[str] | None = None) -> int:
     command_at = argv.index(known.command)
     rest = argv[:command_at] + argv[command_at + 1:]
     args = sub_parser.parse_args(rest)
+    args.verbose = args.verbose or known.verbose
     logging.basicConfig(
-        level=logging.DEBUG if (args.verbose or known.verbose) else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"thinkscale {known.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line for the user; the traceback is for -v
+        print(f"thinkscale {known.command}: {describe_error(error)}", file=sys.stderr)
+        if args.verbose:
+            details = getattr(error, "details", "")  # a worker's traceback (train.launch.WorkerFailedError)
+            print(details if details else traceback.format_exc(), file=sys.stderr)
+        return 2 if isinstance(error, (ValueError, OSError)) else 1
+
+
+def describe_error(error: BaseException) -> str:
+    """`error` in one line: its message for bad input (ValueError, OSError), else with its type."""
+    brief = getattr(error, "brief", None)  # a failed worker: "worker rank r failed: <its error>"
+    if brief is not None:
+        return brief
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(error, (ValueError, OSError)):
+        return f"error: {text}" if text else f"error: {type(error).__name__}"
+    return f"error: {type(error).__name__}: {text}" if text else f"error: {type(error).__name__}"
 
 
 if __name__ == "__main__":

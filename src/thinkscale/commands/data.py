@@ -10,10 +10,8 @@ another split (e.g. the demo's own test set), so a second test set is disjoint f
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-from thinkscale.commands.argtypes import non_negative_int
+from thinkscale.commands.argtypes import ensure_writable_dir, non_negative_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,18 +36,13 @@ def run(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     if args.train is None:
         args.train = task.demo_num_train
-    try:
-        excluded = {e.question for path in args.exclude for e in read_examples(path)}
-        # draw extra questions, then drop the excluded ones, so every split keeps its size
-        spare = len(excluded)
-        splits = task.make_splits(task.demo_config, args.seed, args.train + spare, args.test + spare,
-                                  args.hard + spare, hard_config=task.demo_hard_config)
-    except (OSError, ValueError) as error:
-        print(f"thinkscale data: error: {error}", file=sys.stderr)
-        return 2
+    excluded = {e.question for path in args.exclude for e in read_examples(path)}
+    out = ensure_writable_dir(args.out)
+    # draw extra questions, then drop the excluded ones, so every split keeps its size
+    spare = len(excluded)
+    splits = task.make_splits(task.demo_config, args.seed, args.train + spare, args.test + spare,
+                              args.hard + spare, hard_config=task.demo_hard_config)
     sizes = {"train": args.train, "test": args.test, "hard": args.hard}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for name, problems in splits.items():
         kept = [p for p in problems if p.question not in excluded][: sizes[name]]
         write_jsonl(out / f"{name}.jsonl", (p.to_record() for p in kept))

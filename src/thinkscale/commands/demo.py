@@ -4,7 +4,8 @@
     thinkscale demo --quick --out tmp    # the same stages with tiny sizes (~2-3 min)
     thinkscale demo --fresh              # forget finished stages and start over
 
-Rerunning skips the stages that finished (an interrupted stage reruns; evaluation resumes per question).
+Rerunning skips the stages that finished; an interrupted SFT or GRPO stage continues from its last
+checkpoint, and evaluation resumes per question.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import argparse
 import logging
 import os
 import sys
-from thinkscale.commands.argtypes import positive_int
+
+from thinkscale.commands.argtypes import ensure_writable_dir, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Run the whole pipeline on a built-in task (arithmetic by default): generate the data, fine-tune a small "
         "policy (SFT), train it with GRPO together with its SPRM head, evaluate test-time scaling with "
         "k = 1..32 samples on the test and the harder held-out split, and write checkpoints, logs, "
-        "report.md/report.json and plots. Rerunning skips finished stages.")
+        "report.md/report.json and plots. Rerunning skips finished stages and continues an interrupted one "
+        "from its last checkpoint.")
     parser.add_argument("--task", default="arithmetic", choices=registry.names(),
                         help="built-in task: " + "; ".join(f"{t.name}: {t.description}" for t in registry.TASKS.values())
                              + " (default: arithmetic)")
@@ -72,11 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from thinkscale.pipeline.report import final_table
     from thinkscale.train.launch import WorkerFailedError
 
-    try:
-        config = config_from_args(args)
-    except (TypeError, ValueError) as error:
-        print(f"thinkscale demo: error: {error}", file=sys.stderr)
-        return 2
+    config = config_from_args(args)
+    ensure_writable_dir(config.root)
     warning = nproc_warning(config.nproc, os.cpu_count() or 1)
     if warning is not None:
         print(f"thinkscale demo: warning: {warning}", file=sys.stderr)
@@ -101,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"thinkscale demo: error: {error}", file=sys.stderr)
         return 2
     except WorkerFailedError as error:
-        print(f"thinkscale demo: stage {current['stage']} failed: {error}", file=sys.stderr)
-        print("finished stages are kept; fix the problem and rerun to resume", file=sys.stderr)
+        print(f"thinkscale demo: stage {current['stage']} failed: {error.brief}", file=sys.stderr)
+        if args.verbose and error.details:
+            print(error.details, file=sys.stderr)
+        print("finished stages and checkpoints are kept; fix the problem and rerun to resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\nthinkscale demo: interrupted during stage {current['stage']}; finished stages are kept, "

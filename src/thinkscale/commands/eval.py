@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from thinkscale.reflect.select import EFFORT_K
-from thinkscale.commands.argtypes import positive_int
+from thinkscale.commands.argtypes import ensure_writable_dir, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -93,27 +92,29 @@ def default_out_dir(model: str, data: str, k_max: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from thinkscale.reflect.evaluate import EvalConfig, evaluate, make_model_sampler
+    from thinkscale.reflect.model import check_model_dir
     from thinkscale.reflect.report import markdown_table
     from thinkscale.tasks.jsonl import read_examples
 
     if args.search is not None:
         return run_search(args)
+    # Bad input fails here, in one line, before the model loads: data, options, model folder, --out.
     ks = args.k if args.k is not None else ks_for_effort(EFFORT_K[args.mode or "medium"])
-    try:
-        examples = read_examples(args.data)  # bad data fails here, before the model loads
-    except (OSError, ValueError) as error:
-        print(f"thinkscale eval: error: {error}", file=sys.stderr)
-        return 2
+    examples = read_examples(args.data)
+    config = EvalConfig(ks=ks, temperature=args.temperature, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.batch_size, seed=args.seed, grade_timeout_s=args.grade_timeout,
+                        task=args.task)
+    check_model_dir(args.model)
     out_dir = Path(args.out) if args.out is not None else default_out_dir(args.model, args.data, max(ks))
+    ensure_writable_dir(out_dir)
 
     rm, tokenizer = _load_model(args)
     think_end = _think_end(rm) if args.think_end is None else (None if args.think_end == "none" else args.think_end)
-
-    config = EvalConfig(ks=ks, temperature=args.temperature, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size, seed=args.seed, think_end=think_end,
-                        grade_timeout_s=args.grade_timeout, task=args.task)
+    config = replace(config, think_end=think_end)
     logger.info("evaluating %d questions, k = %s, into %s", len(examples), list(ks), out_dir)
     report = evaluate(examples, make_model_sampler(rm, tokenizer, config), config, out_dir,
                       format_prompt=lambda question: rm.format_prompt(question, tokenizer),
@@ -140,24 +141,24 @@ def _load_model(args: argparse.Namespace):
 def run_search(args: argparse.Namespace) -> int:
     """`--search`: accuracy against generated tokens for each method and k (reflect.search_eval)."""
     from thinkscale.reflect.evaluate import EvalConfig
+    from thinkscale.reflect.model import check_model_dir
     from thinkscale.reflect.search_eval import SearchStudy, evaluate_search, markdown_search
     from thinkscale.reflect.select import parse_strategy
     from thinkscale.tasks.jsonl import read_examples
 
+    # bad methods, options, data, model folder or --out fail here, in one line, before the model loads
     ks = args.k if args.k is not None else (EFFORT_K[args.mode or "medium"],)
     methods = tuple(dict.fromkeys(["best_of_n", *args.search]))
-    try:
-        selectors = tuple(s.strip() for s in args.selectors.split(",") if s.strip())
-        for s in selectors:
-            parse_strategy(s)
-        study = SearchStudy(methods, ks, selectors, args.budget)
-        study.configs()  # bad methods or options fail before the model loads
-        examples = read_examples(args.data)
-    except (OSError, ValueError) as error:
-        print(f"thinkscale eval: error: {error}", file=sys.stderr)
-        return 2
+    selectors = tuple(s.strip() for s in args.selectors.split(",") if s.strip())
+    for s in selectors:
+        parse_strategy(s)
+    study = SearchStudy(methods, ks, selectors, args.budget)
+    study.configs()
+    examples = read_examples(args.data)
+    check_model_dir(args.model)
     out_dir = Path(args.out) if args.out is not None else (
         Path("runs") / "eval" / f"{Path(args.model).resolve().name}-{Path(args.data).stem}-search")
+    ensure_writable_dir(out_dir)
     rm, tokenizer = _load_model(args)
     think_end = _think_end(rm) if args.think_end is None else (None if args.think_end == "none" else args.think_end)
     config = EvalConfig(ks=ks, temperature=args.temperature, top_p=args.top_p,

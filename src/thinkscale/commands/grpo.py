@@ -3,13 +3,15 @@
     thinkscale grpo --model runs/sft --out runs/grpo                 # questions from runs/sft/data/train.jsonl
     thinkscale grpo --model runs/sft --out runs/grpo --nproc 2 --algorithm bytegrad
     thinkscale grpo --model my-model-dir --data questions.jsonl --eval-data test.jsonl --out runs/grpo
+    thinkscale grpo --model runs/sft --out runs/grpo --nproc 2 --max-restarts 3   # survives a killed worker
+    thinkscale grpo --model runs/sft --out runs/grpo --resume                     # continue an interrupted run
     torchrun --nproc_per_node 2 -m thinkscale.cli grpo --model runs/sft --out runs/grpo
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from thinkscale.commands.stage import run_training_stage
+
+from thinkscale.commands.stage import add_failure_arguments, checkpoint_options, run_training_stage
 from thinkscale.commands.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 
 
@@ -77,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--eval-samples", type=positive_int, default=d.eval_samples,
                    help="sampled answers per question for SPRM best-of-k and score separation")
     e.add_argument("--eval-before", action="store_true", help="also evaluate the starting model (for comparison)")
+    add_failure_arguments(parser, d)
 
 
 def options_from_args(args: argparse.Namespace):
@@ -96,20 +99,18 @@ def options_from_args(args: argparse.Namespace):
         refit_head=args.refit_head, refit=HeadFitOptions(inputs=args.refit_inputs, questions=args.refit_questions,
                                                          samples=args.refit_samples, seed=args.seed,
                                                          max_new_tokens=args.max_new_tokens),
+        **checkpoint_options(args),
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from thinkscale.reflect.model import check_model_dir
     from thinkscale.train.grpo import load_data, run_grpo
 
-    try:
-        options = options_from_args(args)
-        load_data(options)  # bad data fails here with file:line, before any worker starts
-    except (TypeError, ValueError, OSError) as e:
-        print(f"thinkscale grpo: error: {e}", file=sys.stderr)
-        return 2
-    return run_training_stage("grpo", "GRPO", run_grpo, options, args.nproc, args.overwrite,
-                              _print_summary, "model and SPRM head")
+    options = options_from_args(args)
+    load_data(options)  # bad data or model fails here, in one line, before any worker starts
+    check_model_dir(options.model)
+    return run_training_stage("GRPO", run_grpo, options, args, _print_summary, "model and SPRM head")
 
 
 def _fmt(value) -> str:

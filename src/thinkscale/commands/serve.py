@@ -79,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
     if args.gguf is not None and not (model / args.gguf).is_file():
         print(f"thinkscale serve: error: no GGUF file {args.gguf} in {model}", file=sys.stderr)
         return 2
-    if args.gguf is None and not (model / "config.json").is_file():
-        print(f"thinkscale serve: error: no model in {model} (no config.json); pass a folder saved by "
-              "ReflectiveModel.save_pretrained or a Hugging Face model folder", file=sys.stderr)
-        return 2
+    if args.gguf is None:
+        from thinkscale.reflect.model import check_model_dir
+
+        check_model_dir(model)  # "no model in DIR" and the like, one line, before anything loads
     try:
         from thinkscale.serve.app import ServeOptions, Served, create_app
 

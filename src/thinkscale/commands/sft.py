@@ -3,6 +3,8 @@
     thinkscale sft --out runs/sft                          # built-in arithmetic task, tiny policy
     thinkscale sft --out runs/sft --nproc 2 --algorithm bytegrad
     thinkscale sft --data train.jsonl --eval-data test.jsonl --model my-model-dir --out runs/sft
+    thinkscale sft --out runs/sft --nproc 2 --save-every 50 --max-restarts 3   # survives a killed worker
+    thinkscale sft --out runs/sft --resume                 # continue an interrupted run
     torchrun --nproc_per_node 2 -m thinkscale.cli sft --out runs/sft
 """
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-from thinkscale.commands.stage import run_training_stage
+
+from thinkscale.commands.stage import add_failure_arguments, checkpoint_options, run_training_stage
 from thinkscale.commands.argtypes import non_negative_int, positive_int
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="test questions for pass@1 (0: skip)")
     e.add_argument("--eval-temperature", type=float, default=defaults.eval_temperature,
                    help="sampling temperature for pass@1 (0: greedy)")
+    add_failure_arguments(parser, defaults)
 
 
 def options_from_args(args: argparse.Namespace):
@@ -98,20 +101,21 @@ def options_from_args(args: argparse.Namespace):
         num_train=args.num_train, num_test=args.num_test, num_hard=args.num_hard, policy=policy,
         algorithm=args.algorithm, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, max_len=args.max_len, seed=args.seed, eval_questions=args.eval_questions,
-        eval_temperature=args.eval_temperature,
+        eval_temperature=args.eval_temperature, **checkpoint_options(args),
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinkscale.train.sft import run_sft
+    from thinkscale.reflect.model import check_model_dir
+    from thinkscale.train.sft import load_data, run_sft
 
-    try:
-        options = options_from_args(args)
-    except (TypeError, ValueError) as e:
-        print(f"thinkscale sft: error: {e}", file=sys.stderr)
-        return 2
-    return run_training_stage("sft", "SFT", run_sft, options, args.nproc, args.overwrite,
-                              _print_summary, "model")
+    options = options_from_args(args)
+    # bad data or model fails here, in one line, before any worker starts
+    if options.data is not None:
+        load_data(options)
+    if options.model is not None:
+        check_model_dir(options.model)
+    return run_training_stage("SFT", run_sft, options, args, _print_summary, "model")
 
 
 def _print_summary(summary: dict) -> None:

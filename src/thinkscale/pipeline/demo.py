@@ -6,7 +6,8 @@
 Stages (each skipped when its folder under `out` is already finished):
     data   the task's train/test/hard splits as JSONL (data/{train,test,hard}.jsonl); `task` names a
            built-in task (tasks.registry: arithmetic, countdown)
-    sft    supervised fine-tuning on worked solutions, `nproc` workers with a relax algorithm (sft/)
+    sft    supervised fine-tuning on worked solutions, `nproc` workers with a relax algorithm (sft/);
+           like grpo, it checkpoints as it goes and a rerun continues from the last checkpoint
     grpo   joint GRPO + SPR training of the policy and its SPRM head, `nproc` workers, then the head
            refitted on rollouts of the final policy (reflect.head_fit; `head_refit` None turns it off) (grpo/)
     eval   k = 1..32 samples per question on test and hard with the GRPO model, plus pass@1 of the SFT
@@ -150,7 +151,7 @@ def sft_options(config: DemoConfig):
                  "eval_questions": config.sft_eval_questions}
     return SFTOptions(out=str(config.root / "sft"), data=str(config.data_file("train")),
                       eval_data=str(config.data_file("test")), algorithm=config.algorithm, seed=config.seed,
-                      grading_task=config.task,
+                      grading_task=config.task, resume=True,
                       **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -164,7 +165,7 @@ def grpo_options(config: DemoConfig):
     refit = {} if config.head_refit is None else {"refit_head": True, "refit": config.head_refit}
     return GRPOOptions(out=str(config.root / "grpo"), model=str(config.root / "sft"),
                        data=str(config.data_file("train")), algorithm=config.algorithm, seed=config.seed,
-                       task=config.task, **refit,
+                       task=config.task, resume=True, **refit,
                        **{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "reflect_config.json"
 HEAD_NAME = "sprm_head.safetensors"
+# what save_pretrained leaves in a model directory (one of each kind)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 # where HF causal LMs keep their decoder blocks
 LAYER_STACK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "transformer.layers",
                      "gpt_neox.layers", "model.language_model.layers")
@@ -275,6 +278,33 @@ class ReflectiveModel(nn.Module):
         return cls(model, head_module, config, head_is_trained=trained)
 
 
+def check_model_dir(path: str | os.PathLike) -> None:
+    """ValueError saying what is missing unless `path` is a local directory with a saved causal LM
+    (config.json and weights) and its tokenizer; loading then fails, if at all, for a reason worth showing.
+
+    Example::
+
+        check_model_dir("runs/sft")        # passes silently, or: ValueError: no model in runs/sft (...)
+    """
+    folder = os.fspath(path)
+    if not os.path.exists(folder):
+        raise ValueError(f"model directory {folder} does not exist")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} is a file, not a model directory")
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config) or not any(os.path.isfile(os.path.join(folder, n)) for n in WEIGHT_FILES):
+        raise ValueError(f"no model in {folder} (expected config.json and model.safetensors, as save_pretrained "
+                         "writes them)")
+    try:
+        with open(config, encoding="utf-8") as f:
+            json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config}: not a valid model config ({error})") from None
+    if not any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer in {folder} (expected tokenizer.json or tokenizer_config.json, as "
+                         "tokenizer.save_pretrained writes them)")
+
+
 def _load_head(head: Any, policy_dir: str | None, hidden: int, dropout: float,
                inputs: str = "features") -> tuple[SPRMHead | None, bool]:
     from safetensors.torch import load_file
@@ -293,7 +323,10 @@ def _load_head(head: Any, policy_dir: str | None, hidden: int, dropout: float,
             raise FileNotFoundError(f"SPRM head file not found: {path}")
     else:
         raise TypeError(f"head must be None, a path or an SPRMHead, got {type(head).__name__}")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except Exception as error:  # safetensors raises its own error type for a file that is not one
+        raise ValueError(f"{path} is not a safetensors file ({error})") from None
     if "net.0.weight" not in state:
         raise ValueError(f"{path} is not an SPRM head (no net.0.weight)")
     width, size = state["net.0.weight"].shape[1], state["net.0.weight"].shape[0] // 2

@@ -7,7 +7,8 @@
 - `solution` (optional, needed for SFT): either a full completion in the model's format (steps, then
   "</think>" and "\\boxed{...}") or just the reasoning text; see `tasks.completion_from_solution`.
 - other fields are kept in `Example.meta`; blank lines are skipped.
-Every problem raises ValueError naming the file, the line number and what is wrong.
+Every problem raises ValueError naming the file, the line number and what is wrong (bad JSON, not UTF-8,
+a missing field or a wrong type, a line over MAX_LINE_BYTES), quoting at most a short part of the value.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REQUIRED_FIELDS = ("question", "answer")
+MAX_LINE_BYTES = 64 * 2**20  # longer is no question but a wrong file (a binary blob without newlines)
 
 
 @dataclass(frozen=True)
@@ -46,30 +48,49 @@ def example_from_record(record: object, where: str = "record") -> Example:
             raise ValueError(f"{where}: missing field {name!r} (required: {list(REQUIRED_FIELDS)})")
     question = record["question"]
     if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"{where}: field 'question' must be a non-empty string, got {question!r}")
+        raise ValueError(f"{where}: field 'question' must be a non-empty string, got {_short(question)}")
     answer = record["answer"]
     # bool is an int subclass, but true/false is not a numeric answer.
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"{where}: field 'answer' must be a non-empty string or a number, got {record['answer']!r}")
+        raise ValueError(f"{where}: field 'answer' must be a non-empty string or a number, got {_short(record['answer'])}")
     solution = record.get("solution")
     if solution is not None and (not isinstance(solution, str) or not solution.strip()):
-        raise ValueError(f"{where}: field 'solution' must be a non-empty string when present, got {solution!r}")
+        raise ValueError(f"{where}: field 'solution' must be a non-empty string when present, got {_short(solution)}")
     meta = {k: v for k, v in record.items() if k not in ("question", "answer", "solution")}
     return Example(question=question, answer=answer, solution=solution, meta=meta)
 
 
+def _short(value: object, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: an error message quotes a value, not a whole line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """(line number, decoded value) for each non-blank line; ValueError with file:line on bad JSON."""
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    """(line number, decoded value) for each non-blank line; ValueError with file:line on a line that is
+    not UTF-8, too long, or not JSON."""
+    with open(path, "rb") as f:  # bytes: a decoding error then knows its line
+        line_number = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            line_number += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{line_number}: line longer than {MAX_LINE_BYTES // 2**20} MiB "
+                                 "(expected one JSON object per line)")
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # tolerate a BOM
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                                 f"{e.start + 1} of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 yield line_number, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_number}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{line_number}: JSON nested too deeply") from None
 
 
 def read_examples(path: str | os.PathLike) -> list[Example]:

@@ -29,7 +29,12 @@ only, `reflect.head_fit`): every rank samples its share, rank 0 fits and saves i
 Output directory (atomic, via train.checkpoint): the policy, `sprm_head.safetensors`,
 `reflect_config.json`, the tokenizer (`ReflectiveModel.from_pretrained(out)` loads it all),
 `metrics.jsonl` (one line per step), `stage_state.json` (options and summary), `data/` copied from the
-starting model's directory when it has one, and the `done` marker.
+starting model's directory when it has one, `checkpoints/` (below), and the `done` marker.
+
+Checkpoints (`save_every` steps, train.checkpoint): every rank's policy, head, optimizer, relax state and
+RNG, the reference policy and the metrics so far; `resume` (or a restart by the launcher) continues
+from the newest. Rollout seeds and the prompt order follow from the step number, so a resumed run
+draws the rollouts an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -111,12 +116,19 @@ class GRPOOptions:
     # only. The jointly trained head of the demo's policy ranks at chance within a question.
     refit_head: bool = False
     refit: HeadFitOptions = field(default_factory=HeadFitOptions)
+    save_every: int | None = 10  # checkpoint every this many steps and after the last (None: never)
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the newest checkpoint in out/checkpoints
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "group_size", "updates_per_batch", "max_new_tokens", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.save_every is not None and self.save_every < 1:
+            raise ValueError(f"save_every must be >= 1 (or None: no checkpoints), got {self.save_every}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.spr_filter_warmup_steps < 0:
             raise ValueError(f"spr_filter_warmup_steps must be >= 0, got {self.spr_filter_warmup_steps}")
         if self.group_size < 2:
@@ -234,9 +246,9 @@ def load_model(options: GRPOOptions):
     from transformers import AutoTokenizer
 
     from ..reflect import ReflectiveModel
+    from ..reflect.model import check_model_dir
 
-    if not Path(options.model).is_dir():
-        raise ValueError(f"model directory {options.model} does not exist")
+    check_model_dir(options.model)
     tokenizer = AutoTokenizer.from_pretrained(options.model)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
@@ -466,8 +478,10 @@ def run_grpo(options: GRPOOptions) -> dict | None:
     train, evaluation = load_data(options)
     rm, tokenizer = load_model(options)
     evaluation = evaluation[: options.eval_questions]
-    summary: dict = {}
-    if options.eval_before and evaluation and is_main_process():
+    options_json = checkpoint.jsonable(asdict(options))
+    resumed = checkpoint.resume_point(options.out, options_json, options.resume)
+    summary: dict = {} if resumed is None else resumed[2]["summary"]
+    if options.eval_before and evaluation and is_main_process() and resumed is None:
         summary["eval_before"] = evaluate(rm, tokenizer, evaluation, options)
         logger.info("before GRPO: %s", _format_eval(summary["eval_before"]))
     reference = copy.deepcopy(rm.policy).eval().requires_grad_(False)
@@ -476,16 +490,27 @@ def run_grpo(options: GRPOOptions) -> dict | None:
     process_group = dist.group.WORLD if world_size() > 1 else None
     local = train[rank()::world_size()][: len(train) // world_size()]  # same number of prompts per rank
     prompts = prompt_batches(local, options.prompts_per_step, options.seed, rank())
+    history: list[dict] = []
+    first_step, time_before = 0, 0.0
+    if resumed is not None:
+        first_step, mine, shared = resumed
+        dp.load_state_dict(mine["model"])  # policy, head and the relax algorithm's state
+        optimizer.load_state_dict(mine["optimizer"])
+        reference.load_state_dict(shared["reference"])
+        history, time_before = shared["history"], shared["train_time_s"]
+        checkpoint.set_rng_state(mine["rng"])  # last: nothing may draw from the generators after this
+    for _ in range(first_step):
+        next(prompts)  # the data position: the prompts an uninterrupted run takes next
     if is_main_process():
         logger.info("GRPO: %d prompts on %d rank(s), %d steps of %d x %d prompts x %d rollouts, head %s, "
                     "algorithm %s", len(train), world_size(), options.steps, world_size(), options.prompts_per_step,
                     options.group_size, "trained" if rm.head_is_trained else "fresh", options.algorithm)
 
-    history: list[dict] = []
-    start = time.perf_counter()
-    progress = tqdm(total=options.steps, desc="grpo", disable=not is_main_process(), dynamic_ncols=True)
+    start = time.perf_counter() - time_before  # train_time_s counts the time before a resume too
+    progress = tqdm(total=options.steps, initial=first_step, desc="grpo", disable=not is_main_process(),
+                    dynamic_ncols=True)
     try:
-        for step in range(options.steps):
+        for step in range(first_step, options.steps):
             step_start = time.perf_counter()
             seed = options.seed * 1_000_003 + step * world_size() + rank()
             batch, info = collect_rollouts(rm, tokenizer, next(prompts), options, seed)
@@ -508,6 +533,12 @@ def run_grpo(options: GRPOOptions) -> dict | None:
                             metrics["spr_loss"], _fmt(metrics["score_correct"]), _fmt(metrics["score_wrong"]),
                             _fmt(metrics["score_pair_acc"]), metrics["kl"], metrics["entropy"], metrics["clip_frac"],
                             metrics["step_time_s"])
+            if checkpoint.checkpoint_due(step + 1, options.steps, options.save_every):
+                mine = {"model": dp.state_dict(), "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state()}
+                shared = {"history": history, "train_time_s": time.perf_counter() - start,
+                          "reference": reference.state_dict(), "summary": summary}
+                checkpoint.save_checkpoint(options.out, step + 1, mine, shared, options_json,
+                                           options.keep_checkpoints)
     finally:
         progress.close()
         dp.close()
@@ -532,6 +563,7 @@ def run_grpo(options: GRPOOptions) -> dict | None:
         source = Path(options.model) / "data"
         if source.is_dir():
             shutil.copytree(source, stage_dir / "data")
+        checkpoint.carry_checkpoints(options.out, stage_dir)
 
     state = {"stage": "grpo", "options": asdict(options), **summary}
     checkpoint.save_stage(options.out, rm, tokenizer, state=state, write_extra=write_extra)

@@ -4,11 +4,14 @@
 
 Three cases, one call:
 - under `torchrun` (RANK and WORLD_SIZE set): init the process group here and call `fn` in-process;
-- `nproc > 1`: spawn workers with torchrun's own machinery (elastic agent, c10d rendezvous on
-  127.0.0.1, no restarts), each of which inits the process group and calls `fn`;
+- `nproc > 1` (or `max_restarts > 0`): spawn workers with torchrun's own machinery (elastic agent,
+  c10d rendezvous on 127.0.0.1), each of which inits the process group and calls `fn`;
 - `nproc == 1`: call `fn` directly, no process group (relax's DataParallel is then a plain wrapper).
-A worker that raises makes `launch` raise `WorkerFailedError` carrying that worker's error (the
-agent stops the other workers, so nobody waits forever in a collective); Ctrl-C in the parent stops
+A worker that raises or dies (SIGKILL, OOM) makes the agent stop the other workers, so nobody waits
+forever in a collective; a worker that hangs is caught by the collective timeout (`timeout_s`): its
+peers' next collective fails. Then, up to `max_restarts` times, the agent starts all workers again
+(`restart_count()` tells `fn` it is a restart, so it can resume from its last checkpoint); after that
+`launch` raises `WorkerFailedError` carrying the first failed worker's error. Ctrl-C in the parent stops
 all workers before `launch` re-raises it as KeyboardInterrupt.
 
 Inside `fn`, use `rank()`, `world_size()`, `is_main_process()` and `barrier()`; they work in all three
@@ -16,6 +19,7 @@ cases.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,12 +42,21 @@ DEFAULT_TIMEOUT_S = 600.0
 
 
 class WorkerFailedError(RuntimeError):
-    """A worker process failed; the message is that worker's error (exception type, text, traceback)."""
+    """A worker process failed. `error`: its exception ("ValueError: data.jsonl:3: ...") or how it died;
+    `details`: its traceback when it had one. The message holds both; `brief` is its first line."""
 
-    def __init__(self, rank: int, message: str, exitcode: int | None = None):
-        self.rank = rank
-        self.exitcode = exitcode
-        super().__init__(f"worker rank {rank} failed: {message}")
+    def __init__(self, rank: int, error: str, details: str = "", exitcode: int | None = None):
+        self.rank, self.error, self.details, self.exitcode = rank, error, details, exitcode
+        super().__init__(f"worker rank {rank} failed: {error}" + (f"\n{details}" if details else ""))
+
+    @property
+    def brief(self) -> str:
+        return str(self).splitlines()[0]
+
+
+def restart_count() -> int:
+    """How many times the launcher has restarted this worker group (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def under_torchrun() -> bool:
@@ -78,8 +91,22 @@ def init_process_group(backend: str | None = None, timeout_s: float = DEFAULT_TI
     backend = default_backend() if backend is None else backend
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        dist.init_process_group(backend=backend, timeout=timeout, store=_store_of_this_attempt(timeout),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     logger.debug("rank %d/%d: process group up (%s)", dist.get_rank(), dist.get_world_size(), backend)
+
+
+def _store_of_this_attempt(timeout: timedelta) -> dist.Store:
+    """The elastic agent's store, with keys private to this attempt. The agent keeps one store across
+    restarts, so a restarted worker would read its peers' addresses of the failed attempt (gloo then
+    fails with "Connection refused", or connects depending on who writes first)."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"thinkscale/attempt_{restart_count()}", store)
 
 
 def _run_in_process_group(fn: Callable, args: tuple, backend: str | None, timeout_s: float) -> Any:
@@ -96,8 +123,8 @@ def _worker_entry(
     """Body of a spawned worker (module level so that spawn can pickle it)."""
     # Workers share the machine's cores: without this each would start one thread per core.
     torch.set_num_threads(threads)
-    init_process_group(backend, timeout_s)
     try:
+        init_process_group(backend, timeout_s)
         return fn(*args)
     except BaseException as e:
         # Record when this rank failed, before tearing down the group makes its peers fail too:
@@ -105,29 +132,35 @@ def _worker_entry(
         _record_failure(failure_dir, e)
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _record_failure(failure_dir: str, error: BaseException) -> None:
     record = {
-        "rank": dist.get_rank(),
+        "rank": int(os.environ["RANK"]),
+        "attempt": restart_count(),
         "time": time.time(),
-        "message": f"{type(error).__name__}: {error}\n"
-        + "".join(traceback.format_exception(type(error), error, error.__traceback__)).strip(),
+        "error": f"{type(error).__name__}: {error}",
+        "details": "".join(traceback.format_exception(type(error), error, error.__traceback__)).strip(),
     }
-    path = os.path.join(failure_dir, f"rank{record['rank']}.json")
+    path = os.path.join(failure_dir, f"rank{record['rank']}-attempt{record['attempt']}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(record, f)
     os.replace(path + ".tmp", path)
 
 
 def _first_recorded_failure(failure_dir: str) -> dict | None:
+    """The earliest failure of the last attempt (earlier attempts were followed by a restart)."""
     records = []
     for name in os.listdir(failure_dir):
         if name.endswith(".json"):
             with open(os.path.join(failure_dir, name), encoding="utf-8") as f:
                 records.append(json.load(f))
-    return min(records, key=lambda r: r["time"]) if records else None
+    if not records:
+        return None
+    last = max(r["attempt"] for r in records)
+    return min((r for r in records if r["attempt"] == last), key=lambda r: r["time"])
 
 
 def launch(
@@ -136,14 +169,19 @@ def launch(
     nproc: int = 1,
     backend: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_restarts: int = 0,
 ) -> Any:
     """Run `fn(*args)` on `nproc` local workers (see the module docstring); returns rank 0's result.
 
-    `fn` and `args` must be picklable when `nproc > 1` (a module-level function). `backend` defaults to
-    nccl when CUDA is available, else gloo; `timeout_s` bounds every collective and the rendezvous.
+    `fn` and `args` must be picklable when spawning (a module-level function). `backend` defaults to
+    nccl when CUDA is available, else gloo; `timeout_s` bounds every collective and the rendezvous;
+    `max_restarts`: how often a failed worker group is started again (under torchrun, torchrun's own
+    --max-restarts applies instead).
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
     if under_torchrun():
         launcher_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         if nproc not in (1, launcher_world):
@@ -153,7 +191,7 @@ def launch(
                 stacklevel=2,
             )
         return _run_in_process_group(fn, args, backend, timeout_s)
-    if nproc == 1:
+    if nproc == 1 and max_restarts == 0:
         return fn(*args)
     cpus = os.cpu_count() or 1
     if nproc > cpus:
@@ -162,10 +200,11 @@ def launch(
             RuntimeWarning,
             stacklevel=2,
         )
-    return _elastic_launch(fn, args, nproc, backend, timeout_s, threads=max(1, cpus // nproc))
+    return _elastic_launch(fn, args, nproc, backend, timeout_s, max_restarts, threads=max(1, cpus // nproc))
 
 
-def _elastic_launch(fn: Callable, args: tuple, nproc: int, backend: str | None, timeout_s: float, threads: int):
+def _elastic_launch(fn: Callable, args: tuple, nproc: int, backend: str | None, timeout_s: float,
+                    max_restarts: int, threads: int):
     # Imported here: the elastic agent is only needed when spawning.
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -179,12 +218,12 @@ def _elastic_launch(fn: Callable, args: tuple, nproc: int, backend: str | None, 
         rdzv_backend="c10d",
         rdzv_endpoint="127.0.0.1:0",  # port 0: the rendezvous store binds a free port itself
         rdzv_configs={"timeout": int(timeout_s)},
-        max_restarts=0,
+        max_restarts=max_restarts,
         monitor_interval=0.1,
         start_method="spawn",
         local_addr="127.0.0.1",
     )
-    with tempfile.TemporaryDirectory(prefix="thinkscale-launch-") as failure_dir:
+    with tempfile.TemporaryDirectory(prefix="thinkscale-launch-") as failure_dir, _quiet_agent():
         try:
             results = elastic_launch(config, _worker_entry)(fn, args, backend, timeout_s, threads, failure_dir)
         except SignalException as e:
@@ -193,23 +232,47 @@ def _elastic_launch(fn: Callable, args: tuple, nproc: int, backend: str | None, 
                 raise KeyboardInterrupt from None
             raise
         except ChildFailedError as e:
+            # A worker killed by a signal (SIGKILL, OOM, a segfault) records nothing, and its peers then
+            # fail in a collective: the signal is the root cause. SIGTERM is the agent stopping the others.
+            killed = [(r, f) for r, f in sorted(e.failures.items()) if f.signal_name() not in ("<N/A>", "SIGTERM")]
+            if killed:
+                failed_rank, failure = killed[0]
+                raise WorkerFailedError(failed_rank, *_failure_message(failure), exitcode=failure.exitcode) from None
             first = _first_recorded_failure(failure_dir)
             if first is not None:
-                raise WorkerFailedError(first["rank"], first["message"]) from None
+                raise WorkerFailedError(first["rank"], first["error"], first["details"]) from None
             # No worker raised: one died (signal, os._exit) or failed before its function ran.
             failed_rank, failure = e.get_first_failure()
-            raise WorkerFailedError(failed_rank, _failure_message(failure), failure.exitcode) from None
+            raise WorkerFailedError(failed_rank, *_failure_message(failure), exitcode=failure.exitcode) from None
     return results[0]
 
 
-def _failure_message(failure) -> str:
-    """The worker's exception text and traceback when it recorded one, else its exit code/signal."""
+@contextlib.contextmanager
+def _quiet_agent():
+    """The elastic agent logs every worker failure with its traceback; `launch` reports the failure
+    itself (WorkerFailedError), so the agent speaks only when thinkscale logs at DEBUG (`-v`)."""
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    names = [n for n in logging.Logger.manager.loggerDict if n.startswith(prefixes)]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _failure_message(failure) -> tuple[str, str]:
+    """(error, traceback) of a worker from the agent's record, else how it ended (exit code, signal)."""
     data = failure.error_file_data
     if isinstance(data, dict) and isinstance(data.get("message"), dict):
         message = data["message"]
-        text = message.get("message", "")
-        stack = message.get("extraInfo", {}).get("py_callstack", "")
-        return f"{text}\n{stack}".strip() if stack else text
+        return message.get("message", ""), message.get("extraInfo", {}).get("py_callstack", "")
     if failure.signal_name() != "<N/A>":
-        return f"killed by {failure.signal_name()} (exit code {failure.exitcode})"
-    return f"exited with code {failure.exitcode}: {failure.message}"
+        return f"killed by {failure.signal_name()} (exit code {failure.exitcode})", ""
+    return f"exited with code {failure.exitcode}: {failure.message}", ""

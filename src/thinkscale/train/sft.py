@@ -54,6 +54,8 @@ class SFTOptions:
     best) or, when None, a fresh `policy` with a tokenizer trained on the training text.
     With a decentralized relax algorithm the replicas differ slightly; rank 0's is the one saved. Length: `steps` optimizer steps, or `epochs` passes over
     each rank's shard when `steps` is None. `batch_size` is per rank.
+    Checkpoints: every `save_every` steps (None: never) and after the last step, into out/checkpoints/,
+    the newest `keep_checkpoints` kept; `resume` continues from the newest (a restarted worker always does).
     """
 
     out: str
@@ -81,6 +83,9 @@ class SFTOptions:
     eval_temperature: float = 0.0
     eval_max_new_tokens: int | None = None  # None: max_len (no training example is longer)
     grading_task: str | None = None  # a built-in task's grader for the pass@1 check (None: math answers)
+    save_every: int | None = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -96,6 +101,10 @@ class SFTOptions:
             raise ValueError("warmup_steps, eval_questions and eval_temperature must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.save_every is not None and self.save_every < 1:
+            raise ValueError(f"save_every must be >= 1 (or None: no checkpoints), got {self.save_every}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -173,6 +182,9 @@ def load_model_and_tokenizer(options: SFTOptions, train: list[Example]):
     if options.model is not None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..reflect.model import check_model_dir
+
+        check_model_dir(options.model)
         tokenizer = AutoTokenizer.from_pretrained(options.model)
         model = AutoModelForCausalLM.from_pretrained(options.model)
         if tokenizer.eos_token_id is None:
@@ -272,13 +284,26 @@ def run_sft(options: SFTOptions) -> dict | None:
                     count_parameters(model), len(encoded), world_size(), total_steps, world_size(),
                     options.batch_size, options.algorithm)
 
-    history, window_loss, window_tokens = [], 0.0, 0
-    start = window_start = time.perf_counter()
-    total_tokens = 0
+    history, window_loss, window_tokens, total_tokens, first_step, time_before = [], 0.0, 0, 0, 0, 0.0
+    options_json = checkpoint.jsonable(asdict(options))
+    resumed = checkpoint.resume_point(options.out, options_json, options.resume)
+    if resumed is not None:
+        first_step, mine, shared = resumed
+        dp.load_state_dict(mine["model"])  # weights and the relax algorithm's state
+        optimizer.load_state_dict(mine["optimizer"])
+        scheduler.load_state_dict(mine["scheduler"])
+        window_loss, window_tokens, total_tokens = mine["window_loss"], mine["window_tokens"], mine["total_tokens"]
+        history, time_before = shared["history"], shared["train_time_s"]
+        checkpoint.set_rng_state(mine["rng"])  # last: nothing may draw from the generators after this
+    window_start = time.perf_counter()
+    start = window_start - time_before  # train_time_s counts the time before a resume too
     data = batches(local, options.batch_size, options.seed, rank())
-    progress = tqdm(total=total_steps, desc="sft", disable=not is_main_process(), dynamic_ncols=True)
+    for _ in range(first_step):
+        next(data)  # the data position: the batches an uninterrupted run sees next
+    progress = tqdm(total=total_steps, initial=first_step, desc="sft", disable=not is_main_process(),
+                    dynamic_ncols=True)
     try:
-        for step in range(total_steps):
+        for step in range(first_step, total_steps):
             batch = {k: v.to(device) for k, v in collate(next(data), tokenizer.pad_token_id).items()}
             loss = dp(**batch).loss
             loss.backward()
@@ -303,6 +328,13 @@ def run_sft(options: SFTOptions) -> dict | None:
                     logger.info("step %d/%d loss %.4f tokens/s %.0f lr %.2e", step + 1, total_steps,
                                 record["loss"], record["tokens_per_s"], record["lr"])
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            if checkpoint.checkpoint_due(step + 1, total_steps, options.save_every):
+                mine = {"model": dp.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
+                        "window_loss": window_loss, "window_tokens": window_tokens, "total_tokens": total_tokens}
+                shared = {"history": history, "train_time_s": time.perf_counter() - start}
+                checkpoint.save_checkpoint(options.out, step + 1, mine, shared, options_json,
+                                           options.keep_checkpoints)
     finally:
         progress.close()
         dp.close()
@@ -335,6 +367,7 @@ def run_sft(options: SFTOptions) -> dict | None:
     def write_splits(stage_dir: Path) -> None:
         for name, examples in splits.items():
             write_jsonl(stage_dir / "data" / f"{name}.jsonl", (e.to_record() for e in examples))
+        checkpoint.carry_checkpoints(options.out, stage_dir)
 
     state = {"stage": "sft", "options": checkpoint.jsonable(asdict(options)), **summary}
     checkpoint.save_stage(options.out, model, tokenizer, state=state,
