@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -16,7 +15,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 from reflect_util import bpe_tokenizer, favor_tokens, tiny_policy
 from thinkscale.reflect import ReflectiveModel, sample

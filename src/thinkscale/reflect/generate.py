@@ -127,10 +127,6 @@ def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
     row seeds come from torch's global RNG. temperature 0 is greedy; top_p 1.0 disables nucleus filtering.
     Returns one list of k Candidates per prompt; `score=False` skips scoring (scores are then empty/0).
     """
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise TypeError("prompts must be a list of prompts (strings or token-id lists)")
-    if len(prompts) == 0:
-        raise ValueError("prompts is empty: give at least one prompt")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     check_sampling(temperature, top_p, max_new_tokens)
@@ -140,11 +136,7 @@ def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    encoded = [_encode_prompt(tokenizer, p) for p in prompts]
-    for i, ids in enumerate(encoded):
-        if not ids:
-            raise ValueError(f"prompt {i} is empty after tokenization")
-        check_context(rm, len(ids), max_new_tokens, f"prompt {i}")
+    encoded = encode_prompts(rm, tokenizer, prompts, max_new_tokens)
     eos_ids = _eos_ids(rm, tokenizer)
     if not eos_ids:
         logger.warning("no EOS token known: every candidate runs to max_new_tokens")
@@ -164,6 +156,21 @@ def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
                                            row.feature_matrix() if score else None, row.signal_matrix(), p, j))
             logger.debug("decoded rows %d-%d of %d", lo, lo + len(decoded) - 1, len(rows))
     return out
+
+
+def encode_prompts(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]],
+                   max_new_tokens: int) -> list[list[int]]:
+    """Token ids of each prompt (text verbatim, or ids), refusing an empty one or one past the context."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError("prompts must be a list of prompts (strings or token-id lists)")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
+    encoded = [_encode_prompt(tokenizer, p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty after tokenization")
+        check_context(rm, len(ids), max_new_tokens, f"prompt {i}")
+    return encoded
 
 
 def check_context(rm: ReflectiveModel, prompt_tokens: int, max_new_tokens: int, what: str = "the prompt") -> None:

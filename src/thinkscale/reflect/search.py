@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .candidate import Candidate
-from .confidence import group_confidences
 from .engine import Row, RowSpec, decode_rows, row_seed
-from .generate import _encode_prompt, _eos_ids, _eval_mode, check_context, check_sampling, pad_token_id, to_candidate
+from .generate import _eos_ids, _eval_mode, check_sampling, encode_prompts, pad_token_id, to_candidate
 from .model import ReflectiveModel
 from .scoring import scores_from_features
 
@@ -99,7 +98,8 @@ class SearchResult:
 
     @property
     def complete(self) -> list[Candidate]:
-        """The candidates that may be chosen: finished or cut at max_new_tokens, not pruned or stopped."""
+        """The candidates that may be chosen: finished or cut at max_new_tokens, not pruned or stopped by the
+        budget (all of them when every one was stopped)."""
         done = [c for c in self.candidates if c.extra.get("stopped") is None]
         return done or list(self.candidates)
 
@@ -196,11 +196,7 @@ def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
         best = select(results[0].complete, "sprm")
     """
     check_sampling(temperature, top_p, max_new_tokens)
-    encoded = [_encode_prompt(tokenizer, p) for p in prompts]
-    for i, ids in enumerate(encoded):
-        if not ids:
-            raise ValueError(f"prompt {i} is empty after tokenization")
-        check_context(rm, len(ids), max_new_tokens, f"prompt {i}")
+    encoded = encode_prompts(rm, tokenizer, prompts, max_new_tokens)
     eos_ids = _eos_ids(rm, tokenizer)
     pad_id = pad_token_id(tokenizer, eos_ids)
     ctx = _Context(rm, tokenizer, config, encoded, seed, _last_token_ids(rm, tokenizer))
