@@ -68,6 +68,17 @@ def test_latency_forwarder_adds_latency_between_four_ranks():
         assert 10.0 <= rtt < 20.0, f"5 ms one-way should give a ~10 ms round trip, got {rtt:.2f} ms"
 
 
+def failed_runs(out) -> str:
+    """The full error (every node's log tail) of each failed contender, for the assertion message: the
+    report's table shows only its first line."""
+    path = out / "results.json"
+    if not path.exists():
+        return ""
+    cells = json.loads(path.read_text()).get("cells", {}).values()
+    return "".join(f"\n{name}: {run['error']}" for cell in cells for name, run in cell.get("runs", {}).items()
+                   if isinstance(run, dict) and "error" in run)
+
+
 def run_cli(tmp_path, *extra, timeout=400):
     cmd = [sys.executable, "-m", "thinkscale", "bench", "relax", "--world-sizes", "2", "--steps", "4",
            "--timing-warmup", "1", "--worker-args", TINY, "--out", str(tmp_path), *extra]
@@ -80,7 +91,7 @@ def test_cli_smoke_1gbit(tmp_path):
     prefix = f"tq{os.getpid() % 10000}c"
     proc = run_cli(tmp_path, "--rates", "1gbit", "--latencies-ms", "0", "--contenders", "ddp", "bytegrad",
                    "--prefix", prefix)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + failed_runs(tmp_path)
     assert namespaces_with(prefix) == []
     report = json.loads((tmp_path / "results.json").read_text())
     (cell,) = report["cells"].values()
