@@ -311,8 +311,6 @@ def _timed(fn: Callable[[], Any], device: str) -> tuple[float, float, Any]:
 
 def bench_model(subject: Subject, args: argparse.Namespace, new_tokens: int) -> dict[str, Any]:
     """Time the four modes on one model; returns its record (raw times, summary, checks)."""
-    import torch
-
     from thinkscale.reflect import sample, score_sequences
     from thinkscale.reflect.engine import RowSpec, decode_rows, row_seed
     from thinkscale.reflect.scoring import scores_from_features

@@ -129,7 +129,8 @@ def server_args(model: str, args: argparse.Namespace) -> tuple[list[str], str]:
     raise ValueError(f"unknown model {model!r}; valid: pipeline, smollm2")
 
 
-def questions_for(model: str) -> list[str]:
+def arithmetic_questions() -> list[str]:
+    """64 questions of the demo task (both models are asked the same ones)."""
     from thinkscale.pipeline.demo import DemoConfig
     from thinkscale.tasks.arithmetic import generate
 
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     for model, extra, name in plans:
         efforts = (args.efforts or DEFAULT_EFFORTS[model]).split(",")
         max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[model]
-        questions = questions_for(model)
+        questions = arithmetic_questions()
         servers: dict[str, ServerProcess] = {}
         try:  # both servers up at once; cells alternate between them so both see the same machine
             for mode in MODES:

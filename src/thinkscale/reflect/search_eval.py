@@ -50,9 +50,11 @@ class SearchStudy:
         return [(spec, k, SearchConfig.parse(spec, k, self.budget)) for spec in self.methods for k in self.ks]
 
 
-def _compact(candidate, stopped: str | None) -> dict:
+def _compact(candidate) -> dict:
+    """What a search record keeps of a candidate (no token-level signals: see the module doc)."""
     return {"answer": candidate.extra.get("answer"), "correct": candidate.extra.get("correct"),
-            "score": round(candidate.score, 4), "finished": candidate.finished, "stopped": stopped,
+            "score": round(candidate.score, 4), "finished": candidate.finished,
+            "stopped": candidate.extra.get("stopped"),
             "generated_tokens": candidate.extra.get("generated_tokens"), "tokens": len(candidate.token_ids)}
 
 
@@ -114,7 +116,7 @@ def _grade_and_pick(example: Example, result, study: SearchStudy, config: EvalCo
                                equivalent=equivalent).extra.get("correct")) for name in study.selectors}
     return {"generated_tokens": result.generated_tokens, "rows": result.rows, "picks": picks,
             "any_correct": any(c.extra.get("correct") for c in pool),
-            "candidates": [_compact(c, c.extra.get("stopped")) for c in result.candidates]}
+            "candidates": [_compact(c) for c in result.candidates]}
 
 
 def _load(path: Path) -> dict[tuple, dict]:

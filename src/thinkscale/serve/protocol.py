@@ -221,8 +221,8 @@ def parse_generation(body: Any, kind: str, settings: Settings, prompts: list[lis
 
     search = _optional(body, "search", lambda v: isinstance(v, str), "a search spec such as 'prune:signal=sprm'")
     search = settings.default_search if search is None else search
-    try:
-        SearchConfig.parse(search, EFFORTS[effort] if EFFORTS[effort] > 1 else 4)
+    try:  # one sample has nothing to search (the field is then ignored), but a malformed spec is refused
+        SearchConfig.parse(search, EFFORTS[effort] if EFFORTS[effort] > 1 else EFFORT_K["high"])
     except ValueError as error:
         raise _bad("search", str(error)) from None
     n = _optional(body, "n", lambda v: _is_int(v) and v >= 1, "an integer >= 1")

@@ -181,7 +181,10 @@ class Scheduler:
                 _fail(job, ShuttingDown("cancelled"))
                 continue
             if job.stop and row.running:
-                _, hit = cut_at_stop(self.tokenizer.decode(row.tokens, skip_special_tokens=True), job.stop)
+                # a stop string just completed lies in the newest tokens: decode only those (a token holds
+                # at least one byte, a character at most 4), not the whole row at every step
+                tail = row.tokens[-(4 * max(len(s) for s in job.stop) + 4):]
+                _, hit = cut_at_stop(self.tokenizer.decode(tail, skip_special_tokens=True), job.stop)
                 if hit:
                     row.stop("stop")
             if job.listener is not None:
