@@ -109,7 +109,8 @@ def test_policy_workload(tmp_path):
 def test_bad_contender_spec_fails_before_training():
     proc = _run(["--contender", "bytegrad:warmup_steps=3"], torchrun=False, timeout=60)
     assert proc.returncode == 2
-    assert "contender 'bytegrad' has no option 'warmup_steps'; valid: average, hierarchical" in proc.stderr
+    assert ("contender 'bytegrad' has no option 'warmup_steps'; valid: average, block_size, error_feedback, "
+            "full_precision_1d, hierarchical, piece_size_mb, stochastic_rounding") in proc.stderr
 
 
 def test_parse_contender():

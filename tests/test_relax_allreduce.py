@@ -51,6 +51,16 @@ def test_bucket_plan_reversed_per_dtype_and_size():
     assert ids == [[id(d), id(c)], [id(b)], [id(a)]]
 
 
+def test_bucket_plan_by_kind_is_ordered_by_completion():
+    """Biases in a bucket of their own (another kind) complete with the first layer's bias: the weight
+    bucket that closed earlier in backward comes first, so it can start communicating during backward."""
+    w1, b1, w2, b2 = (nn.Parameter(torch.zeros(*shape)) for shape in [(4, 4), (4,), (8, 8), (8,)])
+    plan = plan_buckets([w1, b1, w2, b2], bucket_bytes=200, kind=lambda p: "1d" if p.dim() == 1 else "")
+    ids = [[id(p) for p in bucket] for bucket in plan]
+    # reversed: b2, w2 (256 bytes: closes the 2-D bucket), b1, w1; the biases stay open until the end
+    assert ids == [[id(w2)], [id(b2), id(b1)], [id(w1)]]
+
+
 def _no_sync_accumulates(rank, world):
     module = small_mlp(seed=0)
     reference = copy.deepcopy(module)

@@ -254,11 +254,12 @@ def test_qadam_two_ranks():
     assert torch.equal(r0["b_params"], r1["b_params"])
     assert torch.equal(r0["c_params"], r1["c_params"])
     # zero-gradient parameter after warm-up: decays as the single-process formula says (m is exchanged
-    # through 8-bit quantization, hence the tolerance; the idle tensor's chunks hold one value each)
+    # through 8-bit quantization, hence the tolerance: its block holds both values and zero padding, so
+    # each exchanged m is off by up to (max - min) / 255 of that block, ~0.4 % here)
     idle = r0["b_params"][-2:]
     for value, x0 in zip(idle.tolist(), [2.0, -1.0]):
         x, _, _ = _scalar_qadam_reference(x0, [0.0] * 40, 0.1, 5, *BETAS, EPS, 0.5)
-        assert value == pytest.approx(x, rel=1e-4, abs=1e-5)
+        assert value == pytest.approx(x, rel=1e-2)
 
 
 def _hierarchical(rank, world):

@@ -42,6 +42,7 @@ to stderr and exits non-zero. Only CPU and the gloo backend are used (the networ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -58,7 +59,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from thinkscale.bench import relax_profile
 from thinkscale.relax import DataParallel, algorithms, quantize
+from thinkscale.relax.algorithms.bytegrad import ByteGradExchange
 
 DDP_OPTIONS = {  # contender -> its options and their defaults
     "ddp": {},
@@ -325,15 +328,20 @@ def serialized(hook):
 
 
 def warm_quantizer(contender: Contender, n_params: int, world_size: int) -> float:
-    """Compile the 8-bit quantizer before training (seconds spent), so its one-off compile time (~5 s)
-    does not land in a timed step (for qadam: the first step after its warm-up). A no-op for contenders
-    that do not quantize and for models too small to reach the compiled path."""
+    """Compile the 8-bit quantizer before training (seconds spent), so its one-off compile time (several
+    seconds) does not land in a timed step (for qadam: the first step after its warm-up). A no-op for
+    contenders that do not quantize and for models too small to reach the compiled path."""
     if contender.name not in QUANTIZING or n_params < quantize.COMPILE_MIN_NUMEL:
         return 0.0
     start = time.perf_counter()
-    numel = quantize.COMPILE_MIN_NUMEL * world_size
-    for chunks in sorted({world_size, 1}):  # bytegrad/qadam use both; a new chunk count recompiles
-        quantize.decompress(*quantize.compress(torch.zeros(numel), chunks=chunks))
+    if contender.name == "low_precision_decentralized":
+        quantize.decompress(*quantize.compress(torch.zeros(quantize.COMPILE_MIN_NUMEL * world_size)))
+    else:  # bytegrad, qadam: the block kernels, with the contender's quantization options
+        o = contender.options
+        exchange = ByteGradExchange(
+            o.get("block_size", 1024), o.get("piece_size_mb", 4.0), o.get("error_feedback", False),
+            o.get("stochastic_rounding", False))
+        exchange.warm_up(world_size, average=o.get("average", True))
     return time.perf_counter() - start
 
 
@@ -361,17 +369,27 @@ def train(args, contender: Contender, started: float) -> dict | None:
         print(f"[relax_worker] {args.workload} {contender.spec} world_size={world_size} params={n_params / 1e6:.2f}M "
               f"batch={workload.batch_size}/rank steps={args.steps}", flush=True)
 
+    profile = relax_profile.StepProfile() if args.profile else None
+    if profile is not None:
+        relax_profile.instrument(model, profile)
+    phase = profile.phase if profile is not None else (lambda name: contextlib.nullcontext())
     step_ms, losses, counters_before = [], [], None
     train_start = time.perf_counter()
     for step, batch in enumerate(workload.batches):
         if step == args.timing_warmup and args.iface:
             counters_before = read_counters(args.iface)
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=False)  # keep relax's bucket views as the grads
-        loss = workload.loss(model, batch)
-        loss.backward()
-        optimizer.step()
+        with phase("zero_grad"):
+            optimizer.zero_grad(set_to_none=False)  # keep relax's bucket views as the grads
+        with phase("forward"):
+            loss = workload.loss(model, batch)
+        with phase("backward"):
+            loss.backward()
+        with phase("step"):
+            optimizer.step()
         step_ms.append(1000 * (time.perf_counter() - t0))
+        if profile is not None:
+            profile.end_step()
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.item())
@@ -388,6 +406,7 @@ def train(args, contender: Contender, started: float) -> dict | None:
         "step_ms": step_ms, "losses": losses, "eval_loss": eval_loss, "train_s": train_s,
         "tx": None if counters_before is None else bytes_per_step(counters_before[0], counters_after[0], timed),
         "rx": None if counters_before is None else bytes_per_step(counters_before[1], counters_after[1], timed),
+        "profile": None if profile is None else profile.summary(args.timing_warmup),
     }
     gathered = [None] * world_size
     dist.all_gather_object(gathered, mine)  # the only metrics collective, once
@@ -425,6 +444,7 @@ def summarize(args, contender: Contender, gathered: list[dict], comm_config: dic
         "tx_bytes_per_step": None if args.iface is None else [g["tx"] for g in gathered],
         "rx_bytes_per_step": None if args.iface is None else [g["rx"] for g in gathered],
         "train_s_per_rank": [g["train_s"] for g in gathered],
+        "profile_ms_per_step": [g["profile"] for g in gathered] if args.profile else None,
         "quantizer": quantize.compiled_status(), "torch": torch.__version__, "elapsed_s": elapsed_s,
     }
 
@@ -453,6 +473,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Conte
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--iface", default=None, help="network device whose tx/rx byte counters to read")
     p.add_argument("--json-out", default=None, help="rank 0 writes the summary here")
+    p.add_argument("--profile", action="store_true",
+                   help="time each step's phases and the communication passes (see bench/relax_profile.py)")
     p.add_argument("--batch-size", type=int, default=None, help="per rank (default: mlp 16, policy 32)")
     p.add_argument("--lr", type=float, default=None,
                    help="default: mlp 0.05 (SGD) / 1e-3 (qadam), policy 3e-3 (AdamW and qadam)")

@@ -1,7 +1,7 @@
 """Gradient buckets: parameters grouped in (approximate) backward order, one flat buffer each.
 
 Parameters are taken in reversed registration order (backward visits the last layers first), split by
-dtype, and a bucket closes once it holds `bucket_bytes` (it may overshoot by one tensor). Each bucket
+dtype and by kind (an algorithm may keep some parameters apart, e.g. 1-D ones), and a bucket closes once it holds `bucket_bytes` (it may overshoot by one tensor). Each bucket
 owns one contiguous buffer; a parameter's `.grad` becomes a view into it when its gradient is ready
 (`take_grad`), so later iterations accumulate straight into the buffer (unless the loop sets grads to
 None, then the fresh gradient is copied in once) and a bucket is communicated without packing.
@@ -9,6 +9,7 @@ None, then the fresh gradient is copied in once) and a bucket is communicated wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -20,6 +21,7 @@ class Bucket:
     flat: torch.Tensor  # 1-D, numel >= sum of param sizes (padded for some algorithms)
     views: list[torch.Tensor] = field(default_factory=list)  # grad views, one per param
     ready: set[int] = field(default_factory=set)  # ids of params whose grad is final this iteration
+    kind: str = ""  # the algorithm's name for how this bucket is treated ("" = the default)
 
     @property
     def numel(self) -> int:
@@ -60,34 +62,39 @@ class Bucket:
             view.copy_(p.grad)
 
 
-def plan_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[torch.nn.Parameter]]:
-    """Group parameters into buckets: reversed order, one dtype per bucket, closed at `bucket_bytes`.
-    Buckets are listed in the order backward is expected to complete them (by their first tensor)."""
-    open_by_dtype: dict[torch.dtype, tuple[int, list[torch.nn.Parameter], int]] = {}
+def plan_buckets(params: list[torch.nn.Parameter], bucket_bytes: int,
+                 kind: Callable[[torch.nn.Parameter], str] = lambda p: "") -> list[list[torch.nn.Parameter]]:
+    """Group parameters into buckets: reversed order, one dtype and kind per bucket, closed at
+    `bucket_bytes`. Buckets are listed in the order backward is expected to complete them: by their
+    last tensor. (Sorting by the first would hold a bucket of biases, which closes only at the input
+    layer, in front of the big weight buckets: the engine launches buckets in order, so none of them
+    could start before the end of backward.)"""
+    open_by_key: dict[tuple, tuple[list[torch.nn.Parameter], int]] = {}
     planned: list[tuple[int, list[torch.nn.Parameter]]] = []
     for position, p in enumerate(reversed(params)):
-        first, group, size = open_by_dtype.get(p.dtype, (position, [], 0))
+        key = (p.dtype, kind(p))
+        group, size = open_by_key.get(key, ([], 0))
         group.append(p)
         size += p.numel() * p.element_size()
         if size >= bucket_bytes:
-            planned.append((first, group))
-            open_by_dtype.pop(p.dtype, None)
+            planned.append((position, group))
+            open_by_key.pop(key, None)
         else:
-            open_by_dtype[p.dtype] = (first, group, size)
-    planned.extend((first, group) for first, group, _ in open_by_dtype.values())
+            open_by_key[key] = (group, size)
+    last_position = len(params)  # still open at the end: they complete with the last parameter
+    planned.extend((last_position, group) for group, _ in open_by_key.values())
     return [group for _, group in sorted(planned, key=lambda item: item[0])]
 
 
-def build_buckets(
-    params: list[torch.nn.Parameter], bucket_bytes: int, pad_multiple: int = 1
-) -> list[Bucket]:
+def build_buckets(params: list[torch.nn.Parameter], bucket_bytes: int, pad_multiple: int = 1,
+                  kind: Callable[[torch.nn.Parameter], str] = lambda p: "") -> list[Bucket]:
     """Allocate each bucket's flat buffer (padded to `pad_multiple` elements) and its grad views."""
     buckets = []
-    for index, group in enumerate(plan_buckets(params, bucket_bytes)):
+    for index, group in enumerate(plan_buckets(params, bucket_bytes, kind)):
         numel = sum(p.numel() for p in group)
         padded = -(-numel // pad_multiple) * pad_multiple
         flat = torch.zeros(padded, dtype=group[0].dtype, device=group[0].device)
-        bucket = Bucket(index=index, params=group, flat=flat)
+        bucket = Bucket(index=index, params=group, flat=flat, kind=kind(group[0]))
         bucket.views = bucket.split(flat)
         buckets.append(bucket)
     return buckets

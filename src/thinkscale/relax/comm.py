@@ -97,6 +97,16 @@ class Comm:
         dist.all_gather(parts, t.contiguous(), group=self.group)
         return torch.stack(parts)
 
+    def all_to_all_async(self, out: torch.Tensor, t: torch.Tensor) -> "dist.Work":
+        """Started, not finished: row j of contiguous `t` goes to rank j, row i of `out` comes from rank i.
+        `wait()` the result before reading `out` or writing `t` (size > 1 only)."""
+        return dist.all_to_all_single(out, t, group=self.group, async_op=True)
+
+    def all_gather_async(self, out: torch.Tensor, t: torch.Tensor) -> "dist.Work":
+        """Started, not finished: `out` (size x t's shape, contiguous) gets every rank's `t` in rank
+        order. `wait()` the result before reading `out` (size > 1 only)."""
+        return dist.all_gather_into_tensor(out, t, group=self.group, async_op=True)
+
     def exchange(self, t: torch.Tensor, peer: int) -> torch.Tensor:
         """Send `t` to `peer` and receive its tensor of the same shape; returns when both are done.
 

@@ -258,7 +258,7 @@ class DataParallel(nn.Module):
     def _build(self) -> None:
         """Buckets over `self.params`, the algorithm's runtime, and one grad hook per parameter."""
         pad = self.algorithm.bucket_pad_multiple(self.topology.algorithm_size)
-        self.buckets = build_buckets(self.params, self.bucket_bytes, pad)
+        self.buckets = build_buckets(self.params, self.bucket_bytes, pad, self.algorithm.bucket_kind)
         self._flag_index = {id(p): k for k, p in enumerate(p for b in self.buckets for p in b.params)}
         self._impl = self.algorithm.reify(self)
         self._grad_hooks = [p.register_post_accumulate_grad_hook(self._grad_hook(bucket, index))

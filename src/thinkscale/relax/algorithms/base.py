@@ -45,6 +45,11 @@ class Algorithm:
     def hierarchical_requested(self) -> bool:
         return bool(getattr(self, "hierarchical", False))
 
+    def bucket_kind(self, param) -> str:
+        """Parameters of different kinds never share a bucket; "" is the default kind. An algorithm that
+        treats some parameters differently (ByteGrad's full-precision 1-D parameters) names their kind."""
+        return ""
+
     def bucket_pad_multiple(self, world_size: int) -> int:
         """Buckets are padded so their length divides by this (e.g. the world size for chunking)."""
         return 1

@@ -42,7 +42,7 @@ from typing import Callable, Iterable
 import torch
 
 from .base import Algorithm, AlgorithmImpl
-from .bytegrad import bytegrad_average_
+from .bytegrad import ByteGradExchange, check_quantization_options
 
 
 # ----- pure math ------------------------------------------------------------------------------------
@@ -187,8 +187,11 @@ class QAdam(Algorithm):
     eps: float | None = None
     weight_decay: float | None = None
     hierarchical: bool = True
+    block_size: int = 1024  # elements per (min, max) of the 8-bit momentum (see bytegrad.py)
+    full_precision_1d: bool = True  # m of 1-D parameters averaged in full precision
 
     def __post_init__(self, optimizer: QAdamOptimizer | None) -> None:
+        check_quantization_options(self.block_size, 4.0)
         self._optimizer = None
         if optimizer is not None:
             self.validate_optimizer(optimizer)
@@ -218,28 +221,28 @@ class QAdam(Algorithm):
 
     def reify(self, engine):
         self.validate_optimizer(engine.optimizer)
-        return _QAdamImpl(engine)
+        return _QAdamImpl(engine, self)
 
     def bucket_pad_multiple(self, world_size: int) -> int:
-        return world_size  # ByteGrad splits each momentum bucket into one chunk per participant
+        return world_size * self.block_size  # ByteGrad's chunks of whole blocks, one per participant
+
+    def bucket_kind(self, param) -> str:
+        return "full precision" if self.full_precision_1d and param.dim() <= 1 else ""
 
 
 def _mean(t: torch.Tensor, comm) -> None:
     comm.allreduce_mean_(t)
 
 
-def _bytegrad_mean(t: torch.Tensor, comm) -> None:
-    bytegrad_average_(t, comm, average=True)
-
-
 class _QAdamImpl(AlgorithmImpl):
-    def __init__(self, engine):
+    def __init__(self, engine, config: QAdam):
         super().__init__(engine)
         self.optimizer: QAdamOptimizer = engine.optimizer
         self.group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
         # one flat momentum buffer per gradient bucket, same layout and padding
         self.momenta = {b.index: torch.zeros_like(b.flat) for b in engine.buckets}
         self.momentum_views = {b.index: b.split(self.momenta[b.index]) for b in engine.buckets}
+        self.exchanges = {b.index: ByteGradExchange(config.block_size) for b in engine.buckets if not b.kind}
 
     def averages_gradients(self):
         # warm-up, and the step that initialises v from the full-precision average (warmup_steps=0)
@@ -254,6 +257,7 @@ class _QAdamImpl(AlgorithmImpl):
             return lambda: topology.run(bucket.flat, _mean, True)
         init_second_moment = optimizer.steps_taken == 0  # warmup_steps == 0: v from this step
         groups = [self.group_of[id(p)] for p in bucket.params]
+        average_momentum = _mean if bucket.kind else self.exchanges[bucket.index].average_
 
         def job():
             with torch.no_grad():
@@ -262,8 +266,8 @@ class _QAdamImpl(AlgorithmImpl):
                     update_first_moment_(m, grad, group["betas"][0])
                 if init_second_moment:
                     topology.run(bucket.flat, _mean, True)  # full-precision g for v, this step only
-                momentum[bucket.numel:].zero_()  # padding must not widen the chunk's min/max
-                topology.run(momentum, _bytegrad_mean, True)
+                momentum[bucket.numel:].zero_()  # padding must not widen a block's min/max
+                topology.run(momentum, average_momentum, True)
 
         return job
 
