@@ -68,6 +68,26 @@ def test_latency_forwarder_adds_latency_between_four_ranks():
         assert 10.0 <= rtt < 20.0, f"5 ms one-way should give a ~10 ms round trip, got {rtt:.2f} ms"
 
 
+def link_mtu(namespace: str, device: str) -> int:
+    out = subprocess.run(["ip", "-n", namespace, "-o", "link", "show", "dev", device], capture_output=True,
+                         text=True, check=True).stdout
+    words = out.split()
+    return int(words[words.index("mtu") + 1])
+
+
+@pytest.mark.parametrize("world_size, latency_ms", [(2, 0), (3, 0), (2, 1)], ids=["veth", "bridge", "tun"])
+def test_every_path_uses_one_mtu(world_size, latency_ms):
+    """Cells with and without latency must not differ in packet size: every device gets Cluster.MTU."""
+    prefix = f"tq{os.getpid() % 10000}m"
+    with Cluster(world_size, Link("1gbit", latency_ms), prefix=prefix) as cluster:
+        devices = list(zip(cluster.namespaces, cluster.devices))
+        if world_size > 2:  # the bridge and its ports, one per rank, in the bridge namespace
+            bridge = f"{prefix}br"
+            devices += [(bridge, bridge)] + [(bridge, f"{prefix}p{r}") for r in range(world_size)]
+        mtus = {device: link_mtu(namespace, device) for namespace, device in devices}
+    assert mtus == {device: Cluster.MTU for _, device in devices}
+
+
 def failed_runs(out) -> str:
     """The full error (every node's log tail) of each failed contender, for the assertion message: the
     report's table shows only its first line."""
@@ -79,15 +99,17 @@ def failed_runs(out) -> str:
                    if isinstance(run, dict) and "error" in run)
 
 
-def run_cli(tmp_path, *extra, timeout=400):
+def run_cli(tmp_path, *extra, repeats=1, timeout=400):
     cmd = [sys.executable, "-m", "thinkscale", "bench", "relax", "--world-sizes", "2", "--steps", "4",
-           "--timing-warmup", "1", "--worker-args", TINY, "--out", str(tmp_path), *extra]
+           "--timing-warmup", "1", "--worker-args", TINY, "--out", str(tmp_path), "--repeats", str(repeats),
+           *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_cli_smoke_1gbit(tmp_path):
-    """The issue's smoke run: 2 ranks, 1 Gbit/s, a few steps; DDP vs ByteGrad, real bytes counted."""
+    """The issue's smoke run: 2 ranks, 1 Gbit/s, a few steps; DDP vs ByteGrad, real bytes counted. One
+    repeat, to stay under a minute (the repeat logic has its own tests in test_bench_netem_math.py)."""
     prefix = f"tq{os.getpid() % 10000}c"
     proc = run_cli(tmp_path, "--rates", "1gbit", "--latencies-ms", "0", "--contenders", "ddp", "bytegrad",
                    "--prefix", prefix)
@@ -96,13 +118,15 @@ def test_cli_smoke_1gbit(tmp_path):
     report = json.loads((tmp_path / "results.json").read_text())
     (cell,) = report["cells"].values()
     assert cell["calibration"]["throughput_gbit_s"] < 1.05
+    assert [len(cell["repeat_runs"][c]) for c in ("ddp", "bytegrad")] == [1, 1]
+    assert cell["runs"]["ddp"]["repeat_index"] == 0 and len(cell["runs"]["ddp"]["repeats"]) == 1
     rows = cell["summary"]["rows"]
-    assert set(rows) == {"ddp", "bytegrad"}
+    assert set(rows) == {"ddp", "bytegrad"} and rows["ddp"]["repeats"] == 1
     # ByteGrad sends uint8 instead of fp32: well under half of DDP's bytes (headers and min/max aside)
     assert 0 < rows["bytegrad"]["mb_per_step"] < 0.5 * rows["ddp"]["mb_per_step"]
     assert rows["ddp"]["x_ddp"] == 1.0 and rows["ddp"]["ideal_comm_ms"] > 0
     md = (tmp_path / "report.md").read_text()
-    assert "| bytegrad |" in md and "1gbit, 0 ms one-way" in md
+    assert "| bytegrad |" in md and "1gbit, 0 ms one-way" in md and "step times: one run each" in md
     for png in ("step_time_mlp_2ranks.png", "tradeoff_step_mlp_2ranks.png"):
         assert (tmp_path / png).stat().st_size > 1000
 
@@ -119,6 +143,12 @@ def test_cli_with_latency_and_resume(tmp_path):
     assert again.returncode == 0 and "building the network" not in again.stdout
     (cell2,) = json.loads((tmp_path / "results.json").read_text())["cells"].values()
     assert cell2["runs"]["ddp"]["step_ms"] == cell["runs"]["ddp"]["step_ms"]
+    # one more repeat asked for: only that one runs, the first is kept
+    more = run_cli(tmp_path, *args, "--resume", repeats=2)
+    assert more.returncode == 0 and "ddp repeat 2/2" in more.stdout and "repeat 1/2" not in more.stdout
+    (cell3,) = json.loads((tmp_path / "results.json").read_text())["cells"].values()
+    assert cell3["repeat_runs"]["ddp"][0]["step_ms"] == cell["runs"]["ddp"]["step_ms"]
+    assert len(cell3["runs"]["ddp"]["repeats"]) == 2
 
 
 def test_cli_bad_input(tmp_path):
@@ -128,6 +158,8 @@ def test_cli_bad_input(tmp_path):
     assert proc.returncode == 2 and "world-sizes" in proc.stderr
     proc = run_cli(tmp_path, "--contenders", "ddp", "bytegrad:warmup_steps=3")
     assert proc.returncode == 2 and "no option 'warmup_steps'" in proc.stderr
+    proc = run_cli(tmp_path, repeats=0)
+    assert proc.returncode == 2 and "--repeats must be at least 1, got 0" in proc.stderr
 
 
 def test_ctrl_c_cleans_up(tmp_path):

@@ -11,6 +11,10 @@ is connected to the host's own network):
   (latency_forwarder.py) that delivers each packet `latency_ms` later (the kernel has no netem).
 Bandwidth: `tc qdisc ... tbf rate R` on the egress of every link end (each direction of each link is
 capped at R); with latency the forwarder paces the downlink to each rank at R.
+MTU: one value, Cluster.MTU = 64000, on every device of every path (both veth ends, the bridge and its
+ports, the TUN devices). 64000 because the Python forwarder's cost is per packet, so it needs big
+packets for throughput (veth and bridges take them too); the same on every path so that cells with and
+without latency differ only in latency, not in per-packet work. tbf's burst is computed from it.
 
 `close()` (also run by `with`, on errors and on Ctrl-C) deletes every namespace it made and stops the
 forwarder. Needs root: the constructor refuses clearly otherwise.
@@ -99,7 +103,7 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 class Cluster:
     """N rank namespaces joined as described in the module docstring."""
 
-    MTU_TUN = 64000  # big packets: the forwarder's per-packet cost is what limits its throughput
+    MTU = 64000  # every path (see the module docstring): the forwarder's per-packet cost sets it
 
     def __init__(self, world_size: int, link: Link = Link(), prefix: str | None = None):
         check_can_emulate()
@@ -114,7 +118,6 @@ class Cluster:
         self.devices = [f"{self.prefix}d{r}" for r in range(world_size)]
         self._made: list[str] = []
         self._forwarder: subprocess.Popen | None = None
-        self.mtu = self.MTU_TUN if link.latency_ms > 0 else 1500
 
     # ----- lifetime -----------------------------------------------------------------------------
     def __enter__(self) -> "Cluster":
@@ -171,29 +174,34 @@ class Cluster:
         if rate is None:
             return
         self._netns(ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", str(rate) + "bit",
-                    "burst", str(tbf_burst_bytes(rate, self.mtu)), "latency", "200ms")
+                    "burst", str(tbf_burst_bytes(rate, self.MTU)), "latency", "200ms")
 
     def _configure_rank_device(self, rank: int) -> None:
         ns, dev = self.namespaces[rank], self.devices[rank]
         self._netns(ns, "ip", "addr", "add", f"{address(rank)}/24", "dev", dev)
-        self._netns(ns, "ip", "link", "set", dev, "mtu", str(self.mtu), "up")
+        self._netns(ns, "ip", "link", "set", dev, "mtu", str(self.MTU), "up")
         self._shape(ns, dev)
 
+    def _add_veth(self, name: str, ns: str, peer: str, peer_ns: str) -> None:
+        """A veth pair with the cluster's MTU on both ends from the start."""
+        mtu = str(self.MTU)
+        _run("ip", "link", "add", name, "mtu", mtu, "netns", ns, "type", "veth",
+             "peer", "name", peer, "mtu", mtu, "netns", peer_ns)
+
     def _build_veth_pair(self) -> None:
-        _run("ip", "link", "add", self.devices[0], "netns", self.namespaces[0], "type", "veth",
-             "peer", "name", self.devices[1], "netns", self.namespaces[1])
+        self._add_veth(self.devices[0], self.namespaces[0], self.devices[1], self.namespaces[1])
         for r in range(2):
             self._configure_rank_device(r)
 
     def _build_bridge(self) -> None:
         bridge_ns, bridge = f"{self.prefix}br", f"{self.prefix}br"
         self._add_namespace(bridge_ns)
-        self._netns(bridge_ns, "ip", "link", "add", bridge, "type", "bridge")
+        # an MTU set by the user sticks: the bridge does not fall back to its smallest port's
+        self._netns(bridge_ns, "ip", "link", "add", bridge, "mtu", str(self.MTU), "type", "bridge")
         self._netns(bridge_ns, "ip", "link", "set", bridge, "up")
         for r in range(self.world_size):
             port = f"{self.prefix}p{r}"
-            _run("ip", "link", "add", self.devices[r], "netns", self.namespaces[r], "type", "veth",
-                 "peer", "name", port, "netns", bridge_ns)
+            self._add_veth(self.devices[r], self.namespaces[r], port, bridge_ns)
             self._netns(bridge_ns, "ip", "link", "set", port, "master", bridge)
             self._netns(bridge_ns, "ip", "link", "set", port, "up")
             self._shape(bridge_ns, port)  # the downlink to rank r

@@ -1,13 +1,25 @@
 """`thinkscale bench relax`: relax algorithms vs torch DDP on an emulated cluster, over a grid of links.
 
 For every world size and every (bandwidth, latency) cell it builds the network (netem.Cluster), measures
-it (TCP RTT and throughput between rank 0 and rank 1), then runs every contender on every workload:
-one torchrun per rank namespace, joined by torchrun's c10d rendezvous on rank 0's namespace address,
-gloo bound to the namespace's interface. Results are saved after every run (`--resume` skips finished
-ones), then summarized into report.md, results.json and PNG plots under --out.
+it (TCP RTT and throughput between rank 0 and rank 1), then runs every contender on every workload
+`--repeats` times: one torchrun per rank namespace, joined by torchrun's c10d rendezvous on rank 0's
+namespace address, gloo bound to the namespace's interface. The repeats are interleaved within a cell
+(round 1 of every contender, then round 2, ...), so that slow drift of a shared machine affects all
+contenders alike. Results are saved after every run, then summarized into report.md, results.json and
+PNG plots under --out.
+
+results.json, per cell (see relax_report.combine_repeats):
+- "repeat_runs": {contender: [the worker's JSON, or {"error": ...}, of each repeat in round order]},
+  the record `--resume` continues: it keeps the successful repeats and runs the missing ones (failed
+  repeats are run again); a results.json from before repeats counts each run as one repeat;
+- "runs": {contender: the repeat of median mean step time, with "repeat_index" and "repeats" (each
+  repeat's mean_step_ms, median_step_ms, final_loss, eval_loss, tx_bytes_per_step)}, or
+  {"error", "failed_repeat", "repeats"} if a repeat failed;
+- "summary": the report's numbers (relax_report.summarize_cell).
 
     sudo thinkscale bench relax                                  # the default grid (see --help)
-    sudo thinkscale bench relax --world-sizes 2 --rates 1gbit --latencies-ms 0 --contenders ddp bytegrad
+    sudo thinkscale bench relax --world-sizes 2 --rates 1gbit --latencies-ms 0 --contenders ddp bytegrad \
+        --repeats 1
 """
 from __future__ import annotations
 
@@ -43,13 +55,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workloads", nargs="+", default=["mlp"], choices=["mlp", "policy"])
     p.add_argument("--contenders", nargs="+", default=DEFAULT_CONTENDERS,
                    help="ddp, ddp_fp16, ddp_powersgd or a relax algorithm, optionally name:key=value,...")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of every contender in every cell, interleaved across contenders; the report "
+                        "shows the median step time and its min-max")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--timing-warmup", type=int, default=5, help="first steps left out of the step time")
     p.add_argument("--worker-args", default="", help="extra arguments for every worker (one string)")
-    p.add_argument("--run-timeout-s", type=float, default=900.0, help="per contender run")
+    p.add_argument("--run-timeout-s", type=float, default=900.0, help="per run (one repeat of one contender)")
     p.add_argument("--calibrate-mb", type=float, default=32.0)
     p.add_argument("--out", default="bench/out/relax", help="folder for report.md, results.json, plots")
-    p.add_argument("--resume", action="store_true", help="keep finished runs from --out/results.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the successful repeats in --out/results.json; run the missing and failed ones")
     p.add_argument("--prefix", default=None, help="namespace name prefix (default: ts<pid>)")
 
 
@@ -63,6 +79,8 @@ def validate(args: argparse.Namespace) -> None:
         Link(None, lat)
     for spec in args.contenders:  # before any network is built, not once per rank and cell
         relax_worker.parse_contender(spec)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if args.steps < 2 or not 0 <= args.timing_warmup < args.steps:
         raise ValueError(f"need --steps >= 2 and 0 <= --timing-warmup < --steps "
                          f"(got {args.steps}, {args.timing_warmup})")
@@ -70,6 +88,40 @@ def validate(args: argparse.Namespace) -> None:
 
 def cell_key(world_size: int, rate: str | None, latency_ms: float, workload: str) -> str:
     return f"{workload}|{world_size}|{rate or 'none'}|{latency_ms:g}"
+
+
+# ----- repeats ----------------------------------------------------------------------------------------
+def successful(results: list[dict]) -> list[dict]:
+    return [result for result in results if "error" not in result]
+
+
+def repeats_missing(results: list[dict], repeats: int) -> int:
+    """Runs a contender still needs for `repeats` successful ones (a failed repeat does not count)."""
+    return max(0, repeats - len(successful(results)))
+
+
+def interleaved_rounds(missing: dict[str, int]) -> list[str]:
+    """Contenders in run order: one repeat of every contender that needs one, then the next round, so
+    that drift of a shared machine (load, thermals) falls on every contender alike."""
+    rounds = max(missing.values(), default=0)
+    return [name for r in range(rounds) for name, n in missing.items() if n > r]
+
+
+def record_repeat(cell: dict, contender: str, result: dict) -> None:
+    """Append one repeat to the raw record and recombine the contender's entry of cell["runs"]."""
+    results = cell.setdefault("repeat_runs", {}).setdefault(contender, [])
+    results.append(result)
+    cell["runs"][contender] = relax_report.combine_repeats(results)
+
+
+def keep_successful_repeats(report: dict) -> None:
+    """--resume: drop failed repeats (they are run again) and recombine. A results.json written before
+    repeats existed has no "repeat_runs": each of its runs counts as one repeat."""
+    for cell in report["cells"].values():
+        recorded = (cell["repeat_runs"] if "repeat_runs" in cell
+                    else {name: [run] for name, run in cell["runs"].items()})
+        cell["repeat_runs"] = {name: ok for name, results in recorded.items() if (ok := successful(results))}
+        cell["runs"] = {name: relax_report.combine_repeats(results) for name, results in cell["repeat_runs"].items()}
 
 
 # ----- running ----------------------------------------------------------------------------------------
@@ -132,36 +184,51 @@ def run_contender(cluster: Cluster, workload: str, contender: str, args: argpars
         return json.loads(json_out.read_text())
 
 
+def run_status(result: dict) -> str:
+    if "error" in result:
+        return "FAILED: " + result["error"].splitlines()[0]
+    return f"mean step {result['mean_step_ms']:.1f} ms, loss {result['final_loss']:.4f}"
+
+
+def run_order(report: dict, args: argparse.Namespace, world_size: int, link: Link) -> dict[str, list[str]]:
+    """workload -> contenders to run in this network, in interleaved rounds (empty when all are done)."""
+    order = {}
+    for workload in args.workloads:
+        recorded = report["cells"].get(cell_key(world_size, link.rate, link.latency_ms, workload), {})
+        missing = {c: repeats_missing(recorded.get("repeat_runs", {}).get(c, []), args.repeats)
+                   for c in args.contenders}
+        order[workload] = interleaved_rounds(missing)
+    return order
+
+
 def run_grid(args: argparse.Namespace, report: dict, save) -> None:
     n_run = 0
     for world_size in args.world_sizes:
         for latency in args.latencies_ms:
             for rate in args.rates:
                 link = Link(None if rate == "none" else rate, latency)
-                wanted = [(w, c) for w in args.workloads for c in args.contenders
-                          if c not in report["cells"].get(cell_key(world_size, link.rate, latency, w), {}).get("runs", {})]
-                if not wanted:
+                order = run_order(report, args, world_size, link)
+                if not any(order.values()):
                     continue
                 print(f"[bench relax] {world_size} ranks, {link.describe()}: building the network", flush=True)
                 with Cluster(world_size, link, prefix=args.prefix) as cluster:
                     calibration = calibrate(cluster, args.calibrate_mb)
                     print(f"[bench relax]   calibration {calibration}", flush=True)
-                    for workload, contender in wanted:
-                        key = cell_key(world_size, link.rate, latency, workload)
-                        cell = report["cells"].setdefault(key, {
+                    for workload, contenders in order.items():
+                        cell = report["cells"].setdefault(cell_key(world_size, link.rate, latency, workload), {
                             "workload": workload, "world_size": world_size, "rate": link.rate,
                             "latency_ms": latency, "link": link.describe(), "runs": {}})
                         cell["calibration"] = calibration
-                        n_run += 1
-                        t0 = time.monotonic()
-                        result = run_contender(cluster, workload, contender, args, f"bench{os.getpid()}x{n_run}",
-                                               RDZV_PORT + n_run % 500)
-                        cell["runs"][contender] = result
-                        status = ("FAILED: " + result["error"].splitlines()[0] if "error" in result
-                                  else f"mean step {result['mean_step_ms']:.1f} ms, loss {result['final_loss']:.4f}")
-                        print(f"[bench relax]   {workload} {contender}: {status} ({time.monotonic() - t0:.0f} s)",
-                              flush=True)
-                        save()
+                        for contender in contenders:
+                            n_run += 1
+                            t0 = time.monotonic()
+                            result = run_contender(cluster, workload, contender, args,
+                                                   f"bench{os.getpid()}x{n_run}", RDZV_PORT + n_run % 500)
+                            record_repeat(cell, contender, result)
+                            repeat = len(cell["repeat_runs"][contender])
+                            print(f"[bench relax]   {workload} {contender} repeat {repeat}/{args.repeats}: "
+                                  f"{run_status(result)} ({time.monotonic() - t0:.0f} s)", flush=True)
+                            save()
 
 
 def summarize(report: dict) -> None:
@@ -210,9 +277,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
     report = json.loads(results.read_text()) if args.resume and results.exists() else {"cells": {}}
-    if args.resume:  # failed runs are tried again
-        for cell in report["cells"].values():
-            cell["runs"] = {k: v for k, v in cell["runs"].items() if "error" not in v}
+    if args.resume:
+        keep_successful_repeats(report)
     report["machine"] = machine.describe()
     report["command"] = "thinkscale " + shlex.join(sys.argv[1:])
     report["config"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
