@@ -381,3 +381,23 @@ def _exchange_big(rank, world_size):
 
 def test_exchange_splits_large_tensors_into_chunks_and_keeps_them_in_order():
     assert run_ranks(_exchange_big, 2) == [True, True]
+
+
+def test_ring_step_compiled_passes_equal_the_spec_formula():
+    """Big enough for the fused, compiled passes (>= 1 << 20 elements): the same bytes as the formula
+    with the eager quantizer. One process, so the ring's neighbours are this rank itself."""
+    from thinkscale.relax import quantize
+    from thinkscale.relax.algorithms.low_precision_decentralized import dcd_step_
+    from thinkscale.relax.comm import Comm
+
+    g = torch.Generator().manual_seed(0)
+    x, w, l, r = (torch.randn(1 << 20, generator=g) for _ in range(4))
+    w0, l0, r0 = w.clone(), l.clone(), r.clone()
+    z = x + l0 / 3 + r0 / 3 - 5 * w0 / 3
+    change = decompress_eager(*compress_eager(z)).reshape(-1)
+    dcd_step_(x, w, l, r, Comm(None))
+    assert torch.equal(w, w0 + change) and torch.equal(x, w)
+    assert torch.equal(l, l0 + change) and torch.equal(r, r0 + change)  # n = 1: both neighbours are me
+    if quantize._COMPILE_ENABLED:
+        status = quantize.compiled_status()
+        assert status["dcd_compress_difference"] == status["dcd_apply_differences"] == "compiled"

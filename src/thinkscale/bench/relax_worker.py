@@ -27,7 +27,9 @@ Optimizer, identical for all contenders of a workload except qadam (QAdamOptimiz
 
 Timing: each rank times zero_grad + forward + backward + optimizer.step per step (the LR scheduler step
 and loss.item() are outside); the 8-bit quantizer is compiled before training (`quantizer_warm_s`), so
-its one-off compile does not land in a step. No per-step collective is added for metrics: everything is gathered to
+its one-off compile does not land in a step. `--profile` also times each step's phases and the
+communication passes (bench/relax_profile.py; `profile_ms_per_step` in the JSON, one dict per rank).
+No per-step collective is added for metrics: everything is gathered to
 rank 0 once, after training. With `--iface DEV` each rank reads /sys/class/net/DEV/statistics/{tx,rx}_bytes
 right before the first timed step and after the last step; the counters cover the whole network
 namespace (in one shared namespace, e.g. `lo` in the tests, they include every rank's traffic).
@@ -62,6 +64,8 @@ from torch import nn
 from thinkscale.bench import relax_profile
 from thinkscale.relax import DataParallel, algorithms, quantize
 from thinkscale.relax.algorithms.bytegrad import ByteGradExchange
+from thinkscale.relax.algorithms.low_precision_decentralized import dcd_step_
+from thinkscale.relax.comm import Comm
 
 DDP_OPTIONS = {  # contender -> its options and their defaults
     "ddp": {},
@@ -334,8 +338,9 @@ def warm_quantizer(contender: Contender, n_params: int, world_size: int) -> floa
     if contender.name not in QUANTIZING or n_params < quantize.COMPILE_MIN_NUMEL:
         return 0.0
     start = time.perf_counter()
-    if contender.name == "low_precision_decentralized":
-        quantize.decompress(*quantize.compress(torch.zeros(quantize.COMPILE_MIN_NUMEL * world_size)))
+    if contender.name == "low_precision_decentralized":  # one ring step of one process, on zeros
+        x, w, l, r = (torch.zeros(quantize.COMPILE_MIN_NUMEL) for _ in range(4))
+        dcd_step_(x, w, l, r, Comm(None))
     else:  # bytegrad, qadam: the block kernels, with the contender's quantization options
         o = contender.options
         exchange = ByteGradExchange(

@@ -7,7 +7,7 @@ For a chunk t (spec/relax.md):
     t_hat = (float(q) + lower) / scale
 Rounding is round-half-to-even (`torch.round`). Only (min, max) travel with each chunk; `lower` and
 `scale` are recomputed from them on both sides, so sender and receiver agree bit for bit. Per-element
-error is at most (max - min + eps) / 510. There is no error feedback.
+error is at most (max - min + eps) / 510; the block kernels below can carry it over (error feedback).
 
 Why a compiled path: written as separate eager ops the compress walks memory ~7 times and costs as much
 as the network transfer it saves on CPU; `torch.compile` fuses it into one pass with identical bytes.
@@ -82,7 +82,9 @@ def _maybe_compiled(name: str, fn, numel: int):
     return _compiled[name]
 
 
-def _run(name: str, fn, numel: int, *args):
+def run_fused(name: str, fn, numel: int, *args):
+    """`fn(*args)`, compiled once per `name` when `numel` is big enough, eager otherwise or after a
+    failed compile (the algorithms' fused passes use this too)."""
     compiled = _maybe_compiled(name, fn, numel)
     if compiled is fn:
         return fn(*args)
@@ -102,7 +104,7 @@ def compress(t: torch.Tensor, chunks: int = 1) -> tuple[torch.Tensor, torch.Tens
         raise ValueError(f"cannot split {t.numel()} elements into {chunks} equal chunks")
     if t.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
-    return _run("compress", _compress_eager, t.numel(), t, chunks)
+    return run_fused("compress", _compress_eager, t.numel(), t, chunks)
 
 
 def decompress(minmax: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -110,7 +112,7 @@ def decompress(minmax: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     if q.dtype != torch.uint8:
         raise TypeError(f"decompress expects uint8 codes, got {q.dtype}")
     q2 = q.reshape(minmax.shape[0], -1)
-    return _run("decompress", _decompress_eager, q.numel(), minmax, q2)
+    return run_fused("decompress", _decompress_eager, q.numel(), minmax, q2)
 
 
 def compiled_status() -> dict[str, str]:
@@ -215,7 +217,7 @@ def quantize_blocks_(x: torch.Tensor, minmax_out: torch.Tensor, codes_out: torch
     if not x.is_floating_point():
         raise TypeError(f"quantize_blocks_ expects a floating tensor, got {x.dtype}")
     _check_blocks(x, minmax_out, codes_out, residual)
-    minmax_out.copy_(_run(_key("quantize_blocks", residual, salt), _quantize_blocks_eager, whole_numel or x.numel(),
+    minmax_out.copy_(run_fused(_key("quantize_blocks", residual, salt), _quantize_blocks_eager, whole_numel or x.numel(),
                           x, codes_out, residual, salt))
 
 
@@ -228,7 +230,7 @@ def reduce_requantize_(minmax_in: torch.Tensor, codes_in: torch.Tensor, minmax_o
         raise TypeError(f"reduce_requantize_ expects uint8 codes, got {codes_in.dtype}")
     _check_blocks(codes_in, minmax_in, codes_in)
     _check_blocks(codes_out, minmax_out, codes_out, residual)
-    minmax_out.copy_(_run(_key("reduce_requantize", residual, salt), _reduce_requantize_eager,
+    minmax_out.copy_(run_fused(_key("reduce_requantize", residual, salt), _reduce_requantize_eager,
                           whole_numel or codes_in.numel(), minmax_in, codes_in, codes_out, bool(average),
                           residual, salt))
 
@@ -240,7 +242,7 @@ def decode_blocks_(minmax: torch.Tensor, codes: torch.Tensor, out: torch.Tensor,
     if codes.dtype != torch.uint8:
         raise TypeError(f"decode_blocks_ expects uint8 codes, got {codes.dtype}")
     _check_blocks(out, minmax, codes)
-    _run("decode_blocks", _decode_blocks_eager, whole_numel or codes.numel(), minmax, codes, out)
+    run_fused("decode_blocks", _decode_blocks_eager, whole_numel or codes.numel(), minmax, codes, out)
 
 
 def _key(name: str, residual, salt) -> str:

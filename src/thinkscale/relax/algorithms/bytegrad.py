@@ -131,11 +131,7 @@ class ByteGradExchange:
         for piece in self._pieces[:1]:
             self._quantize(t, piece, n)
             piece.from_ranks.raw.copy_(piece.to_owners.raw)
-            residual = None if self.residual_owned is None else \
-                self.residual_owned[:piece.length // n].view(piece.reduced.codes.shape)
-            reduce_requantize_(piece.from_ranks.minmax, piece.from_ranks.codes, piece.reduced.minmax,
-                               piece.reduced.codes, average, residual, self._salt_for(piece.index, 1),
-                               whole_numel=t.numel())
+            self._reduce(piece, n, average)
             piece.gathered.raw.copy_(piece.reduced.raw.expand(n, -1))
             self._decode(t, piece, _Done(), n)
         self._pieces, self._layout, self.residual_sent, self.residual_owned, self.calls = saved
@@ -151,15 +147,17 @@ class ByteGradExchange:
 
     def _reduce_and_gather(self, piece: _Piece, arrived, comm: Comm, average: bool):
         arrived.wait()
+        self._reduce(piece, comm.size, average)
+        return piece, comm.all_gather_async(piece.gathered.raw, piece.reduced.raw)
+
+    def _reduce(self, piece: _Piece, n: int, average: bool) -> None:
         residual = None
         if self.residual_owned is not None:
-            chunk = piece.length // comm.size
-            start = piece.start // comm.size
-            residual = self.residual_owned[start:start + chunk].view(piece.reduced.codes.shape)
+            start = piece.start // n
+            residual = self.residual_owned[start:start + piece.length // n].view(piece.reduced.codes.shape)
         reduce_requantize_(piece.from_ranks.minmax, piece.from_ranks.codes, piece.reduced.minmax,
                            piece.reduced.codes, average, residual, self._salt_for(piece.index, 1),
                            whole_numel=self._layout[0])
-        return piece, comm.all_gather_async(piece.gathered.raw, piece.reduced.raw)
 
     def _decode(self, t: torch.Tensor, piece: _Piece, gathered, n: int) -> None:
         gathered.wait()

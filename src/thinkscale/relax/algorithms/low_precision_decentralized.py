@@ -29,7 +29,7 @@ import torch
 
 from ..buckets import flatten, unflatten_into
 from ..comm import Comm
-from ..quantize import compress, decompress
+from ..quantize import compress_eager, decompress_eager, run_fused
 from .base import Algorithm, AlgorithmImpl
 from .decentralized import _check_interval, should_communicate
 
@@ -69,15 +69,27 @@ def ring_exchange(message: torch.Tensor, comm: Comm) -> tuple[torch.Tensor, torc
     return received[left], received[right]
 
 
-def dcd_step_(x: torch.Tensor, w: torch.Tensor, l: torch.Tensor, r: torch.Tensor, comm: Comm) -> None:
-    """One DCD-PSGD communication, all tensors 1-D of one bucket, updated in place (x <- w <- new x)."""
-    z = x + l / 3 + r / 3 - 5 * w / 3
-    minmax, q = compress(z, chunks=1)
-    from_left, from_right = ring_exchange(pack(minmax, q), comm)
-    l.add_(decompress(*unpack(from_left)).reshape(-1).to(l.dtype))
-    r.add_(decompress(*unpack(from_right)).reshape(-1).to(r.dtype))
-    w.add_(decompress(minmax, q).reshape(-1).to(w.dtype))
+def _compress_difference(x, w, l, r):
+    """Q(z), z = x + l/3 + r/3 - 5w/3, as the spec writes it (one fused pass when compiled)."""
+    return compress_eager(x + l / 3 + r / 3 - 5 * w / 3, chunks=1)
+
+
+def _apply_differences(x, w, l, r, minmax_left, q_left, minmax_right, q_right, minmax, q) -> None:
+    """l += D(left), r += D(right), w += D(own), x <- w, in place (one fused pass when compiled)."""
+    l.add_(decompress_eager(minmax_left, q_left).reshape(-1).to(l.dtype))
+    r.add_(decompress_eager(minmax_right, q_right).reshape(-1).to(r.dtype))
+    w.add_(decompress_eager(minmax, q).reshape(-1).to(w.dtype))
     x.copy_(w)
+
+
+def dcd_step_(x: torch.Tensor, w: torch.Tensor, l: torch.Tensor, r: torch.Tensor, comm: Comm) -> None:
+    """One DCD-PSGD communication, all tensors 1-D of one bucket, updated in place (x <- w <- new x).
+    Two passes over the weight-sized buffers (quantize the difference; apply all three differences),
+    compiled for big buckets like the quantizer (same bytes as the eager ops, on every rank)."""
+    minmax, q = run_fused("dcd_compress_difference", _compress_difference, x.numel(), x, w, l, r)
+    from_left, from_right = ring_exchange(pack(minmax, q), comm)
+    run_fused("dcd_apply_differences", _apply_differences, x.numel(), x, w, l, r,
+                  *unpack(from_left), *unpack(from_right), minmax, q)
 
 
 @dataclass
