@@ -252,3 +252,24 @@ def test_block_kernels_reject_mismatched_shapes():
 def test_bytegrad_rejects_bad_options(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         ByteGrad(**bad)
+
+
+def _error_feedback_checkpoint(rank, world):
+    module = small_mlp(seed=0)
+    model = DataParallel(module, None, algorithm="bytegrad", error_feedback=True, block_size=16,
+                         bucket_size_mb=1, hierarchical=False)
+    x, y = rank_batch(rank, 0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    saved = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+    residuals = [ex.residual_sent.clone() for ex in model._impl.exchanges.values()]
+    fresh = DataParallel(small_mlp(seed=1), None, algorithm="bytegrad", error_feedback=True, block_size=16,
+                         bucket_size_mb=1, hierarchical=False)
+    fresh.load_state_dict(saved)
+    loaded = [ex.residual_sent for ex in fresh._impl.exchanges.values()]
+    return residuals, loaded
+
+
+def test_error_feedback_residuals_travel_with_the_state_dict():
+    for residuals, loaded in run_ranks(_error_feedback_checkpoint, 2):
+        assert residuals and any(r.abs().sum() > 0 for r in residuals)  # quantization dropped something
+        assert all(torch.equal(a, b) for a, b in zip(residuals, loaded))
