@@ -1,5 +1,5 @@
-"""QAdam: warm-up equals Adam + allreduce (and torch DDP + Adam), the compressed phase by hand,
-weight decay after warm-up, warmup_steps=0, config errors."""
+"""QAdam: warm-up equals Adam + allreduce (and torch DDP + Adam), the compressed phase by hand (v tracked
+from the recovered gradient, or frozen), weight decay after warm-up, warmup_steps=0, config errors."""
 import copy
 
 import pytest
@@ -11,6 +11,7 @@ from distributed_harness import run_ranks
 from relax_models import least_squares, params_vector, rank_batch, small_mlp
 from thinkscale.relax import DataParallel, algorithms
 from thinkscale.relax.algorithms import QAdam, QAdamOptimizer
+from thinkscale.relax.algorithms.qadam import recover_gradient_
 
 LR, WD, BETAS, EPS = 1e-2, 0.01, (0.9, 0.999), 1e-8
 
@@ -30,8 +31,32 @@ def test_optimizer_alone_equals_torch_adam_during_warmup():
     assert torch.equal(params_vector(ours_module), params_vector(ref_module))
 
 
+def test_optimizer_alone_tracking_v_equals_torch_adam_after_warmup_too():
+    ours_module = small_mlp(seed=0)
+    ref_module = copy.deepcopy(ours_module)
+    ours = QAdamOptimizer(ours_module.parameters(), lr=LR, warmup_steps=2, weight_decay=WD)
+    assert ours.second_moment == "tracked"  # the default
+    ref = torch.optim.Adam(ref_module.parameters(), lr=LR, weight_decay=WD)
+    for step in range(6):
+        x, y = rank_batch(0, step)
+        for module, opt in ((ours_module, ours), (ref_module, ref)):
+            opt.zero_grad()
+            nn.functional.mse_loss(module(x), y).backward()
+            opt.step()
+    assert not ours.next_step_is_warmup
+    assert torch.equal(params_vector(ours_module), params_vector(ref_module))
+
+
+def test_recover_gradient_inverts_the_momentum_update():
+    previous = torch.tensor([0.5, -2.0, 0.0])
+    g = torch.tensor([1.0, 3.0, -0.25])
+    m = 0.9 * previous + 0.1 * g
+    recover_gradient_(previous, m, 0.9)
+    assert torch.allclose(previous, g, atol=1e-6, rtol=0)
+
+
 def _scalar_qadam_reference(x, grads, lr, warmup, beta1, beta2, eps, wd):
-    """The documented update rule for one scalar, in Python floats."""
+    """The documented update rule with a frozen v for one scalar, in Python floats."""
     m = v = 0.0
     for t, g in enumerate(grads, start=1):
         g = g + wd * x
@@ -46,7 +71,7 @@ def _scalar_qadam_reference(x, grads, lr, warmup, beta1, beta2, eps, wd):
 def test_zero_gradient_parameter_decays_by_the_formula_after_warmup(warmup):
     start = [2.0, -1.0]
     p = nn.Parameter(torch.tensor(start, dtype=torch.float64))
-    opt = QAdamOptimizer([p], lr=0.1, warmup_steps=warmup, weight_decay=0.5)
+    opt = QAdamOptimizer([p], lr=0.1, warmup_steps=warmup, weight_decay=0.5, second_moment="frozen")
     for _ in range(5):
         p.grad = torch.zeros_like(p)
         opt.step()
@@ -61,7 +86,7 @@ def test_zero_gradient_parameter_decays_by_the_formula_after_warmup(warmup):
 def test_switch_step_folds_in_its_gradient():
     grads = [0.3, -0.2, 0.5, 0.1]  # warm-up steps 1-2, switch at step 3
     p = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
-    opt = QAdamOptimizer([p], lr=0.05, warmup_steps=2, weight_decay=WD)
+    opt = QAdamOptimizer([p], lr=0.05, warmup_steps=2, weight_decay=WD, second_moment="frozen")
     for g in grads:
         p.grad = torch.tensor([g], dtype=torch.float64)
         opt.step()
@@ -75,10 +100,11 @@ def _least_squares_loss(model, x, y):
     return nn.functional.mse_loss(model(x), y)
 
 
-def test_warmup_zero_alone_trains_without_nan():
+@pytest.mark.parametrize("second_moment", ["tracked", "frozen"])
+def test_warmup_zero_alone_trains_without_nan(second_moment):
     x, y = least_squares(0)
     model = nn.Linear(10, 1)
-    opt = QAdamOptimizer(model.parameters(), lr=0.1, warmup_steps=0)
+    opt = QAdamOptimizer(model.parameters(), lr=0.1, warmup_steps=0, second_moment=second_moment)
     first = _least_squares_loss(model, x, y).item()
     for _ in range(60):
         opt.zero_grad()
@@ -104,9 +130,10 @@ def test_state_dict_round_trip_restores_the_phase():
 # ----- configuration ----------------------------------------------------------------------------------
 def test_config_takes_hyper_parameters_from_the_optimizer():
     module = small_mlp()
-    opt = QAdamOptimizer(module.parameters(), lr=3e-3, warmup_steps=7, weight_decay=0.1)
+    opt = QAdamOptimizer(module.parameters(), lr=3e-3, warmup_steps=7, weight_decay=0.1, second_moment="frozen")
     config = QAdam(opt)
     assert (config.lr, config.warmup_steps, config.betas, config.weight_decay) == (3e-3, 7, BETAS, 0.1)
+    assert config.second_moment == "frozen"
     DataParallel(module, opt, algorithm=config)  # same optimizer: fine
     DataParallel(module, opt, algorithm="qadam", lr=3e-3)  # matching explicit value: fine
     assert isinstance(algorithms.resolve("qadam"), QAdam)
@@ -121,6 +148,10 @@ def test_config_errors():
         DataParallel(module, opt, algorithm="qadam", lr=0.5)
     with pytest.raises(ValueError, match="warmup_steps=5 differs"):
         QAdam(opt, warmup_steps=5)
+    with pytest.raises(ValueError, match="second_moment='frozen' differs from the optimizer's second_moment='tracked'"):
+        QAdam(opt, second_moment="frozen")
+    with pytest.raises(ValueError, match="second_moment must be 'tracked' or 'frozen', got 'fixed'"):
+        QAdamOptimizer(module.parameters(), second_moment="fixed")
     other = QAdamOptimizer(module.parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="different optimizer"):
         DataParallel(module, other, algorithm=QAdam(opt))
@@ -186,13 +217,19 @@ def _qadam_ranks(rank, world):
     out["switch_m_without_grad"] = max((a - BETAS[0] * b).abs().max().item() for a, b in zip(m7, m6))
     out["switch_m_range"] = max((m.max() - m.min()).item() for m in expected_m)
     out["switch_x_err"] = max((p.detach() - f).abs().max().item() for p, f in zip(params, formula))
-    out["switch_v_frozen"] = all(torch.equal(a, b) for a, b in zip(v6, v7))
+    # v tracked: Adam's update with the gradient recovered from the two averaged momenta, and that
+    # gradient is the true mean gradient up to the 8-bit error of m magnified by 1 / (1 - beta1)
+    recovered = [(m - BETAS[0] * b) / (1 - BETAS[0]) for m, b in zip(m7, m6)]
+    expected_v = [BETAS[1] * v + (1 - BETAS[1]) * g * g for v, g in zip(v6, recovered)]
+    out["switch_v_err"] = max(((a - b).abs() / (b + 1e-12)).max().item() for a, b in zip(v7, expected_v))
+    true_g = [(e - BETAS[0] * b) / (1 - BETAS[0]) for e, b in zip(expected_m, m6)]
+    out["switch_g_err"] = max((a - b).abs().max().item() for a, b in zip(recovered, true_g))
 
     # B: a regression task keeps improving after warm-up; a zero-gradient parameter decays by the rule.
     torch.manual_seed(0)
     lin = nn.Linear(10, 1)
     lin.register_parameter("idle", nn.Parameter(torch.tensor([2.0, -1.0])))
-    opt_b = QAdamOptimizer(lin.parameters(), lr=0.1, warmup_steps=5, weight_decay=0.5)
+    opt_b = QAdamOptimizer(lin.parameters(), lr=0.1, warmup_steps=5, weight_decay=0.5, second_moment="frozen")
     model_b = DataParallel(lin, opt_b, algorithm="qadam", bucket_size_mb=1e-6)  # a bucket per tensor
     xb, yb = least_squares(rank)
     losses = []
@@ -205,10 +242,10 @@ def _qadam_ranks(rank, world):
     out["b_losses"] = losses
     out["b_params"] = params_vector(lin)
 
-    # C: warmup_steps=0; v after step 1 = (1 - beta2) * (full-precision mean gradient)^2.
+    # C: warmup_steps=0, frozen v; v after step 1 = (1 - beta2) * (full-precision mean gradient)^2.
     torch.manual_seed(1)
     lin_c = nn.Linear(10, 1)
-    opt_c = QAdamOptimizer(lin_c.parameters(), lr=0.1, warmup_steps=0)
+    opt_c = QAdamOptimizer(lin_c.parameters(), lr=0.1, warmup_steps=0, second_moment="frozen")
     model_c = DataParallel(lin_c, opt_c, algorithm="qadam")
     ref_c = copy.deepcopy(lin_c)
     mean_g = _grads(ref_c, nn.functional.mse_loss(ref_c(xb), yb))
@@ -227,6 +264,24 @@ def _qadam_ranks(rank, world):
                                  for p, g in zip(lin_c.parameters(), mean_g))
     out["c_losses"] = losses_c
     out["c_params"] = params_vector(lin_c)
+
+    # D: after a short warm-up on the MLP, tracked v stays next to DDP + Adam, frozen v drifts away.
+    for rule in ("tracked", "frozen"):
+        base = small_mlp(seed=0)
+        module, ddp_module = copy.deepcopy(base), copy.deepcopy(base)
+        opt_d = QAdamOptimizer(module.parameters(), lr=LR, warmup_steps=2, second_moment=rule)
+        model_d = DataParallel(module, opt_d, algorithm="qadam")
+        ddp = DDP(ddp_module)
+        ddp_opt = torch.optim.Adam(ddp.parameters(), lr=LR)
+        for step in range(20):
+            x, y = rank_batch(rank, step)
+            for m, o in ((model_d, opt_d), (ddp, ddp_opt)):
+                o.zero_grad()
+                nn.functional.mse_loss(m(x), y).backward()
+                o.step()
+        moved = (params_vector(ddp_module) - params_vector(base)).norm()
+        out[f"d_{rule}_distance"] = ((params_vector(module) - params_vector(ddp_module)).norm() / moved).item()
+        out[f"d_{rule}_params"] = params_vector(module)
     return out
 
 
@@ -241,7 +296,8 @@ def test_qadam_two_ranks():
         assert r["switch_m_err"] <= 2 * r["switch_m_range"] / 255 + 1e-6, r
         assert r["switch_m_without_grad"] > 10 * r["switch_m_err"], r
         assert r["switch_x_err"] < 1e-6, r
-        assert r["switch_v_frozen"]
+        assert r["switch_v_err"] < 1e-5, r
+        assert r["switch_g_err"] <= 2 * r["switch_m_range"] / 255 / (1 - BETAS[0]) + 1e-5, r
         # regression after warm-up keeps falling, no NaN
         losses = r["b_losses"]
         assert all(torch.isfinite(torch.tensor(losses)))
@@ -253,6 +309,10 @@ def test_qadam_two_ranks():
     # ByteGrad leaves every rank bit-identical, so replicas never drift apart
     assert torch.equal(r0["b_params"], r1["b_params"])
     assert torch.equal(r0["c_params"], r1["c_params"])
+    assert torch.equal(r0["d_tracked_params"], r1["d_tracked_params"])
+    print("distance to DDP + Adam, relative to the distance moved:", r0["d_tracked_distance"], r0["d_frozen_distance"])
+    assert r0["d_tracked_distance"] < 0.05, r0["d_tracked_distance"]
+    assert r0["d_tracked_distance"] < 0.5 * r0["d_frozen_distance"], (r0["d_tracked_distance"], r0["d_frozen_distance"])
     # zero-gradient parameter after warm-up: decays as the single-process formula says (m is exchanged
     # through 8-bit quantization, hence the tolerance: its block holds both values and zero padding, so
     # each exchanged m is off by up to (max - min) / 255 of that block, ~0.4 % here)

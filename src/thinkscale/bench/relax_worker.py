@@ -279,7 +279,8 @@ def make_optimizer(args, workload: Workload, contender: Contender) -> torch.opti
         # the algorithm validates its options against the optimizer's, so both come from the spec
         return algorithms.QAdamOptimizer(
             params, lr=o.get("lr", workload.qadam_lr), warmup_steps=o.get("warmup_steps", max(1, args.steps // 5)),
-            betas=betas, eps=o.get("eps", 1e-8), weight_decay=o.get("weight_decay", 0.0))
+            betas=betas, eps=o.get("eps", 1e-8), weight_decay=o.get("weight_decay", 0.0),
+            second_moment=o.get("second_moment", "tracked"))
     if args.workload == "policy":
         return torch.optim.AdamW(params, lr=workload.lr, betas=betas, weight_decay=0.0)
     return torch.optim.SGD(params, lr=workload.lr, momentum=0.9)

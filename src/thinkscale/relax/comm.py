@@ -24,6 +24,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+# the new name where torch has it (newer releases warn on the old one, older ones have only that)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 logger = logging.getLogger(__name__)
 
 
@@ -105,7 +108,7 @@ class Comm:
     def all_gather_async(self, out: torch.Tensor, t: torch.Tensor) -> "dist.Work":
         """Started, not finished: `out` (size x t's shape, contiguous) gets every rank's `t` in rank
         order. `wait()` the result before reading `out` (size > 1 only)."""
-        return dist.all_gather_into_tensor(out, t, group=self.group, async_op=True)
+        return _all_gather_single(out, t, group=self.group, async_op=True)
 
     def exchange(self, t: torch.Tensor, peer: int) -> torch.Tensor:
         """Send `t` to `peer` and receive its tensor of the same shape; returns when both are done.

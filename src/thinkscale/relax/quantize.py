@@ -89,7 +89,8 @@ def run_fused(name: str, fn, numel: int, *args):
     if compiled is fn:
         return fn(*args)
     try:
-        return compiled(*args)
+        with torch.no_grad():  # one grad mode for every caller: a change of mode would recompile
+            return compiled(*args)
     except Exception as exc:  # e.g. no C++ compiler: fall back once, for good
         logger.warning("compiled quantizer failed (%s); falling back to eager ops", exc)
         _compiled[name] = fn

@@ -120,15 +120,20 @@ class ByteGradExchange:
         while to_decode:
             self._decode(t, *to_decode.popleft(), n)
 
-    def warm_up(self, n: int, numel: int = 1 << 21, average: bool = True) -> None:
-        """Run the three passes once, without communication, on `numel` zeros as a group of `n` would:
-        compiles their kernels (seconds, once per process) before a timed or latency-critical step."""
+    def warm_up(self, n: int, numel: int | None = None, average: bool = True) -> None:
+        """Run the three passes, without communication, on `numel` zeros as a group of `n` would:
+        compiles their kernels (seconds, once per process) before a timed or latency-critical step.
+        The default is a full piece and a short one of 7 blocks per rank. Both are needed: the compiler
+        specialises on sizes that agree by chance (a 4 MB piece of 2 ranks has 512 blocks per rank,
+        1024 (min, max) values, as many as a block has codes) and compiles again for a size that does
+        not."""
         unit = n * self.block
+        numel = max(unit, self.piece_numel // unit * unit) + 7 * unit if numel is None else numel
         t = torch.zeros(max(unit, numel // unit * unit))
         saved = (self._pieces, self._layout, self.residual_sent, self.residual_owned, self.calls)
         self._layout = None
         self._prepare(t, n)
-        for piece in self._pieces[:1]:
+        for piece in self._pieces:
             self._quantize(t, piece, n)
             piece.from_ranks.raw.copy_(piece.to_owners.raw)
             self._reduce(piece, n, average)

@@ -8,9 +8,19 @@ Steps are numbered t = 1, 2, ... (the Adam step count).
   exactly torch.optim.Adam (bias correction, L2 weight decay added to the gradient).
 - Compression, t > warmup_steps: each rank folds its *local* gradient into the first moment,
   m <- beta1 * m + (1 - beta1) * (g_i + weight_decay * x), and m (not g) is averaged with ByteGrad. This
-  runs in the bucket-ready hook, so it overlaps backward. The second moment v is frozen and
+  runs in the bucket-ready hook, so it overlaps backward. Then
   x <- x - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps), bias corrections still using t.
   After the exchange every rank holds the same m, v and x (ByteGrad ends bit-identical).
+- The second moment after warm-up, `second_moment=`:
+  - "tracked" (default): v keeps Adam's update, v <- beta2 * v + (1 - beta2) * g_hat^2, with the averaged
+    gradient recovered from the averaged momentum, g_hat = (m_t - beta1 * m_{t-1}) / (1 - beta1). No extra
+    communication: every rank holds the same m_{t-1} and m_t, so every rank computes the same v. g_hat is
+    the mean gradient plus the 8-bit error of m magnified by 1 / (1 - beta1); a zero-mean error adds
+    its variance to v on average (slightly smaller steps, not larger). Alone (no engine) the local gradient is used, so this is Adam exactly.
+  - "frozen": v is no longer updated (the source's rule, from 1-bit Adam, where m travels as signs and the
+    gradient cannot be recovered). It needs a warm-up long enough for v to settle: on the pipeline's
+    policy (30 steps, warm-up 6, beta2 0.95) it ends at loss 2.86 against Adam's 1.86, while "tracked"
+    ends at Adam's (docs/benchmarks.md).
 
 Where this differs from the source (BAGUA's QAdam), each a documented defect there:
 - Weight decay is kept after warm-up. The source ignored it once compression began; here it is added to
@@ -19,12 +29,14 @@ Where this differs from the source (BAGUA's QAdam), each a documented defect the
 - The switch step keeps its gradient. The source re-initialised its buckets at the switch and lost one
   averaged gradient; here the phase of each step is decided from the step count on every rank, and the
   first compressed step folds its gradient into m like every later one.
-- warmup_steps=0 works. With no Adam step v would stay 0 and m / eps would explode. Rule: a parameter
-  whose first step is already compressed initialises v = (1 - beta2) * g^2 from that step's gradient
-  averaged in full precision (one extra allreduce, once), i.e. exactly what Adam's first step stores.
-- No NaNs: eps must be > 0, so elements with v = 0 divide by eps, never 0 / 0. (Caveat shared with the
-  source and 1-bit Adam: an element whose gradient was exactly zero through warm-up keeps v = 0 and
-  later steps it by up to lr * |m_hat| / eps; warm up long enough for every parameter to get gradient.)
+- warmup_steps=0 works. With no Adam step a frozen v would stay 0 and m / eps would explode. "tracked"
+  updates v from the first step on. "frozen": a parameter whose first step is already compressed
+  initialises v = (1 - beta2) * g^2 from that step's gradient averaged in full precision (one extra
+  allreduce, once), i.e. exactly what Adam's first step stores.
+- No NaNs: eps must be > 0, so elements with v = 0 divide by eps, never 0 / 0. (Caveat of "frozen",
+  shared with the source and 1-bit Adam: an element whose gradient was exactly zero through warm-up keeps
+  v = 0 and later steps it by up to lr * |m_hat| / eps; warm up long enough for every parameter to get
+  gradient.)
 - No phase "reset": the engine's buckets serve both phases; the momentum lives in flat buffers aligned
   with the gradient buckets, and the optimizer's `exp_avg` state tensors are views of them.
 
@@ -61,6 +73,12 @@ def update_second_moment_(v: torch.Tensor, grad: torch.Tensor, beta2: float) -> 
     v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 
+def recover_gradient_(previous_m: torch.Tensor, m: torch.Tensor, beta1: float) -> None:
+    """previous_m <- (m - beta1 * previous_m) / (1 - beta1), in place: the gradient that took the first
+    moment from previous_m to m."""
+    previous_m.mul_(-beta1).add_(m).div_(1 - beta1)
+
+
 def adam_update_(param: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, beta1: float,
                  beta2: float, eps: float, step: int) -> None:
     """x <- x - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), in place (torch Adam's
@@ -83,10 +101,15 @@ class QAdamOptimizer(torch.optim.Optimizer):
         betas: (beta1, beta2) as in Adam.
         eps: added to sqrt(v_hat); must be > 0 (v can be 0 for some elements once it is frozen).
         weight_decay: L2 penalty added to the gradient, in both phases.
+        second_moment: "tracked" (v keeps Adam's update from the averaged gradient recovered from the
+            averaged momentum) or "frozen" (v stops changing after warm-up, the source's rule).
     """
 
+    SECOND_MOMENT_RULES = ("tracked", "frozen")
+
     def __init__(self, params: Iterable, lr: float = 1e-3, warmup_steps: int = 100,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 second_moment: str = "tracked"):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -97,15 +120,25 @@ class QAdamOptimizer(torch.optim.Optimizer):
             raise ValueError(f"eps must be > 0 (the frozen second moment may hold zeros), got {eps}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if second_moment not in self.SECOND_MOMENT_RULES:
+            raise ValueError(f"second_moment must be 'tracked' or 'frozen', got {second_moment!r}")
         defaults = dict(lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.warmup_steps = warmup_steps
+        self.second_moment = second_moment
         self.steps_taken = 0  # optimizer steps done; step t = steps_taken + 1 is the next one
         self._momentum_averaged = False  # set by the QAdam runtime once m of the coming step is averaged
+        self._recovered_gradients: dict | None = None  # param -> averaged gradient recovered from m
 
     @property
     def next_step_is_warmup(self) -> bool:
         return self.steps_taken < self.warmup_steps
+
+    @property
+    def initialises_frozen_second_moment(self) -> bool:
+        """The coming step is compressed and is the very first (warmup_steps=0) under "frozen": v is set
+        from the full-precision average of this step's gradient."""
+        return self.second_moment == "frozen" and self.steps_taken == 0 and not self.next_step_is_warmup
 
     def bind_momentum(self, param: torch.Tensor, buffer: torch.Tensor) -> None:
         """Make `buffer` (a view into a flat communication buffer) hold `param`'s first moment, keeping
@@ -120,9 +153,11 @@ class QAdamOptimizer(torch.optim.Optimizer):
             buffer.copy_(current)
         state["exp_avg"] = buffer
 
-    def mark_momentum_averaged(self) -> None:
-        """Tell the next `step()` that every first moment is already updated and averaged."""
+    def mark_momentum_averaged(self, recovered_gradients: dict | None = None) -> None:
+        """Tell the next `step()` that every first moment is already updated and averaged; under
+        "tracked", `recovered_gradients` maps each bucketed parameter to the gradient recovered from it."""
         self._momentum_averaged = True
+        self._recovered_gradients = recovered_gradients
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -132,6 +167,8 @@ class QAdamOptimizer(torch.optim.Optimizer):
                 loss = closure()
         warmup = self.next_step_is_warmup
         averaged, self._momentum_averaged = self._momentum_averaged, False
+        recovered, self._recovered_gradients = self._recovered_gradients, None
+        tracked = self.second_moment == "tracked"
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -155,7 +192,9 @@ class QAdamOptimizer(torch.optim.Optimizer):
                 else:
                     if not averaged:  # alone (no engine): the local gradient is the average
                         update_first_moment_(m, grad, beta1)
-                    if first_step and grad is not None:  # never had an Adam step: v as Adam's first
+                    if tracked:
+                        update_second_moment_(v, recovered[p] if averaged else grad, beta2)
+                    elif first_step and grad is not None:  # never had an Adam step: v as Adam's first
                         update_second_moment_(v, grad, beta2)  # step would set it
                 adam_update_(p, m, v, group["lr"], beta1, beta2, group["eps"], state["step"])
         self.steps_taken += 1
@@ -186,6 +225,7 @@ class QAdam(Algorithm):
     betas: tuple[float, float] | None = None
     eps: float | None = None
     weight_decay: float | None = None
+    second_moment: str | None = None
     hierarchical: bool = True
     block_size: int = 1024  # elements per (min, max) of the 8-bit momentum (see bytegrad.py)
     full_precision_1d: bool = True  # m of 1-D parameters averaged in full precision
@@ -200,6 +240,7 @@ class QAdam(Algorithm):
             for key in _HYPER_PARAMETERS:
                 setattr(self, key, optimizer.defaults[key])
             self.warmup_steps = optimizer.warmup_steps
+            self.second_moment = optimizer.second_moment
 
     def validate_optimizer(self, optimizer) -> None:
         if not isinstance(optimizer, QAdamOptimizer):
@@ -211,6 +252,7 @@ class QAdam(Algorithm):
             raise ValueError("QAdam(optimizer) names a different optimizer than the one given to DataParallel")
         actual = {key: optimizer.defaults[key] for key in _HYPER_PARAMETERS}
         actual["warmup_steps"] = optimizer.warmup_steps
+        actual["second_moment"] = optimizer.second_moment
         for key, value in actual.items():
             wanted = getattr(self, key)
             if wanted is not None and (tuple(wanted) if key == "betas" else wanted) != value:
@@ -243,10 +285,16 @@ class _QAdamImpl(AlgorithmImpl):
         self.momenta = {b.index: torch.zeros_like(b.flat) for b in engine.buckets}
         self.momentum_views = {b.index: b.split(self.momenta[b.index]) for b in engine.buckets}
         self.exchanges = {b.index: ByteGradExchange(config.block_size) for b in engine.buckets if not b.kind}
+        # "tracked": m_{t-1}, per bucket, becomes the recovered averaged gradient after the exchange
+        self.tracked = self.optimizer.second_moment == "tracked"
+        self.previous = {b.index: torch.zeros_like(b.flat) for b in engine.buckets} if self.tracked else {}
+        self.previous_views = {b.index: b.split(self.previous[b.index]) for b in engine.buckets if self.tracked}
+        self.recovered_gradients = {p: view for b in engine.buckets if self.tracked
+                                    for p, view in zip(b.params, self.previous_views[b.index])}
 
     def averages_gradients(self):
-        # warm-up, and the step that initialises v from the full-precision average (warmup_steps=0)
-        return self.optimizer.next_step_is_warmup or self.optimizer.steps_taken == 0
+        # warm-up, and the step that initialises a frozen v from the full-precision average
+        return self.optimizer.next_step_is_warmup or self.optimizer.initialises_frozen_second_moment
 
     def on_bucket_ready(self, bucket):
         optimizer, topology = self.optimizer, self.engine.topology
@@ -255,12 +303,14 @@ class _QAdamImpl(AlgorithmImpl):
             optimizer.bind_momentum(p, view)  # re-binds after a checkpoint load replaced the state
         if optimizer.next_step_is_warmup:
             return lambda: topology.run(bucket.flat, _mean, True)
-        init_second_moment = optimizer.steps_taken == 0  # warmup_steps == 0: v from this step
+        init_second_moment = optimizer.initialises_frozen_second_moment
         groups = [self.group_of[id(p)] for p in bucket.params]
         average_momentum = _mean if bucket.kind else self.exchanges[bucket.index].average_
 
         def job():
             with torch.no_grad():
+                if self.tracked:
+                    self.previous[bucket.index].copy_(momentum)
                 for p, grad, m, group in zip(bucket.params, bucket.views, views, groups):
                     grad = decayed_gradient(grad, p.detach(), group["weight_decay"])
                     update_first_moment_(m, grad, group["betas"][0])
@@ -268,9 +318,12 @@ class _QAdamImpl(AlgorithmImpl):
                     topology.run(bucket.flat, _mean, True)  # full-precision g for v, this step only
                 momentum[bucket.numel:].zero_()  # padding must not widen a block's min/max
                 topology.run(momentum, average_momentum, True)
+                if self.tracked:
+                    for previous, m, group in zip(self.previous_views[bucket.index], views, groups):
+                        recover_gradient_(previous, m, group["betas"][0])
 
         return job
 
     def after_backward(self):
         if not self.optimizer.next_step_is_warmup:
-            self.optimizer.mark_momentum_averaged()
+            self.optimizer.mark_momentum_averaged(self.recovered_gradients if self.tracked else None)
