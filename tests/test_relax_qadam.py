@@ -16,34 +16,25 @@ from thinkscale.relax.algorithms.qadam import recover_gradient_
 LR, WD, BETAS, EPS = 1e-2, 0.01, (0.9, 0.999), 1e-8
 
 
+def _step_all(pairs, x, y):
+    """One training step of each (model, optimizer) pair on the same batch."""
+    for model, opt in pairs:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
 # ----- single process: the optimizer's math ----------------------------------------------------------
-def test_optimizer_alone_equals_torch_adam_during_warmup():
+@pytest.mark.parametrize("warmup", [10, 2])  # all 6 steps warm-up; 4 compressed steps, v tracked
+def test_optimizer_alone_equals_torch_adam(warmup):
     ours_module = small_mlp(seed=0)
     ref_module = copy.deepcopy(ours_module)
-    ours = QAdamOptimizer(ours_module.parameters(), lr=LR, warmup_steps=10, weight_decay=WD)
-    ref = torch.optim.Adam(ref_module.parameters(), lr=LR, weight_decay=WD)
-    for step in range(5):
-        x, y = rank_batch(0, step)
-        for module, opt in ((ours_module, ours), (ref_module, ref)):
-            opt.zero_grad()
-            nn.functional.mse_loss(module(x), y).backward()
-            opt.step()
-    assert torch.equal(params_vector(ours_module), params_vector(ref_module))
-
-
-def test_optimizer_alone_tracking_v_equals_torch_adam_after_warmup_too():
-    ours_module = small_mlp(seed=0)
-    ref_module = copy.deepcopy(ours_module)
-    ours = QAdamOptimizer(ours_module.parameters(), lr=LR, warmup_steps=2, weight_decay=WD)
+    ours = QAdamOptimizer(ours_module.parameters(), lr=LR, warmup_steps=warmup, weight_decay=WD)
     assert ours.second_moment == "tracked"  # the default
     ref = torch.optim.Adam(ref_module.parameters(), lr=LR, weight_decay=WD)
     for step in range(6):
-        x, y = rank_batch(0, step)
-        for module, opt in ((ours_module, ours), (ref_module, ref)):
-            opt.zero_grad()
-            nn.functional.mse_loss(module(x), y).backward()
-            opt.step()
-    assert not ours.next_step_is_warmup
+        _step_all(((ours_module, ours), (ref_module, ref)), *rank_batch(0, step))
+    assert ours.next_step_is_warmup == (warmup > 6)
     assert torch.equal(params_vector(ours_module), params_vector(ref_module))
 
 
@@ -180,11 +171,7 @@ def _qadam_ranks(rank, world):
     ddp = DDP(ddp_module)
     ddp_opt = torch.optim.Adam(ddp.parameters(), lr=LR, weight_decay=WD)
     for step in range(5):
-        x, y = rank_batch(rank, step)
-        for m, o in ((model, opt), (ddp, ddp_opt)):
-            o.zero_grad()
-            nn.functional.mse_loss(m(x), y).backward()
-            o.step()
+        _step_all(((model, opt), (ddp, ddp_opt)), *rank_batch(rank, step))
     out["warmup_diff"] = (params_vector(module) - params_vector(ddp_module)).abs().max().item()
     out["buckets"] = len(model.buckets)
 
@@ -274,11 +261,7 @@ def _qadam_ranks(rank, world):
         ddp = DDP(ddp_module)
         ddp_opt = torch.optim.Adam(ddp.parameters(), lr=LR)
         for step in range(20):
-            x, y = rank_batch(rank, step)
-            for m, o in ((model_d, opt_d), (ddp, ddp_opt)):
-                o.zero_grad()
-                nn.functional.mse_loss(m(x), y).backward()
-                o.step()
+            _step_all(((model_d, opt_d), (ddp, ddp_opt)), *rank_batch(rank, step))
         moved = (params_vector(ddp_module) - params_vector(base)).norm()
         out[f"d_{rule}_distance"] = ((params_vector(module) - params_vector(ddp_module)).norm() / moved).item()
         out[f"d_{rule}_params"] = params_vector(module)
