@@ -16,7 +16,8 @@ Steps are numbered t = 1, 2, ... (the Adam step count).
     gradient recovered from the averaged momentum, g_hat = (m_t - beta1 * m_{t-1}) / (1 - beta1). No extra
     communication: every rank holds the same m_{t-1} and m_t, so every rank computes the same v. g_hat is
     the mean gradient plus the 8-bit error of m magnified by 1 / (1 - beta1); a zero-mean error adds
-    its variance to v on average (slightly smaller steps, not larger). Alone (no engine) the local gradient is used, so this is Adam exactly.
+    its variance to v on average (slightly smaller steps, not larger). Alone (no engine) the local
+    gradient is used, so this is Adam exactly.
   - "frozen": v is no longer updated (the source's rule, from 1-bit Adam, where m travels as signs and the
     gradient cannot be recovered). It needs a warm-up long enough for v to settle: on the pipeline's
     policy (30 steps, warm-up 6, beta2 0.95) it ends at loss 2.86 against Adam's 1.86, while "tracked"
