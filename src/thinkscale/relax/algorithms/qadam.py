@@ -288,9 +288,10 @@ class _QAdamImpl(AlgorithmImpl):
         self.exchanges = {b.index: ByteGradExchange(config.block_size) for b in engine.buckets if not b.kind}
         # "tracked": m_{t-1}, per bucket, becomes the recovered averaged gradient after the exchange
         self.tracked = self.optimizer.second_moment == "tracked"
-        self.previous = {b.index: torch.zeros_like(b.flat) for b in engine.buckets} if self.tracked else {}
-        self.previous_views = {b.index: b.split(self.previous[b.index]) for b in engine.buckets if self.tracked}
-        self.recovered_gradients = {p: view for b in engine.buckets if self.tracked
+        tracked_buckets = engine.buckets if self.tracked else []
+        self.previous = {b.index: torch.zeros_like(b.flat) for b in tracked_buckets}
+        self.previous_views = {b.index: b.split(self.previous[b.index]) for b in tracked_buckets}
+        self.recovered_gradients = {p: view for b in tracked_buckets
                                     for p, view in zip(b.params, self.previous_views[b.index])}
 
     def averages_gradients(self):
