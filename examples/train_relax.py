@@ -22,7 +22,6 @@ import inspect
 import json
 import os
 import statistics
-import sys
 import time
 from datetime import timedelta
 
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from thinkscale.relax import DataParallel, algorithms, quantize
+from thinkscale.relax import DataParallel, algorithms, end_process_group, exit_process, quantize
 
 DDP = "ddp"
 
@@ -222,9 +221,7 @@ def train(args: argparse.Namespace) -> dict:
             os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
             with open(args.json_out, "w") as f:
                 json.dump(summary, f, indent=1)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    end_process_group()  # a barrier, then the group is destroyed
     return summary
 
 
@@ -234,4 +231,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A process that ran a gloo group ends without interpreter finalization, which can abort it after its
+    # work is done (see thinkscale.relax.exit_process).
+    exit_process(main())

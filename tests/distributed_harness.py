@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from thinkscale.relax.comm import end_process_group, exit_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -44,8 +46,8 @@ def _entry(fn, rank, world_size, port, out_dir, env, args, pg_timeout_s, backend
         with open(os.path.join(out_dir, f"{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         os._exit(1)  # skip destroy: peers may be gone, and we must not hang on exit
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_process_group(barrier=False)
+    exit_process(0)  # not a normal exit: see exit_process (issue 23)
 
 
 def run_ranks(fn, world_size: int, args: tuple = (), env: dict | None = None, timeout: float = 120.0,

@@ -1,6 +1,4 @@
 """`python -m thinkscale ...` is the `thinkscale` command."""
-import sys
+from thinkscale.cli import run
 
-from thinkscale.cli import main
-
-sys.exit(main())
+run()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 
@@ -89,5 +90,19 @@ def describe_error(error: BaseException) -> str:
     return f"error: {type(error).__name__}: {text}" if text else f"error: {type(error).__name__}"
 
 
+def run() -> None:
+    """The `thinkscale` console script and `python -m thinkscale`: `main()`, then exit with its status.
+    A command run under torchrun has run a process group: it ends with `relax.comm.exit_process`
+    (see there why a normal exit can abort such a process after its work is done)."""
+    code = main()
+    if "RANK" in os.environ:  # cheap test first: `thinkscale --help` should not import torch
+        from thinkscale.relax.comm import exit_process
+        from thinkscale.train.launch import under_torchrun
+
+        if under_torchrun():
+            exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

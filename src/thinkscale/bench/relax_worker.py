@@ -65,7 +65,7 @@ from thinkscale.bench import relax_profile
 from thinkscale.relax import DataParallel, algorithms, quantize
 from thinkscale.relax.algorithms.bytegrad import ByteGradExchange
 from thinkscale.relax.algorithms.low_precision_decentralized import dcd_step_
-from thinkscale.relax.comm import Comm
+from thinkscale.relax.comm import Comm, end_process_group, exit_process
 
 DDP_OPTIONS = {  # contender -> its options and their defaults
     "ddp": {},
@@ -528,10 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"relax_worker rank {rank}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
-    dist.barrier()  # no rank tears its connections down while a peer may still be using them
-    dist.destroy_process_group()
+    end_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # not sys.exit: see exit_process (issue 23)

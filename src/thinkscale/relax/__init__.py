@@ -4,7 +4,7 @@
     model = DataParallel(module, optimizer, algorithm="bytegrad")
 """
 from . import algorithms, quantize
-from .comm import CommunicationError
+from .comm import CommunicationError, end_process_group, exit_process
 from .wrapper import DataParallel
 
-__all__ = ["DataParallel", "algorithms", "quantize", "CommunicationError"]
+__all__ = ["DataParallel", "algorithms", "quantize", "CommunicationError", "end_process_group", "exit_process"]

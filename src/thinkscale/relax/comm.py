@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,44 @@ logger = logging.getLogger(__name__)
 
 class CommunicationError(RuntimeError):
     """A collective failed or timed out: most often a peer rank died or stopped calling in."""
+
+
+# ----- the end of a process that ran a process group --------------------------------------------------
+def end_process_group(barrier: bool = True) -> None:
+    """Leave the default process group (a no-op without one).
+
+    `barrier`: wait for every rank first, so that no rank tears down connections a peer is still using
+    (pass False after a failure: the peers may be gone). torch keeps the group object referenced after
+    `destroy_process_group()` (once DDP or relax has used it), so its backend threads live on until the
+    process ends: end the process with `exit_process`, not through interpreter finalization.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code` now: flush the standard streams and logging, then `os._exit`.
+
+    Why not a normal exit: a gloo worker thread drops the last reference to the buffers of the work it
+    just finished (e.g. `all_gather_object`'s tensors, which the final barrier holds) a moment after the
+    main thread has woken from that work. If the main thread is already finalizing the interpreter by
+    then, taking the GIL to free those Python-owned tensors ends the gloo thread with pthread_exit,
+    whose unwinding through the work's C++ destructor aborts the whole process ("terminate called
+    without an active exception", SIGABRT) after all its work succeeded: a race a loaded machine loses
+    (pytorch#190489, Python <= 3.13). The group cannot be destroyed for real first (see
+    `end_process_group`), so a process that ran one skips the finalization, which has nothing left to
+    do for it. Files written with `with` blocks are closed already; atexit handlers do not run.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # closed or replaced stream: nothing to flush
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 EXCHANGE_CHUNK = 1 << 18  # elements per message of Comm.exchange (1 MiB of fp32)

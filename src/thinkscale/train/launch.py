@@ -19,10 +19,12 @@ cases.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import os
+import pickle
 import signal
 import tempfile
 import time
@@ -35,6 +37,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from thinkscale.relax.comm import end_process_group, exit_process
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +114,13 @@ def _store_of_this_attempt(timeout: timedelta) -> dist.Store:
 
 
 def _run_in_process_group(fn: Callable, args: tuple, backend: str | None, timeout_s: float) -> Any:
+    """Under torchrun: the process is the caller's, so it ends the process itself (the `thinkscale`
+    command with `relax.comm.exit_process`, see its docstring for why)."""
     init_process_group(backend, timeout_s)
     try:
         return fn(*args)
     finally:
-        dist.destroy_process_group()
+        end_process_group(barrier=False)
 
 
 def _worker_entry(
@@ -123,17 +129,25 @@ def _worker_entry(
     """Body of a spawned worker (module level so that spawn can pickle it)."""
     # Workers share the machine's cores: without this each would start one thread per core.
     torch.set_num_threads(threads)
+    # torch's spawn wrapper hands our result to the agent after we return; the process then exits
+    # through interpreter finalization, which a gloo thread still alive can turn into SIGABRT. So the
+    # exit happens in an atexit handler instead, skipping finalization (relax.comm.exit_process), with
+    # the code the worker would have had. Registered first, it runs after the handlers `fn` registers.
+    exit_code = [1]
+    atexit.register(lambda: exit_process(exit_code[0]))
     try:
         init_process_group(backend, timeout_s)
-        return fn(*args)
+        result = fn(*args)
+        pickle.dumps(result)  # fails here, with our error, not in the agent's queue after we claimed success
     except BaseException as e:
         # Record when this rank failed, before tearing down the group makes its peers fail too:
         # the earliest failure is the root cause (the agent's own records have 1 s resolution).
         _record_failure(failure_dir, e)
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group(barrier=False)
+    exit_code[0] = 0
+    return result
 
 
 def _record_failure(failure_dir: str, error: BaseException) -> None:
@@ -150,17 +164,15 @@ def _record_failure(failure_dir: str, error: BaseException) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _first_recorded_failure(failure_dir: str) -> dict | None:
-    """The earliest failure of the last attempt (earlier attempts were followed by a restart)."""
+def _recorded_failures(failure_dir: str) -> list[dict]:
+    """The failures recorded in the last attempt (earlier attempts were followed by a restart)."""
     records = []
     for name in os.listdir(failure_dir):
         if name.endswith(".json"):
             with open(os.path.join(failure_dir, name), encoding="utf-8") as f:
                 records.append(json.load(f))
-    if not records:
-        return None
-    last = max(r["attempt"] for r in records)
-    return min((r for r in records if r["attempt"] == last), key=lambda r: r["time"])
+    last = max((r["attempt"] for r in records), default=0)
+    return [r for r in records if r["attempt"] == last]
 
 
 def launch(
@@ -234,12 +246,17 @@ def _elastic_launch(fn: Callable, args: tuple, nproc: int, backend: str | None, 
         except ChildFailedError as e:
             # A worker killed by a signal (SIGKILL, OOM, a segfault) records nothing, and its peers then
             # fail in a collective: the signal is the root cause. SIGTERM is the agent stopping the others.
-            killed = [(r, f) for r, f in sorted(e.failures.items()) if f.signal_name() not in ("<N/A>", "SIGTERM")]
+            # A rank that recorded an exception and then died of a signal on its way out is reported by
+            # its exception.
+            recorded = _recorded_failures(failure_dir)
+            raised = {r["rank"] for r in recorded}
+            killed = [(r, f) for r, f in sorted(e.failures.items())
+                      if f.signal_name() not in ("<N/A>", "SIGTERM") and r not in raised]
             if killed:
                 failed_rank, failure = killed[0]
                 raise WorkerFailedError(failed_rank, *_failure_message(failure), exitcode=failure.exitcode) from None
-            first = _first_recorded_failure(failure_dir)
-            if first is not None:
+            if recorded:
+                first = min(recorded, key=lambda r: r["time"])
                 raise WorkerFailedError(first["rank"], first["error"], first["details"]) from None
             # No worker raised: one died (signal, os._exit) or failed before its function ran.
             failed_rank, failure = e.get_first_failure()

@@ -18,6 +18,9 @@
 `abort()` and `resume()` are collective (every rank calls them): abort makes this rank vote "stop" in the
 next round; all ranks' threads leave together after that vote and abort joins its thread. A rank whose
 thread stopped because a peer voted "stop" stays stopped until `resume()`. `DataParallel.close()` aborts.
+A script that ends without closing still stops the thread before the interpreter finalizes (an atexit
+handler votes "stop" and joins it): a daemon thread still inside a collective then would abort the
+process on its way out ("terminate called without an active exception", issue 23).
 
 Compared with the source (BAGUA's async algorithm): same four-step round, same MIN-vote to stop, only
 peer_selection_mode="all". Differences: the lock is a fair (averager-first) lock and its holder is tracked,
@@ -34,6 +37,7 @@ host-side order is also the order on the GPU; the control flag lives on the grou
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
@@ -233,9 +237,35 @@ class _AsyncImpl(AlgorithmImpl):
         except CommunicationError as exc:
             logger.warning("closing async averaging: %s", exc)
         self._trainer_release()
+        atexit.unregister(self._stop_at_exit)
+        if not self.running:
+            self._release_group()
+
+    def _stop_at_exit(self) -> None:
+        """atexit: vote "stop" and wait for the thread (every rank exiting does the same; a rank that
+        cannot reach its peers gives up after the timeout), then free the thread's group."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._stop.set()
+            thread.join(self.engine.timeout_s + self.config.sync_interval_ms / 1000 + 5)
+        if not self.running:
+            self._release_group()
+
+    def _release_group(self) -> None:
+        """Destroy the averaging group now that its thread is gone. Nothing else holds it, so its gloo
+        threads are joined here, while the interpreter still runs (see relax.comm.exit_process for what
+        they can do to a finalizing one)."""
+        group, self.comm = self.comm.group, Comm(None)
+        if group is not None and dist.is_initialized():
+            try:
+                dist.destroy_process_group(group)
+            except ValueError:  # already gone with the default group
+                pass
 
     # ----- background thread ------------------------------------------------------------------------
     def _start(self) -> None:
+        if not self._started_once:
+            atexit.register(self._stop_at_exit)
         self._started_once = True
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="relax-async-average", daemon=True)
