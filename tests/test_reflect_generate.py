@@ -53,8 +53,10 @@ def test_decoded_features_equal_full_forward_features_at_every_position():
     for p, row in zip(prompts * 2, rows):
         full = rm(torch.tensor([p + row.tokens]), return_features=True).features[0]  # (T, c)
         expected = full[len(p) - 1 : len(p) - 1 + len(row.tokens)]
-        assert row.features.shape == expected.shape
-        assert torch.allclose(row.features, expected, atol=1e-4)
+        assert sorted(row.features) == list(range(len(row.tokens)))  # no tokenizer given: every position kept
+        got = torch.stack([row.features[g] for g in range(len(row.tokens))])
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-4)
 
 
 def test_greedy_matches_uncached_reference_loop():
@@ -205,3 +207,79 @@ def test_a_paused_row_resumes_exactly_and_a_fork_continues_from_its_parents_cach
                         eos, tok.pad_token_id)[0]
     assert child.tokens[3:] == fresh.tokens and child.generated == len(fresh.tokens)
     assert torch.allclose(child.feature_matrix()[3:], fresh.feature_matrix(), atol=1e-4)
+
+
+def chi_square_critical(df: int, z: float = 3.719) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile for a normal quantile z (3.719: 0.9999)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+@pytest.mark.parametrize("top_p, nucleus_slice", [(0.8, 6), (0.8, 2), (1.0, 6), (0.8, 0)],
+                         ids=["nucleus-in-slice", "slice-too-small-row-sorted", "no-top-p", "whole-row-sorted"])
+def test_the_sampler_draws_the_reference_distribution(top_p, nucleus_slice):
+    """The fast sampler may pick another token than the sort-everything reference for the same uniform,
+    but from the same distribution: softmax(logits / t), cut to the top-p nucleus, renormalized.
+    20000 seeded draws (the test is deterministic) against the expected counts."""
+    V, n, t = 12, 20000, 0.7
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(3)) * 2
+    expected = filter_top_p(torch.softmax(logits / t, dim=-1)[None], top_p)[0]
+    expected = expected / expected.sum()
+    uniforms = torch.rand(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    drawn = next_tokens(logits.expand(n, V), torch.full((n,), t), torch.full((n,), top_p), uniforms,
+                        nucleus_slice=nucleus_slice)
+    counts = torch.bincount(drawn, minlength=V).double()
+    support = expected > 0
+    assert counts[~support].sum() == 0  # nothing outside the nucleus
+    if top_p < 1:
+        assert 2 < int(support.sum()) < V  # the nucleus cut something, and more than a slice of 2 holds
+    chi2 = (((counts - n * expected) ** 2) / (n * expected))[support].sum().item()
+    assert chi2 < chi_square_critical(int(support.sum()) - 1)
+
+
+def test_ended_rows_leave_in_batches_without_changing_any_row():
+    rm, tok = make_rm("llama")
+    rm.eval()
+    eos = {tok.eos_token_id}
+    prompts = [tok.encode(p) for p in PROMPTS]
+    specs = [RowSpec(p, 20, temperature=1.0, top_p=0.9, seed=40 + i) for i, p in enumerate(prompts * 3)]
+    at_once = decode_rows(rm, specs, eos, tok.pad_token_id, compact_every=1)
+    assert len({len(r.tokens) for r in at_once}) > 2  # rows end at different steps
+    for every in (2, 8, 100):
+        later = decode_rows(rm, specs, eos, tok.pad_token_id, compact_every=every)
+        assert [r.tokens for r in later] == [r.tokens for r in at_once]
+        for a, b in zip(later, at_once):
+            assert torch.allclose(a.feature_matrix(), b.feature_matrix(), atol=1e-5)
+
+
+def test_features_kept_at_possible_step_ends_only_and_top_logprobs():
+    rm, tok = make_rm("llama")
+    rm.eval()
+    openers = rm.step_feature_tokens(tok)
+    assert tok.convert_tokens_to_ids("Ċ") in openers or any("\n" in tok.decode([i]) for i in openers)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    specs = [RowSpec(p, 20, temperature=1.0, top_p=0.9, seed=60 + i) for i, p in enumerate(prompts)]
+    full = decode_rows(rm, specs, {tok.eos_token_id}, tok.pad_token_id, top_logprobs=5)
+    kept = decode_rows(rm, specs, {tok.eos_token_id}, tok.pad_token_id, feature_tokens=openers)
+    for p, a, b in zip(prompts, full, kept):
+        assert a.tokens == b.tokens
+        assert sorted(b.features) == [g for g, t in enumerate(b.tokens) if t in openers]
+        ends_full = rm_scores(rm, tok, p, a.tokens, a.features)
+        ends_kept = rm_scores(rm, tok, p, b.tokens, b.features)
+        assert ends_full[0] == ends_kept[0] and ends_full[1] == pytest.approx(ends_kept[1], abs=1e-6)
+        # the top log-probs are the raw distribution's, position by position
+        logits = rm(torch.tensor([p + a.tokens])).logits[0, len(p) - 1:len(p) - 1 + len(a.tokens)]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ids = torch.stack([i for i, _ in a.top])
+        logprobs = torch.stack([v for _, v in a.top])
+        assert torch.allclose(logprobs, logp.topk(5, dim=-1).values, atol=1e-4)  # (ties may come in any order)
+        assert torch.allclose(logp.gather(-1, ids), logprobs, atol=1e-4)
+    assert sum(len(r.features) for r in kept) < sum(len(r.tokens) for r in kept)
+    with pytest.raises(ValueError, match="top_logprobs"):
+        decode_rows(rm, specs, {tok.eos_token_id}, tok.pad_token_id, top_logprobs=21)
+
+
+def rm_scores(rm, tok, prompt, tokens, features):
+    from thinkscale.reflect.scoring import scores_from_features
+
+    ends, steps, _ = scores_from_features(rm, tok, prompt, tokens, features)
+    return ends, steps

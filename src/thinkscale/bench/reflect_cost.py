@@ -364,7 +364,7 @@ def bench_model(subject: Subject, args: argparse.Namespace, new_tokens: int) -> 
             rows += [(ids, r) for r in decode_rows(rm, specs, set(), pad_id)]
         post = []
         for _ in range(args.repeats):
-            t, _, _ = _timed(lambda: [scores_from_features(rm, tok, ids, r.tokens, r.feature_matrix(), r.signal_matrix()) for ids, r in rows],
+            t, _, _ = _timed(lambda: [scores_from_features(rm, tok, ids, r.tokens, r.features, r.signal_matrix()) for ids, r in rows],
                              args.device)
             post.append(t)
 

@@ -30,12 +30,23 @@ DEEPCONF_WINDOW = 2048  # the DeepConf release's default window
 
 def token_signals(logits: torch.Tensor, tokens: torch.Tensor, top_k: int = DEEPCONF_TOP_K) -> torch.Tensor:
     """(B, 3) per row: sampled-token log-prob, DeepConf confidence, self-certainty, from (B, V) raw logits."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
-    sampled = logp.gather(-1, tokens[:, None]).squeeze(-1)
-    k = min(top_k, logp.shape[-1])
-    confidence = -logp.topk(k, dim=-1).values.mean(dim=-1)
-    certainty = -math.log(logp.shape[-1]) - logp.mean(dim=-1)
-    return torch.stack([sampled, confidence, certainty], dim=-1)
+    return token_signals_and_top(logits, tokens, 0, top_k)[0]
+
+
+def token_signals_and_top(logits: torch.Tensor, tokens: torch.Tensor, top_logprobs: int,
+                          top_k: int = DEEPCONF_TOP_K) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`token_signals`, and with `top_logprobs` n > 0 the n most likely token ids (B, n) and their
+    log-probs (B, n). Three passes over the vocabulary (log-sum-exp, top-k, mean), none materializing
+    the (B, V) log-probs: log p_v = logit_v - logsumexp(logits)."""
+    logits = logits.float()
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, 1)
+    sampled = logits.gather(-1, tokens[:, None]).squeeze(-1) - log_norm[:, 0]
+    k = min(top_k, logits.shape[-1])
+    values, ids = logits.topk(max(k, top_logprobs), dim=-1)  # sorted, descending
+    confidence = -(values[:, :k].mean(dim=-1) - log_norm[:, 0])
+    certainty = -math.log(logits.shape[-1]) - (logits.mean(dim=-1) - log_norm[:, 0])
+    top = (ids[:, :top_logprobs], values[:, :top_logprobs] - log_norm) if top_logprobs else None
+    return torch.stack([sampled, confidence, certainty], dim=-1), top
 
 
 def mean(values: Sequence[float]) -> float:

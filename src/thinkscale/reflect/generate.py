@@ -17,7 +17,7 @@ import torch
 from .candidate import Candidate
 from .engine import RowSpec, decode_rows, row_seed
 from .model import ReflectiveModel
-from .scoring import scores_from_features
+from .scoring import Features, scores_from_features
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +26,13 @@ __all__ = ["Decoded", "decode", "sample", "to_candidate"]
 
 @dataclass
 class Decoded:
-    """One decoded row: generated ids (EOS included when hit), when scoring their features (G, c), and
-    the per-token signals (G, 3): log-prob, DeepConf confidence, self-certainty."""
+    """One decoded row: generated ids (EOS included when hit), when scoring their features (token
+    position -> (c,), at every possible step end), and the per-token signals (G, 3): log-prob, DeepConf
+    confidence, self-certainty."""
 
     tokens: list[int]
     finished: bool
-    features: torch.Tensor | None
+    features: dict[int, torch.Tensor] | None
     signals: torch.Tensor
 
 
@@ -48,18 +49,22 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 def decode(rm: ReflectiveModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: set[int],
            pad_id: int, temperature: float = 0.6, top_p: float = 0.95, repetition_penalty: float = 1.0,
            generator: torch.Generator | None = None, keep_features: bool = True,
-           keep_signals: bool = True) -> list[Decoded]:
+           keep_signals: bool = True, tokenizer=None) -> list[Decoded]:
     """Decode token-id prompts with the same settings; row seeds are drawn from `generator` (default:
     torch's global RNG), so one generator state gives one set of rows.
 
     `keep_features` False runs the identical loop with no hook: generation alone. `keep_signals` False
     skips the free confidences (their rows are then empty, shape (G, 0); for measuring what they cost).
+    `tokenizer` (needed with `keep_features`) says where steps can end: features are kept there only.
     """
     seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator,
                           device=generator.device if generator is not None else "cpu").tolist()
     specs = [RowSpec(p, max_new_tokens, temperature, top_p, s) for p, s in zip(prompts, seeds)]
-    rows = decode_rows(rm, specs, eos_ids, pad_id, repetition_penalty, keep_features, keep_signals)
-    return [Decoded(r.tokens, r.finish == "eos", r.feature_matrix(), r.signal_matrix()) for r in rows]
+    feature_tokens = rm.step_feature_tokens(tokenizer) if keep_features and tokenizer is not None else None
+    rows = decode_rows(rm, specs, eos_ids, pad_id, repetition_penalty, keep_features, keep_signals,
+                       feature_tokens=feature_tokens)
+    return [Decoded(r.tokens, r.finish == "eos", r.features if keep_features else None, r.signal_matrix())
+            for r in rows]
 
 
 def _rounded(values: torch.Tensor) -> list[float]:
@@ -87,7 +92,7 @@ def _eos_ids(rm: ReflectiveModel, tokenizer) -> set[int]:
 
 
 def to_candidate(rm: ReflectiveModel, tokenizer, prompt_ids: list[int], tokens: list[int], finished: bool,
-                 features: torch.Tensor | None, signals: torch.Tensor, prompt_index: int = 0,
+                 features: Features | None, signals: torch.Tensor, prompt_index: int = 0,
                  sample_index: int = 0) -> Candidate:
     """A decoded row as a Candidate: step ends, SPRM step scores (when `features` were kept) and the
     token signals."""
@@ -147,13 +152,15 @@ def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
     rows = [RowSpec(encoded[p], max_new_tokens, temperature, top_p, row_seed(seed, p, j), tag=(p, j))
             for p in range(len(prompts)) for j in range(k)]
     out: list[list[Candidate]] = [[] for _ in prompts]
+    feature_tokens = rm.step_feature_tokens(tokenizer) if score else None
     with _eval_mode(rm):
         for lo in range(0, len(rows), batch_size):
-            decoded = decode_rows(rm, rows[lo:lo + batch_size], eos_ids, pad_id, repetition_penalty, keep_features=score)
+            decoded = decode_rows(rm, rows[lo:lo + batch_size], eos_ids, pad_id, repetition_penalty, keep_features=score,
+                                  feature_tokens=feature_tokens)
             for row in decoded:
                 p, j = row.spec.tag
                 out[p].append(to_candidate(rm, tokenizer, encoded[p], row.tokens, row.finish == "eos",
-                                           row.feature_matrix() if score else None, row.signal_matrix(), p, j))
+                                           row.features if score else None, row.signal_matrix(), p, j))
             logger.debug("decoded rows %d-%d of %d", lo, lo + len(decoded) - 1, len(rows))
     return out
 

@@ -79,11 +79,12 @@ def collect_rollouts(rm, tokenizer, examples: Sequence, options: HeadFitOptions,
                      ) -> list[StepRollout]:
     """`options.samples` rollouts per example (an object with .question), graded by grade_fn(text, example)."""
     from .generate import _encode_prompt, _eos_ids, _eval_mode, decode
-    from .scoring import scores_from_features
+    from .scoring import features_at, scores_from_features
 
     eos = _eos_ids(rm, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     per_call = max(1, options.batch_size // options.samples)
+    no_steps = torch.zeros(0, rm.head.hidden_size)
     rollouts: list[StepRollout] = []
     with _eval_mode(rm):
         for lo in range(0, len(examples), per_call):
@@ -91,13 +92,14 @@ def collect_rollouts(rm, tokenizer, examples: Sequence, options: HeadFitOptions,
             prompts = [_encode_prompt(tokenizer, rm.format_prompt(e.question, tokenizer)) for e in batch]
             rows = [p for p in prompts for _ in range(options.samples)]
             decoded = decode(rm, rows, options.max_new_tokens, eos, pad, options.temperature, options.top_p,
-                             generator=generator, keep_features=True)
+                             generator=generator, keep_features=True, tokenizer=tokenizer)
             for i, d in enumerate(decoded):
                 example, prompt = batch[i // options.samples], rows[i]
                 ends, _, _ = scores_from_features(rm, tokenizer, prompt, d.tokens, None)
                 correct = bool(grade_fn(tokenizer.decode(d.tokens, skip_special_tokens=True), example))
                 rollouts.append(StepRollout(example.question, correct, d.finished or correct,
-                                            d.features[ends].float().cpu(), step_confidence_inputs(d.signals, ends)))
+                                            features_at(d.features, ends).float().cpu() if ends else no_steps,
+                                            step_confidence_inputs(d.signals, ends)))
     return rollouts
 
 

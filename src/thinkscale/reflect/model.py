@@ -75,6 +75,11 @@ class StepTokens:
     think_start_id: int | None
     think_end_id: int | None
 
+    @property
+    def opening_ids(self) -> frozenset[int]:
+        """Ids that can be the first token of a delimiter: a step can only end at one of them."""
+        return frozenset(i for pattern in self.delimiter.patterns for i in pattern[0])
+
 
 @dataclass
 class ReflectiveOutput:
@@ -206,6 +211,11 @@ class ReflectiveModel(nn.Module):
                     start_id = end_id = None
             self._step_tokens[key] = StepTokens(delimiter, start_id, end_id)
         return self._step_tokens[key]
+
+    def step_feature_tokens(self, tokenizer) -> frozenset[int]:
+        """The tokens whose predicting feature the SPRM may score (a step's delimiter can open with them):
+        the decode engine keeps features there only (`decode_rows(feature_tokens=...)`)."""
+        return self.step_tokens(tokenizer).opening_ids
 
     def step_mask(self, tokenizer, input_ids: torch.Tensor, response_start: int | torch.Tensor = 0,
                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,6 +2,8 @@
 reference path (one full forward over prompt + completion)."""
 from __future__ import annotations
 
+from typing import Mapping, Sequence, Union
+
 import torch
 
 from .confidence import step_confidence_inputs, token_signals
@@ -9,21 +11,36 @@ from .loss import trajectory_score
 from .model import ReflectiveModel
 
 
+Features = Union[torch.Tensor, Mapping[int, torch.Tensor]]  # (G, c), or token position -> (c,) (Row.features)
+
+
+def features_at(features: Features, positions: Sequence[int]) -> torch.Tensor:
+    """(S, c): the features at token `positions`, from a (G, c) matrix or a position -> feature mapping."""
+    if isinstance(features, torch.Tensor):
+        return features[list(positions)]
+    missing = [g for g in positions if g not in features]
+    if missing:
+        raise ValueError(f"no feature kept at token position(s) {missing[:5]}: decode with the model's "
+                         "step_feature_tokens, or keep every feature")
+    return torch.stack([features[g] for g in positions])
+
+
 def scores_from_features(rm: ReflectiveModel, tokenizer, prompt_ids: list[int], completion_ids: list[int],
-                         features: torch.Tensor | None, signals: torch.Tensor | None = None
+                         features: Features | None, signals: torch.Tensor | None = None
                          ) -> tuple[list[int], list[float], float]:
     """Step ends, step probabilities and trajectory score of one candidate from features kept during decoding.
 
-    `features[g]` (shape (G, c), G = len(completion_ids)) is the feature-layer output at the position
-    that predicted completion token g, i.e. absolute position len(prompt) - 1 + g; so the scored position
-    of a step whose delimiter is completion token g is feature row g, and g is the step's end. The head
-    runs only at the scored positions; a head with confidence inputs also reads `signals` (G, 3), the
-    per-token signals of the decode loop. With `features` None only the step ends are computed.
+    `features[g]` is the feature-layer output (c,) at the position that predicted completion token g,
+    i.e. absolute position len(prompt) - 1 + g: a (G, c) matrix (G = len(completion_ids)), or a mapping
+    that holds at least the step ends (the engine's `Row.features`). The scored position of a step whose
+    delimiter is completion token g is feature g, and g is the step's end. The head runs only at the
+    scored positions; a head with confidence inputs also reads `signals` (G, 3), the per-token signals of
+    the decode loop. With `features` None only the step ends are computed.
     """
     P, G = len(prompt_ids), len(completion_ids)
-    if features is not None and features.shape[0] != G:
+    if isinstance(features, torch.Tensor) and features.shape[0] != G:
         raise ValueError(f"expected {G} feature rows (one per generated token), got {features.shape[0]}")
-    device = features.device if features is not None else next(rm.policy.parameters()).device
+    device = next(rm.policy.parameters()).device
     ids = torch.tensor(prompt_ids + completion_ids, device=device)
     ends = rm.step_mask(tokenizer, ids, response_start=P).nonzero().flatten() - (P - 1)  # all in [0, G-1]
     if features is None:
@@ -34,8 +51,8 @@ def scores_from_features(rm: ReflectiveModel, tokenizer, prompt_ids: list[int], 
     if rm.head.reads_confidence:
         if signals is None:
             raise ValueError("this SPRM head reads step confidences: pass the decode loop's signals")
-        confidence = step_confidence_inputs(signals, ends.tolist()).to(features.device)
-    logits = rm.head(features[ends], confidence)
+        confidence = step_confidence_inputs(signals, ends.tolist()).to(device)
+    logits = rm.head(features_at(features, ends.tolist()).to(device), confidence)
     score = trajectory_score(logits.float(), torch.ones_like(logits, dtype=torch.bool),
                              rm.config.score_aggregation).item()
     return ends.tolist(), torch.sigmoid(logits.float()).tolist(), score

@@ -154,7 +154,7 @@ class _Context:
             return False
         t = self.track(row)
         ends, _, score = scores_from_features(self.rm, self.tokenizer, self.prompts[t.question], row.tokens,
-                                              row.feature_matrix(), row.signal_matrix())
+                                              row.features, row.signal_matrix())
         if len(ends) <= t.steps:
             return False
         t.steps, t.running_score = len(ends), score
@@ -221,7 +221,8 @@ def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
                 policy(batch, ctx)
 
         with _eval_mode(rm):
-            return decode_rows(rm, specs, eos_ids, pad_id, repetition_penalty, after_token=after_token)
+            return decode_rows(rm, specs, eos_ids, pad_id, repetition_penalty, after_token=after_token,
+                               feature_tokens=rm.step_feature_tokens(tokenizer))
 
     if config.method == "best_of_n":
         decoded = run(rows(0, k), None)
@@ -316,7 +317,7 @@ def _results(rm, tokenizer, encoded: list[list[int]], rows: list[Row], ctx: _Con
         res.rows += 1
         if row.finish == "pruned" and ctx.config.method in ("beam", "dvts"):
             continue  # a discarded partial beam: its tokens count, it is not a candidate
-        c = to_candidate(rm, tokenizer, encoded[q], row.tokens, row.finish == "eos", row.feature_matrix(),
+        c = to_candidate(rm, tokenizer, encoded[q], row.tokens, row.finish == "eos", row.features,
                          row.signal_matrix(), q, len(res.candidates))
         if row.finish not in ("eos", "length"):
             c.extra["stopped"] = row.finish

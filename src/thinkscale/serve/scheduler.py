@@ -144,7 +144,8 @@ class Scheduler:
             specs = [replace(job.rows[i], tag=(job, i)) for job, i in wave]
             try:
                 with _eval_mode(self.rm):
-                    decode_rows(self.rm, specs, self.eos_ids, self.pad_id, after_token=self._after_token)
+                    decode_rows(self.rm, specs, self.eos_ids, self.pad_id, after_token=self._after_token,
+                                feature_tokens=self.rm.step_feature_tokens(self.tokenizer))
             except Exception as error:  # a failed wave fails its requests, never the server
                 logger.exception("decoding a wave of %d rows failed", len(specs))
                 for job, _ in wave:
@@ -194,7 +195,7 @@ class Scheduler:
 
     def _finish_row(self, job: Job, i: int, row: Row) -> None:
         candidate = to_candidate(self.rm, self.tokenizer, list(row.spec.prompt), row.tokens, row.finish == "eos",
-                                 row.feature_matrix(), row.signal_matrix(), sample_index=i)
+                                 row.features, row.signal_matrix(), sample_index=i)
         if row.finish == "stop":
             candidate.text, _ = cut_at_stop(candidate.text, job.stop)
             candidate.finished, candidate.truncated = True, False
