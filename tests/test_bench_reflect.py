@@ -15,7 +15,8 @@ from thinkscale.bench import reflect_cost as rc
 def test_tiny_pipeline_run_writes_report(tmp_path, capsys):
     out = tmp_path / "out"
     code = cli.main(["bench", "reflect", "--models", "pipeline", "--pipeline-profile", "quick", "--k", "2",
-                     "--new-tokens", "6", "--repeats", "2", "--step-delimiter", " ", "--out", str(out)])
+                     "--new-tokens", "6", "--repeats", "2", "--step-delimiter", " ", "--parts", "scoring",
+                     "--out", str(out)])
     assert code == 0
     md, js = out / "reflect_cost.md", out / "reflect_cost.json"
     assert md.is_file() and js.is_file()
@@ -35,6 +36,26 @@ def test_tiny_pipeline_run_writes_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| pipeline | sampling + fused SPRM scoring |" in printed
     assert "identical token ids in every mode and round: yes" in md.read_text()
+
+
+def test_engine_part_measures_equal_work_and_natural_eos(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["bench", "reflect", "--models", "pipeline", "--pipeline-profile", "quick", "--parts", "engine",
+                     "--batch-sizes", "2", "4", "--engine-tokens", "5", "--engine-prompts", "2", "--k", "3",
+                     "--repeats", "2", "--out", str(out)])
+    assert code == 0
+    (model,) = json.loads((out / "reflect_cost.json").read_text())["models"]
+    engine = model["engine"]
+    assert "summary" not in model  # the scoring part did not run
+    assert [row["batch"] for row in engine["equal_work"]] == [2, 4]
+    for row in engine["equal_work"]:
+        assert row["tokens"] == row["batch"] * 5 and len(row["bare_s"]) == len(row["engine_s"]) == 2
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+    natural = engine["natural_eos"]
+    assert natural["rows"] == 2 * 3 and 0 < natural["generated"]["engine"] <= 2 * 3 * 5
+    # the legacy settings walk the same nucleus in the same order: the same tokens, so equal work
+    assert natural["generated"]["engine"] == natural["generated"]["legacy"]
+    assert "| batch | bare tokens/s | engine tokens/s | engine / bare |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

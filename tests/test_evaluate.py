@@ -266,3 +266,20 @@ def test_config_keeps_zero_temperature_and_seed():
     config = EvalConfig(ks=(8, 2, 2), temperature=0.0, seed=0)
     assert config.ks == (2, 8) and config.n == 8
     assert config.temperature == 0.0 and config.seed == 0
+
+
+def test_paired_bootstrap_interval():
+    from thinkscale.reflect.evaluate import paired_bootstrap
+
+    same = paired_bootstrap([1, 0, 1, 1], [1, 0, 1, 1])
+    assert (same["mean"], same["low"], same["high"], same["excludes_zero"]) == (0.0, 0.0, 0.0, False)
+    # a wins on half of 100 questions, never loses: mean 0.5; the standard error is 0.05, so the 95 %
+    # interval is about 0.5 +- 0.1 and lies far above 0
+    r = paired_bootstrap([1] * 50 + [0] * 50, [0] * 100, resamples=4000, seed=1)
+    assert r["mean"] == 0.5 and 0.38 < r["low"] < 0.45 and 0.55 < r["high"] < 0.62 and r["excludes_zero"]
+    # one win and one loss: the interval straddles 0
+    tie = paired_bootstrap([1, 0] + [1] * 8, [0, 1] + [1] * 8, resamples=2000)
+    assert tie["mean"] == 0.0 and tie["low"] < 0 < tie["high"] and not tie["excludes_zero"]
+    assert paired_bootstrap([1, 0], [0, 0], seed=3) == paired_bootstrap([1, 0], [0, 0], seed=3)  # seeded
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap([1, 0], [1])

@@ -1,6 +1,8 @@
-"""`thinkscale bench reflect`: what does scoring reasoning steps cost on top of sampling? (issue 5)
+"""`thinkscale bench reflect`: what does scoring reasoning steps cost on top of sampling? (issue 5) And how
+fast is the decode engine against the model's own forward loop? (issue 24: `--parts engine`, see
+`bench/engine_speed.py`)
 
-Four modes sample the same k candidates per prompt (same prompts, seed and number of new tokens; EOS is
+Scoring (`--parts scoring`): four modes sample the same k candidates per prompt (same prompts, seed and number of new tokens; EOS is
 ignored so that every candidate runs the full length and every mode decodes the same tokens):
 
     plain     sampling alone (`sample(score=False)`: no hook, no head)                - the baseline
@@ -22,7 +24,8 @@ median wall time, tokens/s = generated tokens / median time, and the ratios agai
 per round and then medianed (time x plain, tokens/s x plain, and the same time ratio on this process's CPU
 time, which excludes time lost to other processes). Target of the issue: fused overhead <= 3%.
 
-    thinkscale bench reflect                                  # both models, defaults (~5 min on 2 cores)
+    thinkscale bench reflect                                  # both models, both parts (~25 min on 2 cores)
+    thinkscale bench reflect --parts engine --models smollm2 --threads 2
     thinkscale bench reflect --models pipeline --policy-dir runs/demo/grpo
     python -m thinkscale.bench.reflect_cost --models smollm2 --new-tokens 32
 """
@@ -43,12 +46,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from thinkscale.bench import engine_speed
 from thinkscale.bench import machine as host
 from thinkscale.commands.argtypes import positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
 MODELS = ("pipeline", "smollm2")
+PARTS = ("scoring", "engine")
+ENGINE_BATCH_SIZES = (16, 32, 64)
+ENGINE_NEW_TOKENS = 96
 MODES = ("plain", "fused", "rescore", "external")
 MODE_LABELS = {
     "plain": "sampling alone (baseline)",
@@ -109,14 +116,30 @@ def max_abs_diff(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> 
 
 
 def format_report(record: dict) -> str:
-    """The markdown report: machine, settings, one table row per (model, mode), checks per model."""
+    """The markdown report: machine and settings, then the scoring table and checks, then the engine part."""
     m, s = record["machine"], record["settings"]
     lines = [
-        "# Scoring cost of the reflective model (`thinkscale bench reflect`)",
+        "# Cost of the reflective model (`thinkscale bench reflect`)",
         "",
         f"{m['date']}; {m['cpu_model']} x {m['cpu_count']} CPUs, torch {m['torch']} "
         f"({s['threads']} thread(s)), transformers {m['transformers']}, device {s['device']}; "
         f"load average (1/5/15 min) {host.format_load(m['load_start'])} at start, {host.format_load(m['load_end'])} at end.",
+        "",
+    ]
+    scored = [mod for mod in record["models"] if "summary" in mod]
+    if scored:
+        lines += format_scoring(scored, s)
+    for mod in record["models"]:
+        if "engine" in mod:
+            lines += engine_speed.format_section(mod["name"], mod["engine"])
+    return "\n".join(lines) + "\n"
+
+
+def format_scoring(models: list[dict], s: dict) -> list[str]:
+    """The scoring part: one table row per (model, mode), then checks per model."""
+    lines = [
+        "## Scoring",
+        "",
         f"k = {s['k']} samples per prompt, {s['prompts']} prompt(s), temperature {s['temperature']}, "
         f"top-p {s['top_p']}, seed {s['seed']}, EOS ignored (fixed length); median of {s['repeats']} "
         f"interleaved round(s) after a warm-up; ratios are per round against plain sampling, then medianed.",
@@ -125,7 +148,7 @@ def format_report(record: dict) -> str:
         "| CPU time x plain |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for mod in record["models"]:
+    for mod in models:
         for mode in MODES:
             r = mod["summary"][mode]
             lines.append(f"| {mod['name']} | {MODE_LABELS[mode]} | {r['tokens']} | {r['median_s']:.3f} | "
@@ -133,7 +156,7 @@ def format_report(record: dict) -> str:
                          f"{r['tokens_per_s']:.1f} | {r['time_ratio']:.3f} | {r['tokens_per_s_ratio']:.3f} | "
                          f"{r['cpu_ratio']:.3f} |")
     lines.append("")
-    for mod in record["models"]:
+    for mod in models:
         d, fused = mod["description"], mod["summary"]["fused"]
         verdict = "met" if fused["overhead_pct"] <= TARGET_OVERHEAD_PCT else "not met"
         post = mod["fused_postprocess_s"]
@@ -149,7 +172,8 @@ def format_report(record: dict) -> str:
             f"its post-processing alone (step mask + head at scored positions, after decoding): "
             f"{1000 * post:.1f} ms = {100 * post / mod['summary']['plain']['median_s']:.2f}% of plain sampling.",
         ]
-    return "\n".join(lines) + "\n"
+    lines.append("")
+    return lines
 
 
 # ----------------------------------------------------------------------------- models under test
@@ -391,11 +415,30 @@ def bench_model(subject: Subject, args: argparse.Namespace, new_tokens: int) -> 
     }
 
 
+def bench_engine(subject: Subject, args: argparse.Namespace) -> dict[str, Any]:
+    """The engine part (bench/engine_speed.py) on one model."""
+    rm = subject.rm.to(args.device).eval()
+    prompt_ids = [list(subject.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in subject.prompts]
+    return engine_speed.measure(
+        rm, subject.tokenizer, prompt_ids, batch_sizes=args.batch_sizes, new_tokens=args.engine_tokens, k=args.k,
+        natural_prompts=args.engine_prompts, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        repeats=args.repeats, device=args.device, log=lambda line: logger.info("%s: %s", subject.name, line))
+
+
 # ----------------------------------------------------------------------------- command
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="MODEL",
                         help=f"models to measure, any of {', '.join(MODELS)}")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), metavar="PART",
+                        help="scoring: the cost of SPRM scoring (four modes); engine: the decode engine against "
+                             "the bare forward loop (equal work) and against its former costs (natural EOS)")
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=list(ENGINE_BATCH_SIZES),
+                        metavar="B", help="engine part: rows decoded together in the equal-work measurement")
+    parser.add_argument("--engine-tokens", type=positive_int, default=ENGINE_NEW_TOKENS,
+                        help="engine part: new tokens per row (the most per row with natural EOS)")
+    parser.add_argument("--engine-prompts", type=positive_int, default=8,
+                        help="engine part, natural EOS: prompts, each sampled k times")
     parser.add_argument("--k", type=positive_int, default=8,
                         help="samples per prompt, decoded as one batch (8 = the 'medium' reasoning effort)")
     parser.add_argument("--prompts", type=positive_int, default=1,
@@ -434,7 +477,9 @@ def check_args(args: argparse.Namespace) -> None:
     if unknown or not args.models:
         raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}" if unknown
                          else "no model selected")
-    for name in ("k", "prompts", "repeats", "threads"):
+    if not args.parts or any(part not in PARTS for part in args.parts):
+        raise ValueError(f"--parts must be some of {', '.join(PARTS)}, got {args.parts}")
+    for name in ("k", "prompts", "repeats", "threads", "engine_tokens", "engine_prompts"):
         value = getattr(args, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
@@ -461,17 +506,22 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         machine = host.describe()
-        questions = _questions(args.prompts, args.seed)
+        wanted = max(args.prompts, args.engine_prompts, *args.batch_sizes) if "engine" in args.parts else args.prompts
+        questions = _questions(wanted, args.seed)
         models = []
         for name in dict.fromkeys(args.models):
-            new_tokens = args.new_tokens or DEFAULT_NEW_TOKENS[name]
             started = time.perf_counter()
             subject = LOADERS[name](args, questions)
             loaded = time.perf_counter() - started
-            logger.info("%s loaded in %.1fs; timing %d rounds of 4 modes, k=%d, %d new tokens",
-                        name, loaded, args.repeats, args.k, new_tokens)
-            record = bench_model(subject, args, new_tokens)
-            record["load_s"] = loaded
+            record: dict[str, Any] = {"name": name, "load_s": loaded}
+            if "scoring" in args.parts:
+                new_tokens = args.new_tokens or DEFAULT_NEW_TOKENS[name]
+                logger.info("%s loaded in %.1fs; timing %d rounds of 4 modes, k=%d, %d new tokens",
+                            name, loaded, args.repeats, args.k, new_tokens)
+                record.update(bench_model(replace(subject, prompts=subject.prompts[:args.prompts]), args, new_tokens))
+            if "engine" in args.parts:
+                logger.info("%s: decode engine, batches %s, %d new tokens", name, args.batch_sizes, args.engine_tokens)
+                record["engine"] = bench_engine(subject, args)
             record["bench_s"] = time.perf_counter() - started - loaded
             models.append(record)
             del subject
@@ -492,7 +542,7 @@ def run(args: argparse.Namespace) -> int:
     (out / f"{OUT_NAME}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(report)
     print(f"wrote {out / (OUT_NAME + '.md')} and {out / (OUT_NAME + '.json')}")
-    if not all(m["tokens_identical"] for m in models):
+    if not all(m.get("tokens_identical", True) for m in models):
         print("thinkscale bench reflect: error: the modes decoded different tokens; the comparison is invalid",
               file=sys.stderr)
         return 1

@@ -209,7 +209,8 @@ def next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     return tokens
 
 
-def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (B, P): the prompts right-aligned, pad_id and 0 on their left."""
     B, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
     attn = torch.zeros((B, P), dtype=torch.long, device=device)
@@ -249,7 +250,7 @@ def decode_rows(rm: ReflectiveModel, specs: Sequence[RowSpec], eos_ids: set[int]
     device = next(rm.policy.parameters()).device
     rows = [Row(spec) for spec in specs]
     batch = list(rows)  # batch position b decodes batch[b]; ended rows stay (masked) until a compaction
-    ids, attn = _left_padded([s.prompt for s in specs], pad_id, device)
+    ids, attn = left_padded([s.prompt for s in specs], pad_id, device)
     positions = (attn.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens count from 0
     next_pos = attn.sum(dim=1, keepdim=True)  # (B, 1)
     seen = None

@@ -106,9 +106,9 @@ def disjoint_groups(candidates: Sequence[Candidate], k: int) -> list[list[Candid
     return [ordered[start:start + k] for start in range(0, len(ordered) - k + 1, k)]
 
 
-def accuracy_at_k(questions: Sequence[Sequence[Candidate]], k: int, strategy: str,
-                  equivalent: Callable[[str, str], bool] | None = None) -> float:
-    """Mean over questions of the mean over disjoint groups of k of the chosen candidate's correctness.
+def accuracy_per_question(questions: Sequence[Sequence[Candidate]], k: int, strategy: str,
+                          equivalent: Callable[[str, str], bool] | None = None) -> list[float]:
+    """Per question, the mean over its disjoint groups of k of the chosen candidate's correctness.
 
     Candidates must be graded (extra["correct"], extra["answer"]); `equivalent` groups answers for votes.
     """
@@ -119,7 +119,38 @@ def accuracy_at_k(questions: Sequence[Sequence[Candidate]], k: int, strategy: st
             raise ValueError(f"k={k} needs at least {k} samples per question, got {len(candidates)}")
         chosen = [select(group, strategy, equivalent=equivalent) for group in groups]
         per_question.append(sum(bool(c.extra["correct"]) for c in chosen) / len(groups))
+    return per_question
+
+
+def accuracy_at_k(questions: Sequence[Sequence[Candidate]], k: int, strategy: str,
+                  equivalent: Callable[[str, str], bool] | None = None) -> float:
+    """Mean over questions of `accuracy_per_question`."""
+    per_question = accuracy_per_question(questions, k, strategy, equivalent)
     return sum(per_question) / len(per_question)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 10000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """Mean of a - b over paired items (questions) and its percentile bootstrap interval: resample the
+    items with replacement `resamples` times (seeded), take the (1-level)/2 and (1+level)/2 quantiles of
+    the resampled mean differences. `excludes_zero` says whether the interval lies on one side of 0.
+
+        >>> r = paired_bootstrap([1, 1, 1, 0], [0, 1, 1, 0], resamples=2000)
+        >>> r["mean"], r["low"] >= 0.0, r["high"] <= 1.0
+        (0.25, True, True)
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need two equally long, non-empty lists, got {len(a)} and {len(b)}")
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"need resamples >= 1 and level in (0, 1), got {resamples} and {level}")
+    import torch
+
+    diff = torch.tensor([x - y for x, y in zip(a, b)], dtype=torch.float64)
+    picks = torch.randint(0, len(diff), (resamples, len(diff)), generator=torch.Generator().manual_seed(seed))
+    means = diff[picks].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return {"mean": float(diff.mean()), "low": low, "high": high, "level": level, "resamples": resamples,
+            "items": len(diff), "excludes_zero": low > 0 or high < 0}
 
 
 def tokens_at_k(questions: Sequence[Sequence[Candidate]], k: int) -> float:

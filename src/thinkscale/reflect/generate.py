@@ -81,7 +81,8 @@ def _encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
     return [int(t) for t in prompt]
 
 
-def _eos_ids(rm: ReflectiveModel, tokenizer) -> set[int]:
+def eos_token_ids(rm: ReflectiveModel, tokenizer) -> set[int]:
+    """The ids that end a row: the tokenizer's EOS and the policy's generation config's."""
     ids: set[int] = set()
     for value in (getattr(tokenizer, "eos_token_id", None),
                   getattr(getattr(rm.policy, "generation_config", None), "eos_token_id", None)):
@@ -89,6 +90,9 @@ def _eos_ids(rm: ReflectiveModel, tokenizer) -> set[int]:
             continue
         ids.update([value] if isinstance(value, int) else list(value))
     return ids
+
+
+_eos_ids = eos_token_ids  # the former name, until every caller uses the public one
 
 
 def to_candidate(rm: ReflectiveModel, tokenizer, prompt_ids: list[int], tokens: list[int], finished: bool,
