@@ -130,11 +130,14 @@ def _worker_entry(
     # Workers share the machine's cores: without this each would start one thread per core.
     torch.set_num_threads(threads)
     # torch's spawn wrapper hands our result to the agent after we return; the process then exits
-    # through interpreter finalization, which a gloo thread still alive can turn into SIGABRT. So the
-    # exit happens in an atexit handler instead, skipping finalization (relax.comm.exit_process), with
-    # the code the worker would have had. Registered first, it runs after the handlers `fn` registers.
-    exit_code = [1]
-    atexit.register(lambda: exit_process(exit_code[0]))
+    # through interpreter finalization, which a gloo thread still alive can turn into SIGABRT. So a
+    # worker that succeeded exits in an atexit handler instead, skipping finalization
+    # (relax.comm.exit_process); registered first, it runs after the handlers `fn` registers. A worker
+    # that failed exits as before: not sooner than its peer that a signal killed, whom the agent (it
+    # reports the first failure it sees) must see first; an abort on its way out does not hide its
+    # recorded error (see _elastic_launch).
+    succeeded = [False]
+    atexit.register(lambda: exit_process(0) if succeeded[0] else None)
     try:
         init_process_group(backend, timeout_s)
         result = fn(*args)
@@ -146,7 +149,7 @@ def _worker_entry(
         raise
     finally:
         end_process_group(barrier=False)
-    exit_code[0] = 0
+    succeeded[0] = True
     return result
 
 
