@@ -77,7 +77,7 @@ def test_checked_against_a_dataclass():
         parse_spec("beam:depth=3", what="search", types=types)
     assert str(info.value) == ("bad option 'depth=3': search 'beam' has no option 'depth'; "
                                "valid: width, keep, warmup, verbose")
-    with pytest.raises(SpecError, match="option width must be an integer, got 'wide'"):
+    with pytest.raises(SpecError, match="spec .beam.: option width must be an integer, got .wide.$"):
         parse_spec("beam:width=wide", types=types)
 
 

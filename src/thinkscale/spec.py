@@ -76,7 +76,10 @@ def typed_options(name: str, items: list[tuple[str, str]], *, what: str = "spec"
         if types is not None and key not in types:
             valid = ", ".join(f"{k}={defaults[k]}" if defaults and k in defaults else k for k in types) or "none"
             raise SpecError(f"bad option {key + '=' + raw!r}: {what} {name!r} has no option {key!r}; valid: {valid}")
-        options[key] = coerce(raw, types[key], key) if types is not None else parse_value(raw)
+        try:
+            options[key] = coerce(raw, types[key], key) if types is not None else parse_value(raw)
+        except SpecError as error:
+            raise SpecError(f"{what} {name!r}: {error}") from None
     return options
 
 

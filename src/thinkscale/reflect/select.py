@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..spec import split_spec, typed_options
+from ..tasks.grading import DEFAULT_TIMEOUT_S, answers_equivalent, extract_answer, reference_to_answer
 from .candidate import Candidate
 from .confidence import DEEPCONF_WINDOW, mean, trace_confidence
-from .grade import DEFAULT_TIMEOUT_S, answers_equivalent, extract_answer, reference_to_answer
 
 EFFORT_K: dict[str, int] = {"low": 2, "medium": 8, "high": 32}
 
