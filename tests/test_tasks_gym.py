@@ -206,6 +206,7 @@ def test_demo_report_prints_na_for_a_missing_step_auc():
     ("gym:chain_sum:min_terms=two", "task 'gym:chain_sum': option min_terms must be an integer, got 'two'"),
     ("gym:chain_sum:min_terms=5,max_terms=2", "invalid options for reasoning-gym's chain_sum: max_terms must be >= min_terms"),
     ("gym:propositional_logic", "reasoning-gym's propositional_logic entries have no reference answer"),
+    ("gym:time_intervals", "reasoning-gym's time_intervals is not supported: its questions depend on today's date"),
     ("gym:", "task 'gym:': the name must have 2 non-empty part(s)"),
     ("chess", "unknown task 'chess'; valid: arithmetic, countdown, gym:NAME[:key=value,...]"),
 ])
@@ -243,7 +244,8 @@ def test_data_command_writes_the_splits(tmp_path):
         assert len(records) == size and all(set(r) == {"question", "answer", "metadata"} for r in records)
     bad = thinkscale("data", "--task", "gym:chainsum", "--out", str(tmp_path / "c"))
     assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr == "thinkscale data: error: unknown reasoning-gym dataset 'chainsum'; closest: chain_sum, decimal_chain_sum\n"
+    assert bad.stderr == ("thinkscale data: error: unknown reasoning-gym dataset 'chainsum'; "
+                          "closest: chain_sum, decimal_chain_sum\n")
     assert bad.stderr.count("\n") == 1 and not (tmp_path / "c").exists()
 
 

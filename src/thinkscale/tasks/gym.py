@@ -31,7 +31,8 @@ the built-in tasks, so selection and votes read answers one way). It goes to the
 is saved with every record, made JSON-ready); a score of 1.0 is correct, anything less (the partial
 credit some scorers give) wrong, and so is a completion without an answer. reasoning-gym's own
 `<answer>` tags are not read. Records without metadata are refused (`check_examples`) rather than
-graded wrong in silence.
+graded wrong in silence. The scorers run in this process without a time limit (countdown's and
+puzzle24's evaluate the answer with sympy).
 
 Votes (`vote_text`, the task's `equivalent`): two answers vote together when their vote texts are equal,
 a refinement of the scorer (answers that vote together are graded alike):
@@ -68,8 +69,9 @@ Datasets checked with reasoning-gym 0.1.25 (options: the config fields, defaults
 - prime_factorization (min_value, max_value), fraction_simplification, base_conversion, number_sorting,
   syllogism ("Yes"/"No"), knights_knaves: generate and grade; votes by exact text; hard test-like.
 Refused: datasets whose entries have no reference answer (e.g. propositional_logic, graph_color,
-rush_hour: their scorers check free-form answers), and time_intervals is not deterministic (it
-reads today's date). Other datasets are untested: try them with `thinkscale data`.
+rush_hour: their scorers check free-form answers), and those in `UNSUPPORTED` (time_intervals reads
+today's date, so a seed does not fix its questions). Other datasets are untested: try them with
+`thinkscale data`.
 """
 from __future__ import annotations
 
@@ -110,6 +112,7 @@ HARDER: dict[str, tuple[str, str]] = {  # dataset -> (lower, upper) config field
 VOTE_BY_VALUE = ("chain_sum", "decimal_chain_sum", "gsm_symbolic", "products")
 VOTE_BY_EXPRESSION = ("countdown", "puzzle24")
 SOLUTION_FIELDS = {"gsm_symbolic": "answer_cot"}  # dataset -> metadata field holding a worked solution
+UNSUPPORTED = {"time_intervals": "its questions depend on today's date, so a seed does not fix them"}
 _DECIMAL = re.compile(r"-?\d+(?:\.\d+)?")
 _GSM_FINAL = re.compile(r"^####\s")  # GSM8K's closing "#### 42" line
 
@@ -199,6 +202,8 @@ def parse(name: str) -> GymConfig:
         close = difflib.get_close_matches(dataset, known, n=5, cutoff=0.5)
         listed = f"closest: {', '.join(close)}" if close else f"available: {', '.join(known)}"
         raise ValueError(f"unknown reasoning-gym dataset {dataset!r}; {listed}")
+    if dataset in UNSUPPORTED:
+        raise ValueError(f"reasoning-gym's {dataset} is not supported: {UNSUPPORTED[dataset]}")
     from reasoning_gym.factory import DATASETS
 
     types = field_types(DATASETS[dataset][1], exclude=("seed", "size"))
