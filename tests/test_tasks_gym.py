@@ -167,6 +167,31 @@ def test_worked_solutions_only_where_the_dataset_has_them():
         check_solutions(get_task(SHORT))
 
 
+def test_training_stages_take_gym_tasks(tmp_path):
+    from types import SimpleNamespace
+
+    from thinkscale.train import grpo, sft
+
+    train, evaluation, splits = sft.load_data(sft.SFTOptions(out=str(tmp_path), task_name="gym:gsm_symbolic",
+                                                             num_train=4, num_test=2, num_hard=1))
+    assert [len(splits[s]) for s in ("train", "test", "hard")] == [4, 2, 1] and evaluation == splits["test"]
+    assert all(e.solution.endswith(f"</think>\n\\boxed{{{e.answer}}}") for e in train)
+    assert all(isinstance(e.meta["metadata"], dict) for e in train + evaluation)
+    with pytest.raises(ValueError, match="reasoning-gym's chain_sum gives no worked solutions"):
+        sft.load_data(sft.SFTOptions(out=str(tmp_path), task_name=SHORT, num_train=4, num_test=2, num_hard=1))
+    # GRPO's reward is the task's grader, reading each record's metadata; records without it are refused
+    rm = SimpleNamespace(config=SimpleNamespace(think_tags=("<think>", "</think>")))
+    is_right = grpo.outcome_grader(rm, "gym:countdown")
+    e = Example("Calculate 309 using all of these numbers: 6, 61, 94, 4.", "94*4 - 61 - 6",
+                meta={"metadata": {"numbers": [6, 61, 94, 4], "target": 309}})
+    assert is_right(boxed("4 * 94 - (6 + 61)"), e) and not is_right(boxed("94*4 - 61"), e)
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
+    with pytest.raises(ValueError, match="plain.jsonl: example 1 has no 'metadata' object"):
+        grpo.load_data(grpo.GRPOOptions(model=str(tmp_path), out=str(tmp_path / "o"), data=str(plain),
+                                        task="gym:chain_sum"))
+
+
 # ---------------------------------------------------------------- step AUC n/a
 
 def test_a_task_without_step_checker_reports_step_auc_na(tmp_path):
