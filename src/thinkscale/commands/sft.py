@@ -51,11 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                     "and train a tokenizer on the data)")
     io.add_argument("--overwrite", action="store_true", help="retrain even if --out holds a finished run")
 
-    t = parser.add_argument_group("generated data (when --data is not given; the ops/digits options: arithmetic only)")
+    t = parser.add_argument_group("generated data (when --data is not given; --min-ops to --operators: arithmetic only)")
     t.add_argument("--num-train", type=positive_int, default=defaults.num_train, help="training problems")
     t.add_argument("--num-test", type=non_negative_int, default=defaults.num_test, help="test problems")
     t.add_argument("--num-hard", type=non_negative_int, default=defaults.num_hard,
-                   help="held-out problems with more steps and digits than training")
+                   help="problems of the task's hard split (arithmetic: more steps and digits than training)")
     t.add_argument("--min-ops", type=positive_int, default=task.min_ops, help="fewest operations per problem")
     t.add_argument("--max-ops", type=positive_int, default=task.max_ops, help="most operations per problem")
     t.add_argument("--max-digits", type=positive_int, default=task.max_digits, help="most digits per operand")
