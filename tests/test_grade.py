@@ -1,11 +1,11 @@
-"""Answer extraction and equivalence (thinkscale.reflect.grade)."""
+"""Answer extraction and equivalence (thinkscale.tasks.grading)."""
 import multiprocessing
 import threading
 import time
 
 import pytest
 
-from thinkscale.reflect.grade import (
+from thinkscale.tasks.grading import (
     answers_equivalent,
     extract_answer,
     extract_boxed,
@@ -177,7 +177,7 @@ def test_stuck_worker_is_killed_and_replaced(tmp_path):
     # A worker that says it is ready, then never answers (like a comparison stuck in C code).
     import sys
 
-    from thinkscale.reflect.grade import _VerifyWorker
+    from thinkscale.tasks.grading import _VerifyWorker
 
     script = tmp_path / "stuck.py"
     script.write_text('import time\nprint(\'{"ready": true}\', flush=True)\ntime.sleep(600)\n')
@@ -196,7 +196,7 @@ def test_stuck_worker_is_killed_and_replaced(tmp_path):
 def test_worker_that_cannot_start_falls_back(tmp_path):
     import sys
 
-    from thinkscale.reflect.grade import _VerifyWorker
+    from thinkscale.tasks.grading import _VerifyWorker
 
     worker = _VerifyWorker(command=[sys.executable, "-c", "raise SystemExit(1)"])
     assert worker.equal("1", "1", timeout_s=1) is False

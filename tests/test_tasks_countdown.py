@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from thinkscale.reflect.grade import extract_answer
+from thinkscale.tasks.grading import extract_answer
 from thinkscale.tasks import STEP_DELIMITER, THINK_END
 from thinkscale.tasks import countdown
 from thinkscale.tasks.arithmetic import in_eval_pool

@@ -18,13 +18,13 @@ import traceback
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("thinkscale.commands.data", "a built-in task's train/test/hard splits as JSONL (arithmetic, countdown)"),
-    "sft": ("thinkscale.commands.sft", "supervised fine-tuning on worked solutions (built-in task or JSONL), data-parallel with relax"),
+    "data": ("thinkscale.commands.data", "a task's train/test/hard splits as JSONL (arithmetic, countdown, gym:NAME from reasoning-gym)"),
+    "sft": ("thinkscale.commands.sft", "supervised fine-tuning on worked solutions (a task's or JSONL), data-parallel with relax"),
     "grpo": ("thinkscale.commands.grpo", "joint GRPO + SPR training: the policy learns from outcome reward, its SPRM head learns to score steps"),
     "eval": ("thinkscale.commands.eval", "sample k answers per question, grade them, report accuracy of each selection strategy vs k"),
     "bench": ("thinkscale.commands.bench", "benchmarks: relax vs torch DDP on an emulated network (root); the cost of SPRM scoring"),
     "serve": ("thinkscale.commands.serve", "an OpenAI-compatible server: chat/completions with reasoning_effort = best of k by the SPRM, batched"),
-    "demo": ("thinkscale.commands.demo", "the whole pipeline on a built-in task: data, SFT, GRPO + head refit, eval at k = 1..32; writes runs/demo/"),
+    "demo": ("thinkscale.commands.demo", "the whole pipeline on a task: data, SFT, GRPO + head refit, eval at k = 1..32; writes runs/demo/"),
 }
 
 

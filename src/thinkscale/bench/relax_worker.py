@@ -66,6 +66,7 @@ from thinkscale.relax import DataParallel, algorithms, quantize
 from thinkscale.relax.algorithms.bytegrad import ByteGradExchange
 from thinkscale.relax.algorithms.low_precision_decentralized import dcd_step_
 from thinkscale.relax.comm import Comm, end_process_group, exit_process
+from thinkscale.spec import field_types, parse_value, split_spec, typed_options  # noqa: F401 (parse_value: this module's API)
 
 DDP_OPTIONS = {  # contender -> its options and their defaults
     "ddp": {},
@@ -103,40 +104,21 @@ def contender_names() -> list[str]:
     return list(DDP_OPTIONS) + algorithms.names()
 
 
-def parse_value(text: str):
-    """'3' -> 3, '0.5' -> 0.5, 'true'/'false' -> bool, anything else stays a string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
-def option_names(name: str) -> list[str]:
+def option_types(name: str) -> dict:
+    """{option: type} of a contender, sorted by name: a relax algorithm's config fields, or the types of
+    the DDP hook options' defaults."""
     if name in DDP_OPTIONS:
-        return sorted(DDP_OPTIONS[name])
-    return sorted(f.name for f in dataclasses.fields(algorithms.REGISTRY[name]))
+        return {key: type(DDP_OPTIONS[name][key]) for key in sorted(DDP_OPTIONS[name])}
+    return dict(sorted(field_types(algorithms.REGISTRY[name]).items()))
 
 
 def parse_contender(spec: str) -> Contender:
-    """`name` or `name:key=value,...`; unknown names or keys raise ValueError naming the valid ones."""
-    name, _, rest = spec.strip().partition(":")
+    """`name` or `name:key=value,...` (read by `thinkscale.spec`); unknown names or keys raise ValueError
+    naming the valid ones."""
+    name, items = split_spec(spec, what="contender")
     if name not in contender_names():
         raise ValueError(f"unknown contender {name!r}; valid: {', '.join(contender_names())}")
-    valid = option_names(name)
-    options = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise ValueError(f"contender option {item!r} is not key=value (spec {spec!r})")
-        if key not in valid:
-            raise ValueError(f"contender {name!r} has no option {key!r}; valid: {', '.join(valid) or 'none'}")
-        options[key] = parse_value(value)
+    options = typed_options(name, items, what="contender", types=option_types(name))
     if name not in DDP_OPTIONS:
         try:  # bad values fail here, on every rank, before any rendezvous
             algorithms.resolve(name, **options)

@@ -1,7 +1,8 @@
-"""`thinkscale data`: a built-in task's train / test / hard splits as JSONL, for sft, grpo and eval.
+"""`thinkscale data`: a task's train / test / hard splits as JSONL, for sft, grpo and eval.
 
     thinkscale data --task countdown --out data/countdown               # the demo's sizes and seed 0
     thinkscale data --task arithmetic --seed 1 --train 0 --hard 0 --out data/arith-seed1   # a second test set
+    thinkscale data --task gym:chain_sum:max_terms=3 --out data/chain_sum  # a reasoning-gym dataset
 
 Questions of the test and hard splits come from the task's evaluation pool (a hash of the question
 text), so they never appear in any seed's training split; `--exclude FILE` also drops the questions of
@@ -15,14 +16,15 @@ from thinkscale.commands.argtypes import ensure_writable_dir, non_negative_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from thinkscale.tasks.registry import TASKS
+    from thinkscale.tasks.registry import help_text
 
-    parser.add_argument("--task", default="arithmetic", choices=list(TASKS),
-                        help="built-in task: " + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()))
+    parser.add_argument("--task", default="arithmetic", metavar="TASK",
+                        help="the task (default arithmetic): " + help_text())
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for train.jsonl, test.jsonl, hard.jsonl")
     parser.add_argument("--seed", type=int, default=0, help="generation seed (default 0, as the demo)")
     parser.add_argument("--train", type=non_negative_int, default=None,
-                        help="training questions (default: the demo's, 20000 arithmetic / 8000 countdown)")
+                        help="training questions (default: the demo's, 20000 arithmetic / 8000 countdown / "
+                             "2000 gym:NAME)")
     parser.add_argument("--test", type=non_negative_int, default=200, help="test questions (default 200)")
     parser.add_argument("--hard", type=non_negative_int, default=100, help="hard questions (default 100)")
     parser.add_argument("--exclude", metavar="FILE", action="append", default=[],

@@ -1,8 +1,9 @@
-"""`thinkscale demo`: the whole pipeline on the built-in task, one command, no arguments needed.
+"""`thinkscale demo`: the whole pipeline on a task (arithmetic by default), one command, no arguments needed.
 
     thinkscale demo                      # data -> SFT -> GRPO -> eval, 2 workers, writes runs/demo/ (~15 min)
     thinkscale demo --quick --out tmp    # the same stages with tiny sizes (~2-3 min)
     thinkscale demo --fresh              # forget finished stages and start over
+    thinkscale demo --task gym:gsm_symbolic   # a reasoning-gym dataset (SFT needs its worked solutions)
 
 Rerunning skips the stages that finished; an interrupted SFT or GRPO stage continues from its last
 checkpoint, and evaluation resumes per question.
@@ -24,17 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from thinkscale.tasks import registry
 
     parser.description = (
-        "Run the whole pipeline on a built-in task (arithmetic by default): generate the data, fine-tune a small "
+        "Run the whole pipeline on a task (arithmetic by default): generate the data, fine-tune a small "
         "policy (SFT), train it with GRPO together with its SPRM head, evaluate test-time scaling with "
         "k = 1..32 samples on the test and the harder held-out split, and write checkpoints, logs, "
         "report.md/report.json and plots. Rerunning skips finished stages and continues an interrupted one "
         "from its last checkpoint.")
-    parser.add_argument("--task", default="arithmetic", choices=registry.names(),
-                        help="built-in task: " + "; ".join(f"{t.name}: {t.description}" for t in registry.TASKS.values())
-                             + " (default: arithmetic)")
+    parser.add_argument("--task", default="arithmetic", metavar="TASK",
+                        help="the task (default: arithmetic): " + registry.help_text())
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder: stage folders, logs/, report.md, report.json, PNG plots "
-                             "(default: runs/demo, runs/demo-<task> for other tasks)")
+                             "(default: runs/demo, runs/demo-<task> for other tasks, e.g. runs/demo-gym-chain_sum)")
     parser.add_argument("--quick", action="store_true",
                         help="the same stages with tiny sizes (a couple of minutes): a smoke test, not a result")
     parser.add_argument("--fresh", action="store_true",
@@ -52,9 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     from thinkscale.pipeline.demo import DemoConfig
     from thinkscale.relax import algorithms
+    from thinkscale.tasks.registry import file_name
 
     algorithms.resolve(args.algorithm)  # an unknown name fails here, listing the valid ones
-    out = args.out if args.out is not None else ("runs/demo" if args.task == "arithmetic" else f"runs/demo-{args.task}")
+    out = args.out if args.out is not None else (
+        "runs/demo" if args.task == "arithmetic" else f"runs/demo-{file_name(args.task)}")
     common = dict(out=out, nproc=args.nproc, algorithm=args.algorithm, seed=args.seed, task=args.task)
     return DemoConfig.quick_profile(**common) if args.quick else DemoConfig(**common)
 
@@ -73,9 +75,11 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from thinkscale.pipeline.demo import LOG_DIR, REPORT_FILES, build_stages, clear_outputs, run_demo
     from thinkscale.pipeline.report import final_table
+    from thinkscale.tasks.registry import check_solutions, get_task
     from thinkscale.train.launch import WorkerFailedError
 
     config = config_from_args(args)
+    check_solutions(get_task(config.task), config.task_configs[0])  # SFT's targets, before any stage runs
     ensure_writable_dir(config.root)
     warning = nproc_warning(config.nproc, os.cpu_count() or 1)
     if warning is not None:

@@ -34,6 +34,8 @@ def ks_for_effort(k_max: int) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from thinkscale.tasks.registry import help_text
+
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="model directory: a Hugging Face causal LM (with its tokenizer), optionally "
                              "with sprm_head.safetensors and reflect_config.json as saved by ReflectiveModel")
@@ -66,9 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--think-end", metavar="TAG",
                         help="answers count only after this tag (default: the model's think-end tag, if it has "
                              "one); 'none' searches the whole completion")
-    parser.add_argument("--task", choices=_task_names(), default=None,
-                        help="the data is a built-in task's: grade and vote its way and label every step with "
-                             "its step checker (step AUC, first-error, probe); default: math answers, no step labels")
+    parser.add_argument("--task", default=None, metavar="TASK",
+                        help="the data is this task's: grade and vote its way and label every step with its step "
+                             "checker where it has one (step AUC, first-error, probe; reasoning-gym tasks have "
+                             "none: n/a); default: math answers, no step labels. Tasks: " + help_text())
     parser.add_argument("--grade-timeout", type=float, default=5.0,
                         help="seconds allowed for one answer comparison by math-verify (default 5)")
     parser.add_argument("--device", default=None,
@@ -108,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
                         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, seed=args.seed, grade_timeout_s=args.grade_timeout,
                         task=args.task)
+    _check_task_data(args.task, examples, args.data)
     check_model_dir(args.model)
     out_dir = Path(args.out) if args.out is not None else default_out_dir(args.model, args.data, max(ks))
     ensure_writable_dir(out_dir)
@@ -155,6 +159,7 @@ def run_search(args: argparse.Namespace) -> int:
     study = SearchStudy(methods, ks, selectors, args.budget)
     study.configs()
     examples = read_examples(args.data)
+    _check_task_data(args.task, examples, args.data)
     check_model_dir(args.model)
     out_dir = Path(args.out) if args.out is not None else (
         Path("runs") / "eval" / f"{Path(args.model).resolve().name}-{Path(args.data).stem}-search")
@@ -174,10 +179,12 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_names() -> list[str]:
-    from thinkscale.tasks.registry import names
+def _check_task_data(task: str | None, examples, source: str) -> None:
+    """An unknown task, or data the task cannot grade (a gym record without metadata), fails in one line."""
+    if task is not None:
+        from thinkscale.tasks.registry import get_task
 
-    return names()
+        get_task(task).check(examples, source)
 
 
 def _think_end(rm) -> str | None:

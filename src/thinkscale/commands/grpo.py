@@ -3,6 +3,7 @@
     thinkscale grpo --model runs/sft --out runs/grpo                 # questions from runs/sft/data/train.jsonl
     thinkscale grpo --model runs/sft --out runs/grpo --nproc 2 --algorithm bytegrad
     thinkscale grpo --model my-model-dir --data questions.jsonl --eval-data test.jsonl --out runs/grpo
+    thinkscale grpo --model runs/sft --task gym:gsm_symbolic --out runs/grpo  # reward: the task's own grader
     thinkscale grpo --model runs/sft --out runs/grpo --nproc 2 --max-restarts 3   # survives a killed worker
     thinkscale grpo --model runs/sft --out runs/grpo --resume                     # continue an interrupted run
     torchrun --nproc_per_node 2 -m thinkscale.cli grpo --model runs/sft --out runs/grpo
@@ -18,6 +19,7 @@ from thinkscale.commands.argtypes import non_negative_float, non_negative_int, p
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from thinkscale.reflect.head import HEAD_INPUTS
     from thinkscale.relax import algorithms
+    from thinkscale.tasks.registry import help_text
     from thinkscale.train.grpo import GRPOOptions
 
     d = GRPOOptions(model="", out="")
@@ -32,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--data", help="JSONL of questions with answers (default: MODEL/data/train.jsonl)")
     io.add_argument("--eval-data", help="JSONL of test questions for the final evaluation "
                                         "(default: MODEL/data/test.jsonl when present)")
+    io.add_argument("--task", default=None, metavar="TASK",
+                    help="the data is this task's: its grader gives the reward and grades the evaluation "
+                         "(default: math equivalence with the answer). Tasks: " + help_text())
     io.add_argument("--overwrite", action="store_true", help="retrain even if --out holds a finished run")
 
     r = parser.add_argument_group("rollouts")
@@ -90,6 +95,7 @@ def options_from_args(args: argparse.Namespace):
     algorithms.resolve(args.algorithm)  # an unknown name fails here, listing the valid ones
     return GRPOOptions(
         model=args.model, out=args.out, data=args.data, eval_data=args.eval_data, algorithm=args.algorithm,
+        task=args.task,
         steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size, lr=args.lr,
         head_lr=args.head_lr, clip_ratio=args.clip_ratio, kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
         grad_clip=args.grad_clip, head_grad_clip=args.head_grad_clip, backbone_grad_scale=args.backbone_grad_scale,

@@ -1,6 +1,7 @@
 """`thinkscale sft`: supervised fine-tuning on worked solutions, data-parallel with relax.
 
     thinkscale sft --out runs/sft                          # built-in arithmetic task, tiny policy
+    thinkscale sft --task gym:gsm_symbolic --out runs/sft   # a reasoning-gym dataset with worked solutions
     thinkscale sft --out runs/sft --nproc 2 --algorithm bytegrad
     thinkscale sft --data train.jsonl --eval-data test.jsonl --model my-model-dir --out runs/sft
     thinkscale sft --out runs/sft --nproc 2 --save-every 50 --max-restarts 3   # survives a killed worker
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from thinkscale.relax import algorithms
     from thinkscale.tasks.arithmetic import ArithmeticConfig
     from thinkscale.tasks.policy import PolicyConfig
+    from thinkscale.tasks.registry import help_text
     from thinkscale.train.sft import SFTOptions
 
     task, policy = ArithmeticConfig(), PolicyConfig()
@@ -39,17 +41,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data and output")
     io.add_argument("--out", required=True, help="output directory: HF model + tokenizer + reflect_config.json")
     io.add_argument("--data", help="training JSONL with question, answer and solution per line "
-                                   "(default: generate the built-in arithmetic task)")
+                                   "(default: generate the --task's data)")
     io.add_argument("--eval-data", help="JSONL of test questions for pass@1 when --data is given")
+    io.add_argument("--task", default=None, metavar="TASK",
+                    help="without --data: generate this task's data (it needs worked solutions) and grade "
+                         "pass@1 its way; with --data: grade pass@1 its way. Default: the arithmetic task "
+                         "below, math grading. Tasks: " + help_text())
     io.add_argument("--model", help="local HF model directory to fine-tune (default: build the tiny policy "
                                     "and train a tokenizer on the data)")
     io.add_argument("--overwrite", action="store_true", help="retrain even if --out holds a finished run")
 
-    t = parser.add_argument_group("built-in task (when --data is not given)")
+    t = parser.add_argument_group("generated data (when --data is not given; --min-ops to --operators: arithmetic only)")
     t.add_argument("--num-train", type=positive_int, default=defaults.num_train, help="training problems")
     t.add_argument("--num-test", type=non_negative_int, default=defaults.num_test, help="test problems")
     t.add_argument("--num-hard", type=non_negative_int, default=defaults.num_hard,
-                   help="held-out problems with more steps and digits than training")
+                   help="problems of the task's hard split (arithmetic: more steps and digits than training)")
     t.add_argument("--min-ops", type=positive_int, default=task.min_ops, help="fewest operations per problem")
     t.add_argument("--max-ops", type=positive_int, default=task.max_ops, help="most operations per problem")
     t.add_argument("--max-digits", type=positive_int, default=task.max_digits, help="most digits per operand")
@@ -97,7 +103,7 @@ def options_from_args(args: argparse.Namespace):
     policy = replace(PolicyConfig(), family=args.family, hidden_size=args.hidden_size,
                      num_layers=args.layers, num_heads=args.heads)
     return SFTOptions(
-        out=args.out, data=args.data, eval_data=args.eval_data, model=args.model, task=task,
+        out=args.out, data=args.data, eval_data=args.eval_data, model=args.model, task=task, task_name=args.task,
         num_train=args.num_train, num_test=args.num_test, num_hard=args.num_hard, policy=policy,
         algorithm=args.algorithm, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, max_len=args.max_len, seed=args.seed, eval_questions=args.eval_questions,
@@ -107,12 +113,14 @@ def options_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from thinkscale.reflect.model import check_model_dir
-    from thinkscale.train.sft import load_data, run_sft
+    from thinkscale.train.sft import check_generated_data, load_data, run_sft
 
     options = options_from_args(args)
-    # bad data or model fails here, in one line, before any worker starts
+    # bad data, task or model fails here, in one line, before any worker starts
     if options.data is not None:
         load_data(options)
+    else:
+        check_generated_data(options)
     if options.model is not None:
         check_model_dir(options.model)
     return run_training_stage("SFT", run_sft, options, args, _print_summary, "model")

@@ -1,11 +1,11 @@
-"""The demo pipeline: a built-in task, trained with relax and scaled at test time with reflect.
+"""The demo pipeline: a task, trained with relax and scaled at test time with reflect.
 
     report = run_demo(DemoConfig())                    # what `thinkscale demo` runs
     report = run_demo(DemoConfig.quick_profile())      # same stages, tiny sizes (CI smoke test)
 
 Stages (each skipped when its folder under `out` is already finished):
     data   the task's train/test/hard splits as JSONL (data/{train,test,hard}.jsonl); `task` names a
-           built-in task (tasks.registry: arithmetic, countdown)
+           task (tasks.registry: arithmetic, countdown, gym:NAME[:key=value,...])
     sft    supervised fine-tuning on worked solutions, `nproc` workers with a relax algorithm (sft/);
            like grpo, it checkpoints as it goes and a rerun continues from the last checkpoint
     grpo   joint GRPO + SPR training of the policy and its SPRM head, `nproc` workers, then the head
@@ -56,7 +56,7 @@ class DemoConfig:
     algorithm: str = "gradient_allreduce"
     seed: int = 0
     profile: str = "default"  # "default" or "quick"; recorded in the report
-    # data: a built-in task by name (tasks.registry), with its demo sizes unless configs are given.
+    # data: a task by name (tasks.registry), with its demo sizes unless configs are given.
     # arithmetic: 2-4 additions/subtractions of one-digit operands, sized so a ~1M-parameter policy learns
     # it in ~2 minutes on 2 cores and is right often but not always (test-time scaling needs diversity);
     # hard: 5-6 operations, longer than anything in training (length generalization).
@@ -64,7 +64,7 @@ class DemoConfig:
     task: str = "arithmetic"
     task_config: object | None = None  # None: the task's demo_config
     hard_task_config: object | None = None  # None: the task's demo_hard_config
-    num_train: int | None = None  # None: the task's demo size (arithmetic 20000, countdown 8000)
+    num_train: int | None = None  # None: the task's demo size (arithmetic 20000, countdown 8000, gym 2000)
     num_test: int = 200  # test questions evaluated with 32 samples each
     num_hard: int = 100
     # sft (~4-5 min): None = SFTOptions' default
@@ -151,7 +151,7 @@ def sft_options(config: DemoConfig):
                  "eval_questions": config.sft_eval_questions}
     return SFTOptions(out=str(config.root / "sft"), data=str(config.data_file("train")),
                       eval_data=str(config.data_file("test")), algorithm=config.algorithm, seed=config.seed,
-                      grading_task=config.task, resume=True,
+                      task_name=config.task, resume=True,
                       **{k: v for k, v in overrides.items() if v is not None})
 
 

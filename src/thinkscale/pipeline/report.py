@@ -214,9 +214,9 @@ def _secs(value) -> str:
     return "-" if value is None else f"{value:.0f} s"
 
 
-def _num(value, sign: bool = False) -> str:
+def _num(value, sign: bool = False, missing: str = "-") -> str:
     if value is None:
-        return "-"
+        return missing
     return f"{value:+.3f}" if sign else f"{value:.3f}"
 
 
@@ -265,7 +265,7 @@ def markdown(report: dict) -> str:
         best = "-" if t.get("best_free_baseline") is None else f"{_pct(t['sprm_minus_best_free'])} ({t['best_free_baseline']})"
         lines.append(f"| {name} | {'yes' if t['sprm_rises_with_k'] else 'no'} | {_pct(t['sprm_minus_pass1'])} | "
                      f"{_pct(t['sprm_minus_maj'])} | {best} | {_pct(t['gap_closed'])} | {_num(t.get('pair_accuracy'))} | "
-                     f"{_num(t.get('step_auc'))} | {_num(t['score_gap'], sign=True)} | {_pct(t['pass1_change_vs_sft'])} |")
+                     f"{_num(t.get('step_auc'), missing='n/a')} | {_num(t['score_gap'], sign=True)} | {_pct(t['pass1_change_vs_sft'])} |")
     lines += ["", f"(k = {next(iter(report['targets'].values()))['k_max']}; gap closed = (sprm@k - pass@1) / "
               "(pass@k - pass@1), in %.)", "", "## Training", "",
               f"- SFT: {sft['steps']} steps, final loss {_num(sft['final_loss'])}, "

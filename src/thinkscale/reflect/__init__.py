@@ -8,12 +8,10 @@ from .steps import Delimiter, delimiter_token_ids, step_mask
 from .model import ReflectConfig, ReflectiveModel
 from .generate import sample
 from .scoring import rescore, score_sequences
-from .grade import answers_equivalent, extract_answer, extract_boxed, grade
 from .select import EFFORT_K, STRATEGIES, effort_to_k, select
 from .evaluate import EvalConfig  # evaluate() itself: thinkscale.reflect.evaluate.evaluate
 
 __all__ = ["Candidate"]
-__all__ += ["grade", "extract_boxed", "extract_answer", "answers_equivalent"]
 __all__ += ["select", "STRATEGIES", "EFFORT_K", "effort_to_k"]
 __all__ += ["EvalConfig"]
 __all__ += ["SPRMHead", "spr_loss", "trajectory_score", "step_mask", "delimiter_token_ids", "Delimiter"]

@@ -18,9 +18,10 @@ over when k does not divide n are unused at that k.
     scorers: step- and trace-level quality of every scorer (`reflect.scorers`): step AUC against the
     task's step truth, first-error localisation, within-question pair accuracy, calibration.
 
-Tasks: with `config.task` (a built-in task's name, `tasks.registry`), answers are graded and grouped
-for votes the task's way, and every graded candidate gets `extra["step_truth"]`, one bool per scored
-step from the task's step checker (None when the text's steps do not line up with the scored steps).
+Tasks: with `config.task` (a task's name, `tasks.registry`), answers are graded and grouped for votes
+the task's way, and every graded candidate gets `extra["step_truth"]`, one bool per scored step from
+the task's step checker (None when the task has none, e.g. reasoning-gym datasets, or when the text's
+steps do not line up with the scored steps; step AUC is then reported as n/a).
 Without it, answers are graded by math equivalence and no step is labelled.
 
 Seeds: question chunks are fixed by index (`batch_size // n` questions per sampler call, chunk c
@@ -38,9 +39,9 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from ..tasks.grading import DEFAULT_TIMEOUT_S, extract_answer, grade
 from ..tasks.jsonl import Example, read_examples
 from .candidate import Candidate
-from .grade import DEFAULT_TIMEOUT_S, extract_answer, grade
 from .scorers import scorer_report
 from .select import select
 
@@ -70,7 +71,7 @@ class EvalConfig:
     seed: int | None = 0
     think_end: str | None = None  # e.g. "</think>": answers must come after it
     grade_timeout_s: float = DEFAULT_TIMEOUT_S
-    task: str | None = None  # a built-in task (tasks.registry): its grader, answer equality and step truth
+    task: str | None = None  # a task (tasks.registry): its grader, answer equality and step truth
 
     def __post_init__(self) -> None:
         ks = tuple(self.ks)
@@ -199,16 +200,18 @@ def summarize(questions: Sequence[Sequence[Candidate]], ks: Sequence[int],
 # ---------------------------------------------------------------- grading and records
 
 def grade_candidates(candidates: Sequence[Candidate], reference: str, *, think_end: str | None = None,
-                     timeout_s: float = DEFAULT_TIMEOUT_S, question: str | None = None, task=None) -> None:
+                     timeout_s: float = DEFAULT_TIMEOUT_S, question: str | None = None, task=None,
+                     meta: dict | None = None) -> None:
     """Record each candidate's extracted answer and correctness in its `extra`; with a `task`
-    (`tasks.registry.Task`) grade its way and record per-step truth (None when the task's steps do not
-    line up with the scored steps)."""
+    (`tasks.registry.Task`) grade its way (`meta`: the example's other fields, which some tasks read) and
+    record per-step truth (None when the task has no step checker or its steps do not line up with the
+    scored steps)."""
     for c in candidates:
         c.extra["answer"] = extract_answer(c.text, think_end=think_end)
         if task is None:
             c.extra["correct"] = grade(c.text, reference, think_end=think_end, timeout_s=timeout_s)
             continue
-        c.extra["correct"] = task.grade(c.text, question, reference, think_end)
+        c.extra["correct"] = task.grade(c.text, question, reference, think_end, meta=meta)
         labels = task.truth(question, c.text)
         c.extra["step_truth"] = labels if labels is not None and len(labels) == len(c.step_ends) else None
 
@@ -290,6 +293,8 @@ def evaluate(
         examples = read_examples(examples)
     if len(examples) == 0:
         raise ValueError("no questions to evaluate")
+    if task is not None:
+        task.check(examples)
     format_prompt = (lambda q: q) if format_prompt is None else format_prompt
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +325,8 @@ def evaluate(
                 for c in candidates:
                     c.prompt_index = i  # the sampler numbers prompts within its call
                 grade_candidates(candidates, examples[i].answer, think_end=config.think_end,
-                                 timeout_s=config.grade_timeout_s, question=examples[i].question, task=task)
+                                 timeout_s=config.grade_timeout_s, question=examples[i].question, task=task,
+                                 meta=examples[i].meta)
                 f.write(json.dumps(_record(i, examples[i], candidates), ensure_ascii=False) + "\n")
                 f.flush()
                 done[i] = candidates

@@ -37,9 +37,9 @@ def _strategies(report: dict) -> list[str]:
     return list(next(iter(report["by_k"].values()))["accuracy"])
 
 
-def _fmt(value: float | None, pct: bool = False) -> str:
+def _fmt(value: float | None, pct: bool = False, missing: str = "-") -> str:
     if value is None:
-        return "-"
+        return missing
     return f"{100 * value:.1f}" if pct else f"{value:.3f}"
 
 
@@ -79,9 +79,12 @@ def scorer_lines(scorers: dict | None) -> list[str]:
                   "lowest-scored step is the first wrong one, calibration error (probabilities only).", "",
                   "| step scorer | steps | step AUC | first-error hit | ECE |", "|---|---:|---:|---:|---:|"]
         for name, q in scorers["steps"].items():
-            lines.append(f"| {name} | {q['steps']} | {_fmt(q['step_auc'])} | {_fmt(q['first_error'])} | "
+            lines.append(f"| {name} | {q['steps']} | {_fmt(q['step_auc'], missing='n/a')} | {_fmt(q['first_error'])} | "
                          f"{_fmt(q.get('ece'))} |")
         lines.append("")
+    elif not scorers["labelled_candidates"]:  # never a made-up number: no step truth, no step AUC
+        lines += [f"Step level: step AUC n/a (none of the {scorers['candidates']} candidates has step truth: "
+                  "the task has no step checker, or none was given).", ""]
     lines += ["Trace level: within-question pair accuracy (correct scored above wrong, ties 1/2) and "
               "calibration against correctness.", "", "| trace scorer | pair accuracy | ECE |", "|---|---:|---:|"]
     for name, q in scorers["traces"].items():

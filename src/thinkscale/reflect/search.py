@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..spec import field_types, parse_spec
 from .candidate import Candidate
 from .engine import Row, RowSpec, decode_rows, row_seed
 from .generate import _eos_ids, _eval_mode, check_sampling, encode_prompts, pad_token_id, to_candidate
@@ -73,19 +74,10 @@ class SearchConfig:
 
     @classmethod
     def parse(cls, spec: str, k: int, budget: int | None = None) -> "SearchConfig":
-        """ "method:key=value,..." (e.g. "prune:signal=confidence,keep=90", "beam:width=4")."""
-        method, _, rest = spec.strip().partition(":")
-        options: dict[str, object] = {}
-        numeric = {"warmup": int, "keep": float, "window": int, "width": int}
-        for item in filter(None, (p.strip() for p in rest.split(","))):
-            key, eq, value = item.partition("=")
-            if not eq or key not in (*numeric, "signal"):
-                raise ValueError(f"search {method!r}: bad option {item!r}; options: signal, warmup, keep, window, width")
-            try:
-                options[key] = numeric[key](value) if key in numeric else value
-            except ValueError:
-                raise ValueError(f"search option {key} must be a number, got {value!r}") from None
-        return cls(method=method, k=k, budget=budget, **options)
+        """ "method:key=value,..." (e.g. "prune:signal=confidence,keep=90", "beam:width=4"), read by
+        `thinkscale.spec` against this class's option types."""
+        parsed = parse_spec(spec, what="search", types=field_types(cls, exclude=("method", "k", "budget")))
+        return cls(method=parsed.name, k=k, budget=budget, **parsed.options)
 
 
 @dataclass

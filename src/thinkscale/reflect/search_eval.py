@@ -66,6 +66,8 @@ def evaluate_search(examples: Sequence[Example], rm, tokenizer, study: SearchStu
         from ..tasks.registry import get_task
 
         task = get_task(config.task)
+    if task is not None:
+        task.check(examples)
     cells = study.configs()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,8 @@ def evaluate_search(examples: Sequence[Example], rm, tokenizer, study: SearchStu
 
 def _grade_and_pick(example: Example, result, study: SearchStudy, config: EvalConfig, task, equivalent) -> dict:
     grade_candidates(result.candidates, example.answer, think_end=config.think_end,
-                     timeout_s=config.grade_timeout_s, question=example.question, task=task)
+                     timeout_s=config.grade_timeout_s, question=example.question, task=task,
+                     meta=example.meta)
     pool = result.complete
     picks = {name: bool(select(pool, name, think_end=config.think_end, timeout_s=config.grade_timeout_s,
                                equivalent=equivalent).extra.get("correct")) for name in study.selectors}

@@ -33,11 +33,12 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+from ..spec import split_spec, typed_options
+from ..tasks.grading import DEFAULT_TIMEOUT_S, answers_equivalent, extract_answer, reference_to_answer
 from .candidate import Candidate
 from .confidence import DEEPCONF_WINDOW, mean, trace_confidence
-from .grade import DEFAULT_TIMEOUT_S, answers_equivalent, extract_answer, reference_to_answer
 
 EFFORT_K: dict[str, int] = {"low": 2, "medium": 8, "high": 32}
 
@@ -83,35 +84,16 @@ def register(name: str) -> Callable[[Strategy], Strategy]:
 
 
 def parse_strategy(spec: str) -> tuple[str, dict[str, object]]:
-    """ "name:key=value,..." -> (name, options); values become int or float where they parse as one.
-
-    Unknown names and options are errors that list the valid ones.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a selection strategy must be a non-empty string, got {spec!r}")
-    name, _, rest = spec.strip().partition(":")
+    """ "name:key=value,..." -> (name, options), read by `thinkscale.spec` (values inferred: int, float,
+    bool or text). Unknown names and options are errors that list the valid ones."""
+    name, items = split_spec(spec, what="selection strategy")
     if name not in STRATEGIES:
         raise ValueError(f"unknown selection strategy {name!r}; valid: {', '.join(STRATEGIES)}")
     allowed = [p for p in inspect.signature(STRATEGIES[name]).parameters.values()
                if p.kind == inspect.Parameter.KEYWORD_ONLY]
-    options: dict[str, object] = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq or key not in {p.name for p in allowed}:
-            valid = ", ".join(f"{p.name}={p.default}" for p in allowed) or "none"
-            raise ValueError(f"strategy {name!r}: bad option {item!r}; options (defaults): {valid}")
-        options[key] = _option_value(value.strip())
+    options = typed_options(name, items, what="strategy", types={p.name: Any for p in allowed},
+                            defaults={p.name: p.default for p in allowed})
     return name, options
-
-
-def _option_value(text: str) -> object:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def select(

@@ -11,8 +11,11 @@ The prompt ends inside the think block, so the model's first generated token is 
 the step delimiter directly after the think-start tag is therefore never produced (the reflect step
 mask ignores it anyway).
 
-Modules: `arithmetic` (seeded built-in task), `jsonl` (user data), `tokenizer` (a BPE trained on the
-task text), `policy` (a small causal LM built from a config).
+Modules: `registry` (every task by name: `arithmetic` and `countdown`, seeded built-in tasks with step
+checkers; `gym`, reasoning-gym datasets as `gym:NAME[:key=value,...]`), `grading` (answer extraction and
+math equivalence), `splits` (seeded disjoint splits), `jsonl` (user data), `tokenizer` (a BPE trained on
+the task text), `policy` (a small causal LM built from a config). Nothing here imports reflect, train,
+serve, pipeline, commands or bench.
 """
 from __future__ import annotations
 

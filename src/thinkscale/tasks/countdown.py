@@ -35,6 +35,7 @@ from typing import Union
 
 from . import splits
 from .arithmetic import Problem
+from .grading import extract_answer
 from .splits import draw_distinct
 
 __all__ = [
@@ -331,9 +332,6 @@ def is_solution(question: str, answer: str | None) -> bool:
 
 def grade(text: str, question: str, think_end: str | None = "</think>") -> bool:
     """Whether a completion's final answer (its last \\boxed{} after `think_end`) solves `question`."""
-    # Imported here: thinkscale.reflect loads torch and the model code, the task itself is pure Python.
-    from ..reflect.grade import extract_answer
-
     return is_solution(question, extract_answer(text, think_end=think_end))
 
 

@@ -85,7 +85,7 @@ class GRPOOptions:
     data: str | None = None
     eval_data: str | None = None
     algorithm: str = "gradient_allreduce"
-    task: str | None = None  # a built-in task whose grader gives the reward (tasks.registry); None: math answers
+    task: str | None = None  # a task whose grader gives the reward (tasks.registry); None: math answers
     steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 8
@@ -191,7 +191,7 @@ def pad_rollouts(prompts: list[list[int]], completions: list[list[int]], pad_id:
 
 def outcome_grader(rm, task: str | None):
     """grade(completion_text, example) -> bool: the task's grader, or math equivalence with the answer."""
-    from ..reflect import grade
+    from ..tasks.grading import grade
 
     think_end = rm.config.think_tags[1] if rm.config.think_tags is not None else None
     if task is None:
@@ -199,7 +199,7 @@ def outcome_grader(rm, task: str | None):
     from ..tasks.registry import get_task
 
     chosen = get_task(task)
-    return lambda text, e: chosen.grade(text, e.question, e.answer, think_end)
+    return lambda text, e: chosen.grade(text, e.question, e.answer, think_end, meta=e.meta)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -238,6 +238,11 @@ def load_data(options: GRPOOptions) -> tuple[list[Example], list[Example]]:
     if eval_data is None and (model_dir / "data" / "test.jsonl").is_file():
         eval_data = model_dir / "data" / "test.jsonl"
     evaluation = read_examples(eval_data) if eval_data is not None else []
+    if options.task is not None:  # e.g. a gym task refuses records without the metadata it grades with
+        from ..tasks.registry import get_task
+
+        get_task(options.task).check(train, str(data))
+        get_task(options.task).check(evaluation, str(eval_data))
     return train, evaluation
 
 

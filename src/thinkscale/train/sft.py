@@ -9,7 +9,7 @@ examples, and rank 0 evaluates pass@1 on a few test questions and writes the out
     out/  config.json, model.safetensors, tokenizer files  (AutoModelForCausalLM/AutoTokenizer load it)
           reflect_config.json   prompt template, step delimiter, think tags (ReflectiveModel reads it)
           stage_state.json      options, steps, loss, tokens/s, time, pass@1
-          data/{train,test,hard}.jsonl  the built-in task's splits (when the built-in task was used)
+          data/{train,test,hard}.jsonl  the task's splits (when the data was generated)
           done                  marker: a rerun skips this stage
 
 The loss is the mean cross-entropy over completion tokens only (the prompt is context, not target).
@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,9 +30,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..tasks import THINK_END, completion_from_solution, format_prompt, reflect_config
-from ..tasks.arithmetic import ArithmeticConfig, make_splits
-from ..tasks.jsonl import Example, read_examples, write_jsonl
+from ..tasks.arithmetic import ArithmeticConfig
+from ..tasks.jsonl import Example, example_from_record, read_examples, write_jsonl
+from ..tasks.grading import grade
 from ..tasks.policy import PolicyConfig, build_policy, count_parameters
+from ..tasks.registry import check_solutions, get_task
 from ..relax import DataParallel
 from ..tasks.tokenizer import train_tokenizer
 from . import checkpoint
@@ -48,8 +50,10 @@ IGNORE_INDEX = -100  # label value the HF loss skips
 class SFTOptions:
     """Everything one SFT run needs (picklable: it travels to spawned workers).
 
-    Data: `data` (JSONL with solutions) or, when None, the built-in arithmetic task (`task`,
-    `num_train`, `num_test`, `num_hard` problems). Model: `model` (a local HF model directory; any
+    Data: `data` (JSONL with solutions) or, when None, the splits of `task_name` (a task of
+    `tasks.registry` with its demo config; None or "arithmetic": the arithmetic task with the config
+    `task`), `num_train`, `num_test`, `num_hard` problems. `task_name` also grades the pass@1 check
+    (None: math equivalence with the answer). Model: `model` (a local HF model directory; any
     tokenizer works, one that writes the think tags and delimiter as single tokens suits the SPRM
     best) or, when None, a fresh `policy` with a tokenizer trained on the training text.
     With a decentralized relax algorithm the replicas differ slightly; rank 0's is the one saved. Length: `steps` optimizer steps, or `epochs` passes over
@@ -82,7 +86,7 @@ class SFTOptions:
     eval_questions: int = 100
     eval_temperature: float = 0.0
     eval_max_new_tokens: int | None = None  # None: max_len (no training example is longer)
-    grading_task: str | None = None  # a built-in task's grader for the pass@1 check (None: math answers)
+    task_name: str | None = None  # a task (tasks.registry) for the data when data is None, and for pass@1
     save_every: int | None = 100
     keep_checkpoints: int = 2
     resume: bool = False
@@ -162,10 +166,12 @@ def batches(examples: list, batch_size: int, seed: int, rank: int):
 def load_data(options: SFTOptions) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
     """(training examples with solutions, evaluation examples, splits to save with the model)."""
     if options.data is None:
-        splits = make_splits(options.task, options.seed, options.num_train, options.num_test, options.num_hard)
-        as_examples = {
-            name: [Example(p.question, p.answer, p.completion) for p in problems] for name, problems in splits.items()
-        }
+        task, config, hard_config = _generating_task(options)
+        splits = task.make_splits(config, options.seed, options.num_train, options.num_test, options.num_hard,
+                                  hard_config=hard_config)
+        as_examples = {name: [example_from_record(p.to_record()) for p in problems] for name, problems in splits.items()}
+        # the worked solution is the SFT target: a task without one says so here, in one line
+        as_examples["train"] = [replace(e, solution=p.completion) for e, p in zip(as_examples["train"], splits["train"])]
         return as_examples["train"], as_examples["test"], as_examples
     train = read_examples(options.data)
     missing = [i for i, e in enumerate(train) if e.solution is None]
@@ -175,7 +181,24 @@ def load_data(options: SFTOptions) -> tuple[list[Example], list[Example], dict[s
             f"(first: example {missing[0] + 1})"
         )
     evaluation = read_examples(options.eval_data) if options.eval_data is not None else []
+    if options.task_name is not None:
+        get_task(options.task_name).check(evaluation, str(options.eval_data))
     return train, evaluation, {}
+
+
+def _generating_task(options: SFTOptions):
+    """(task, config, hard config) that generate the data when `options.data` is None."""
+    task = get_task(options.task_name or "arithmetic")
+    if task.name == "arithmetic":
+        return task, options.task, options.task.harder()
+    return task, task.demo_config, task.demo_hard_config
+
+
+def check_generated_data(options: SFTOptions) -> None:
+    """Fail now, in one line, when the task that would generate the data cannot (an unknown task, no
+    worked solutions): one training problem is drawn."""
+    task, config, _ = _generating_task(options)
+    check_solutions(task, config)
 
 
 def load_model_and_tokenizer(options: SFTOptions, train: list[Example]):
@@ -215,21 +238,21 @@ def _check_same_tokenizer_everywhere(tokenizer) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate_pass_at_1(model, tokenizer, examples: list[Example], temperature: float, max_new_tokens: int,
-                       seed: int, grading_task: str | None = None) -> dict:
-    """pass@1 with reflect's sampler and grader (or a built-in task's): one sample per question (greedy at
-    temperature 0)."""
-    from ..reflect import ReflectiveModel, grade, sample
-    from ..tasks.registry import get_task
+                       seed: int, task_name: str | None = None) -> dict:
+    """pass@1 with reflect's sampler and math grading (or a task's grader): one sample per question
+    (greedy at temperature 0)."""
+    from ..reflect import ReflectiveModel, sample
 
     reflective = ReflectiveModel(model, config=None)
     prompts = [format_prompt(e.question) for e in examples]
     candidates = sample(reflective, tokenizer, prompts, k=1, temperature=temperature, top_p=1.0,
                         max_new_tokens=max_new_tokens, seed=seed, batch_size=64, score=False)
-    if grading_task is None:
+    if task_name is None:
         correct = [grade(c[0].text, e.answer, think_end=THINK_END) for c, e in zip(candidates, examples)]
     else:
-        task = get_task(grading_task)
-        correct = [task.grade(c[0].text, e.question, e.answer) for c, e in zip(candidates, examples)]
+        task = get_task(task_name)
+        correct = [task.grade(c[0].text, e.question, e.answer, THINK_END, meta=e.meta)
+                   for c, e in zip(candidates, examples)]
     finished = sum(c[0].finished for c in candidates)
     return {
         "pass@1": sum(correct) / len(correct),
@@ -359,7 +382,7 @@ def run_sft(options: SFTOptions) -> dict | None:
         max_new_tokens = options.max_len if options.eval_max_new_tokens is None else options.eval_max_new_tokens
         summary["eval"] = evaluate_pass_at_1(model, tokenizer, evaluation[: options.eval_questions],
                                              options.eval_temperature, max_new_tokens, options.seed,
-                                             options.grading_task)
+                                             options.task_name)
         summary["eval"]["time_s"] = time.perf_counter() - eval_start
         logger.info("pass@1 on %d test questions: %.3f (%.1f s)", summary["eval"]["questions"],
                     summary["eval"]["pass@1"], summary["eval"]["time_s"])

@@ -1,4 +1,9 @@
-"""Answer extraction and equivalence for math outcomes: is a completion's final answer right?
+"""Answer extraction and math equivalence: is a completion's final answer right?
+
+Grading is a task concern (`tasks.registry`): every task extracts answers with `extract_answer`, and
+"math with math-verify" (`grade`, `answers_equivalent`) is the grader of tasks whose answers are
+mathematical values (the arithmetic task, user JSONL data without a task). Pure Python: torch is never
+imported here, and math-verify only when a comparison needs it.
 
 The final answer is the last `\\boxed{...}` of the completion (after the think-end tag when the format
 uses one). Two answers are equivalent when their normalized strings match, or else when math-verify
@@ -228,7 +233,7 @@ class _VerifyWorker:
     startup_timeout_s = 60.0
 
     def __init__(self, command: list[str] | None = None) -> None:
-        # -I: the script's folder holds select.py, which must not shadow the standard module.
+        # -I: no sibling file of the script may shadow a standard-library module.
         script = Path(__file__).with_name("_verify_worker.py")
         self._command = [sys.executable, "-I", str(script)] if command is None else command
         self._lock = threading.Lock()

@@ -1,13 +1,13 @@
-"""Standalone math-verify worker, run as `python -I _verify_worker.py` by `grade.py`.
+"""Standalone math-verify worker, run as `python -I _verify_worker.py` by `grading.py`.
 
 Why a separate process: math-verify's own time limit uses SIGALRM, which only works on the main
-thread. Off the main thread `grade.py` sends the comparison here instead: this process runs it on its
+thread. Off the main thread `grading.py` sends the comparison here instead: this process runs it on its
 own main thread (so math-verify's limit works), and the parent kills it if it still overruns.
 
 Protocol: one JSON object per line on stdin {"gold": str, "pred": str, "timeout": int}; one line
 {"equal": bool} per request on stdout. The first line written is {"ready": true}. The file imports
-nothing from thinkscale (which would pull in torch) and is run with -I so that sibling files such as
-`select.py` cannot shadow standard-library modules.
+nothing from thinkscale (which would pull in torch) and is run with -I so that no sibling file can shadow a
+standard-library module.
 """
 import json
 import logging
