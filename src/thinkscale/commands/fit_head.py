@@ -33,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from thinkscale.reflect.head_fit import HeadFitOptions
 
     d = HeadFitOptions()
-    add_model_arguments(parser, required=True)
+    add_model_arguments(parser, required=True, head=False,
+                        model_help="the policy to fit a head to: a Hugging Face causal-LM folder, 'smollm2' "
+                                   "(SmolLM2-135M-Instruct, a 4-bit Q4_1 round trip of the released weights), or a "
+                                   "fit-head folder (its policy); the policy stays frozen")
     parser.add_argument("--task", metavar="NAME",
                         help="the task whose training questions are sampled and whose grader decides each "
                              "rollout's outcome (thinkscale.tasks.registry, e.g. arithmetic, countdown)")

@@ -11,13 +11,16 @@ MODEL_HELP = ("a Hugging Face causal-LM folder (with its tokenizer; optionally a
               "policy its record names)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, required: bool, model_help: str = MODEL_HELP) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool, model_help: str = MODEL_HELP,
+                        head: bool = True) -> None:
+    """--model, --step-delimiter, --device, and with `head` also --head and --force-head."""
     parser.add_argument("--model", required=required, metavar="MODEL", help=model_help)
-    parser.add_argument("--head", metavar="PATH",
-                        help="SPRM head file or folder to use instead of the model's own (e.g. a `thinkscale "
-                             "fit-head` folder); without any head the head is fresh and sprm scores are chance")
-    parser.add_argument("--force-head", action="store_true",
-                        help="use the head even when its record says it was fitted to other policy weights")
+    if head:
+        parser.add_argument("--head", metavar="PATH",
+                            help="SPRM head file or folder to use instead of the model's own (e.g. a `thinkscale "
+                                 "fit-head` folder); without any head the head is fresh and sprm scores are chance")
+        parser.add_argument("--force-head", action="store_true",
+                            help="use the head even when its record says it was fitted to other policy weights")
     parser.add_argument("--step-delimiter", metavar="TEXT", default=None,
                         help="text that ends a reasoning step, e.g. '\\n' (escapes \\n and \\t are read as such; "
                              "default: the one saved with the head, else the model's own)")

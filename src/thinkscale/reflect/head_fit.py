@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import write_atomic, write_text_atomic
 from .confidence import step_confidence_inputs
 from .head import HEAD_INPUTS, SPRMHead
 from .loss import SCORE_AGGREGATIONS, spr_loss, trajectory_score
@@ -125,7 +126,7 @@ def collect_rollouts(rm, tokenizer, examples: Sequence, options: HeadFitOptions,
                 shard = _sample_shard(rm, tokenizer, batch, batch_ids, options, grade_fn,
                                       torch.float16 if cache is not None else torch.float32)
                 if path is not None:
-                    _write_atomic(path, lambda tmp: torch.save(shard, tmp))
+                    write_atomic(path, lambda tmp: torch.save(shard, tmp))
             rollouts += _unpack(shard, dict(zip(batch_ids, batch)))
             bar.update(len(shard["question"]))
             bar.set_postfix(correct=f"{sum(r.correct for r in rollouts) / len(rollouts):.2f}")
@@ -216,17 +217,7 @@ def _claim_cache(cache: Path, plan: dict) -> None:
             raise ValueError(f"{cache} holds rollouts sampled otherwise ({what}): use another output folder, or "
                              "--overwrite to sample afresh")
         return
-    text = json.dumps(plan, indent=2) + "\n"
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(plan, indent=2) + "\n")
 
 
 def _split(rollouts: Sequence[StepRollout], val_fraction: float, seed: int):

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .atomic import write_atomic, write_text_atomic
 from .head import HEAD_INPUTS, NUM_CONFIDENCE_INPUTS, SPRMHead, scale_backbone_grad
 from .loss import SCORE_AGGREGATIONS
 from .provenance import HeadRecord, policy_fingerprint, read_record, record_path, write_record
@@ -273,9 +274,8 @@ class ReflectiveModel(nn.Module):
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        _atomic(os.path.join(directory, HEAD_NAME), lambda tmp: save_file(state, tmp))
-        config = json.dumps(dataclasses.asdict(self.config), indent=2)
-        _atomic(os.path.join(directory, CONFIG_NAME), lambda tmp: _write_text(tmp, config))
+        write_atomic(os.path.join(directory, HEAD_NAME), lambda tmp: save_file(state, tmp))
+        write_text_atomic(os.path.join(directory, CONFIG_NAME), json.dumps(dataclasses.asdict(self.config), indent=2))
         record = HeadRecord(
             trained=self.head_is_trained, hidden_size=self.head.hidden_size, inputs=self.head.inputs,
             aggregation=self.config.score_aggregation, step_delimiter=self.config.step_delimiter,
@@ -356,22 +356,6 @@ class ReflectiveModel(nn.Module):
         rm = cls(model, module, config, head_is_trained=trained)
         rm.head_provenance = provenance
         return rm
-
-
-def _atomic(path: str, write) -> None:
-    """write(tmp) then os.replace(tmp, path): a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def _read_json(path: str) -> dict:

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import write_text_atomic
+
 RECORD_NAME = "sprm_head.json"
 RECORD_VERSION = 1
 ORIGINS = ("fresh", "grpo", "grpo+refit", "fit-head", "release", "unknown")
@@ -77,12 +79,7 @@ def record_path(head_file: str | os.PathLike) -> str:
 
 def write_record(path: str | os.PathLike, record: HeadRecord) -> None:
     """Write `record` as JSON, atomically (a temporary file, then os.replace)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(record), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(dataclasses.asdict(record), indent=2) + "\n")
 
 
 def read_record(path: str | os.PathLike) -> HeadRecord | None:

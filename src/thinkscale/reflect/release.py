@@ -15,6 +15,7 @@ import re
 
 import torch
 
+from .atomic import write_atomic
 from .head import SPRMHead
 
 RELEASE_HEAD_NAME = "score_module.pt"
@@ -71,7 +72,4 @@ def save_release_head(head: SPRMHead, path: str | os.PathLike) -> None:
     if head.inputs != "features":
         raise ValueError(f"the release format holds a features head; this one reads {head.inputs!r}")
     state = {k.removeprefix("net."): v.detach().cpu().clone() for k, v in head.state_dict().items()}
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))

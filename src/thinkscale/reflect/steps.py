@@ -168,7 +168,9 @@ def step_mask(
     the scored position d - 1 lies strictly between the think-start and the think-end, each taken
     only when the row holds exactly one of it (anywhere, prompt included), else position 0 / the end
     of the row. They differ when a tag is repeated (the release then counts steps before the first
-    think-start or after the last think-end) and at position 0.
+    think-start or after the last think-end) and at position 0. One difference stays: only delimiters
+    at or after `response_start` count here, while the release scorer, reading prompt + response as one
+    text, also counts delimiters in a prompt when no single think-start comes after them.
 
     Padding: left-padded batches (generation) pass the padded prompt length as `response_start`;
     right-padded batches (training) pass per-row prompt lengths and `attention_mask` so that pad
