@@ -72,3 +72,23 @@ def favor_tokens(model, tokenizer, texts=(".", "\n", " we", " is"), eos_scale: f
         weight[ids] = keep * scale
         weight[tokenizer.eos_token_id] = eos_row * eos_scale
     return model
+
+
+def fit_format(model, tokenizer, problems, steps: int = 40, seed: int = 0):
+    """A few supervised steps so that a tiny policy writes the built-in tasks' format (steps, think-end, box)."""
+    from thinkscale.tasks import format_prompt
+
+    texts = [format_prompt(p.question) + p.completion for p in problems]
+    ids = [tokenizer.encode(t) + [tokenizer.eos_token_id] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = [ids[i] for i in torch.randint(len(ids), (16,), generator=g).tolist()]
+        width = max(map(len, rows))
+        x = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+        labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+        loss = model(input_ids=x, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
+from reflect_util import fit_format
 from thinkscale.reflect import ReflectiveModel, spr_loss
 from thinkscale.tasks import format_prompt, reflect_config
 from thinkscale.tasks.arithmetic import ArithmeticConfig, generate
@@ -28,23 +29,6 @@ METRIC_FIELDS = {"step", "reward_mean", "spr_loss", "score_correct", "score_wron
                  "truncated_frac", "response_len", "grad_norm", "head_grad_norm", "elapsed_s", "spr_trained_frac"}
 
 
-def _fit(model, tokenizer, problems, steps=40):
-    """A few supervised steps so that the tiny policy writes the format (steps, think-end, box)."""
-    texts = [format_prompt(p.question) + p.completion for p in problems]
-    ids = [tokenizer.encode(t) + [tokenizer.eos_token_id] for t in texts]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        rows = [ids[i] for i in torch.randint(len(ids), (16,), generator=g).tolist()]
-        width = max(map(len, rows))
-        x = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-        labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
-        loss = model(input_ids=x, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """An SFT-like directory: tiny policy (briefly fitted), tokenizer, reflect config, data/{train,test}.jsonl."""
@@ -53,7 +37,7 @@ def model_dir(tmp_path_factory):
     test = generate(TASK, 4, seed=0, split="test")
     tokenizer = train_tokenizer(p.prompt + p.completion for p in train)
     model = build_policy(TINY_POLICY, tokenizer, seed=0)
-    _fit(model, tokenizer, train)
+    fit_format(model, tokenizer, train)
     model.save_pretrained(root)
     tokenizer.save_pretrained(root)
     (root / "reflect_config.json").write_text(json.dumps(reflect_config()))

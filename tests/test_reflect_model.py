@@ -78,7 +78,7 @@ def test_save_load_round_trip(tmp_path, caplog):
         rm.head.net[0].bias.fill_(0.25)  # make the head distinguishable from a fresh one
     rm.save_pretrained(tmp_path)
     loaded = ReflectiveModel.from_pretrained(str(tmp_path))
-    assert loaded.head_is_trained
+    assert not loaded.head_is_trained  # its record says it never trained, whatever files exist
     assert loaded.config == rm.config
     assert loaded.config.think_tags is None and loaded.config.prompt_template == "Q: {question}\nA:"
     for (name, a), (_, b) in zip(rm.head.state_dict().items(), loaded.head.state_dict().items()):
@@ -87,9 +87,14 @@ def test_save_load_round_trip(tmp_path, caplog):
     rm.eval(), loaded.eval()
     assert torch.allclose(rm(ids).logits, loaded(ids).logits)
     assert torch.allclose(rm(ids).step_logits, loaded(ids).step_logits)
-    # explicit arguments override the saved config; a head path may be a directory or the file
-    other = ReflectiveModel.from_pretrained(tiny_policy("qwen2", seed=5), head=tmp_path / HEAD_NAME, think_tags=("<a>", "</a>"))
-    assert other.head_is_trained and other.config.think_tags == ("<a>", "</a>")
+    # explicit arguments override the saved config; a head path may be a directory or the file; a head
+    # recorded as fitted to other weights is refused unless forced
+    with pytest.raises(ValueError, match="was fitted to the policy .* not to this one"):
+        ReflectiveModel.from_pretrained(tiny_policy("qwen2", seed=5), head=tmp_path / HEAD_NAME)
+    other = ReflectiveModel.from_pretrained(tiny_policy("qwen2", seed=5), head=tmp_path / HEAD_NAME,
+                                            think_tags=("<a>", "</a>"), force_head=True)
+    assert not other.head_is_trained and other.config.think_tags == ("<a>", "</a>")
+    assert other.config.prompt_template == "Q: {question}\nA:"  # the head folder's config came along
 
 
 def test_directory_without_head_gets_a_fresh_one(tmp_path):

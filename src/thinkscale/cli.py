@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("thinkscale.commands.eval", "sample k answers per question, grade them, report accuracy of each selection strategy vs k"),
     "bench": ("thinkscale.commands.bench", "benchmarks: relax vs torch DDP on an emulated network (root); the cost of SPRM scoring"),
     "serve": ("thinkscale.commands.serve", "an OpenAI-compatible server: chat/completions with reasoning_effort = best of k by the SPRM, batched"),
+    "fit-head": ("thinkscale.commands.fit_head", "fit an SPRM head to any model (a folder or smollm2) from the graded outcomes of its own rollouts, resumable"),
     "demo": ("thinkscale.commands.demo", "the whole pipeline on a task: data, SFT, GRPO + head refit, eval at k = 1..32; writes runs/demo/"),
 }
 

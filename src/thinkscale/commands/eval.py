@@ -13,6 +13,7 @@ from pathlib import Path
 
 from thinkscale.reflect.select import EFFORT_K
 from thinkscale.commands.argtypes import ensure_writable_dir, positive_int
+from thinkscale.commands.model_args import add_model_arguments, load_model_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,7 @@ def ks_for_effort(k_max: int) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from thinkscale.tasks.registry import help_text
 
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="model directory: a Hugging Face causal LM (with its tokenizer), optionally "
-                             "with sprm_head.safetensors and reflect_config.json as saved by ReflectiveModel")
+    add_model_arguments(parser, required=True)
     parser.add_argument("--data", required=True, metavar="FILE",
                         help='JSONL file with one {"question": ..., "answer": ...} object per line')
     effort = parser.add_mutually_exclusive_group()
@@ -52,9 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR",
                         help="output folder (default: runs/eval/<model>-<data>-k<max k>); rerunning into the "
                              "same folder skips the questions already done")
-    parser.add_argument("--head", metavar="PATH",
-                        help="SPRM head file or folder (default: sprm_head.safetensors in --model; "
-                             "without one the head is untrained and sprm/weighted are meaningless)")
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default 0.6)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
@@ -74,8 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "none: n/a); default: math answers, no step labels. Tasks: " + help_text())
     parser.add_argument("--grade-timeout", type=float, default=5.0,
                         help="seconds allowed for one answer comparison by math-verify (default 5)")
-    parser.add_argument("--device", default=None,
-                        help="torch device for the model, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--search", action="append", metavar="METHOD[:OPTIONS]",
                         help="instead of best-of-k sampling, run this test-time search at each k of --k (or the "
@@ -98,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from thinkscale.reflect.evaluate import EvalConfig, evaluate, make_model_sampler
-    from thinkscale.reflect.model import check_model_dir
+    from thinkscale.reflect.loading import check_model_arg
     from thinkscale.reflect.report import markdown_table
     from thinkscale.tasks.jsonl import read_examples
 
@@ -112,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, seed=args.seed, grade_timeout_s=args.grade_timeout,
                         task=args.task)
     _check_task_data(args.task, examples, args.data)
-    check_model_dir(args.model)
+    check_model_arg(args.model)
     out_dir = Path(args.out) if args.out is not None else default_out_dir(args.model, args.data, max(ks))
     ensure_writable_dir(out_dir)
 
@@ -129,14 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
-    import torch
-    from transformers import AutoTokenizer
-
-    from thinkscale.reflect.model import ReflectiveModel
-
-    device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    rm = ReflectiveModel.from_pretrained(args.model, head=args.head).to(device)
+    rm, tokenizer = load_model_from_args(args)
     if not rm.head_is_trained:
         logger.warning("the SPRM head is untrained: sprm@k and weighted@k only show chance")
     return rm, tokenizer
@@ -145,7 +132,7 @@ def _load_model(args: argparse.Namespace):
 def run_search(args: argparse.Namespace) -> int:
     """`--search`: accuracy against generated tokens for each method and k (reflect.search_eval)."""
     from thinkscale.reflect.evaluate import EvalConfig
-    from thinkscale.reflect.model import check_model_dir
+    from thinkscale.reflect.loading import check_model_arg
     from thinkscale.reflect.search_eval import SearchStudy, evaluate_search, markdown_search
     from thinkscale.reflect.select import parse_strategy
     from thinkscale.tasks.jsonl import read_examples
@@ -160,7 +147,7 @@ def run_search(args: argparse.Namespace) -> int:
     study.configs()
     examples = read_examples(args.data)
     _check_task_data(args.task, examples, args.data)
-    check_model_dir(args.model)
+    check_model_arg(args.model)
     out_dir = Path(args.out) if args.out is not None else (
         Path("runs") / "eval" / f"{Path(args.model).resolve().name}-{Path(args.data).stem}-search")
     ensure_writable_dir(out_dir)

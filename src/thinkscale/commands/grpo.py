@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     io = parser.add_argument_group("model, data and output")
     io.add_argument("--model", required=True,
-                    help="starting model directory (an SFT output: policy + tokenizer [+ SPRM head]); "
-                         "without sprm_head.safetensors a fresh head is trained")
+                    help="starting model: a folder (an SFT output: policy + tokenizer [+ SPRM head]; without "
+                         "sprm_head.safetensors a fresh head is trained), 'smollm2' (SmolLM2-135M-Instruct, a 4-bit "
+                         "Q4_1 round trip of the released weights; give --data), or a `thinkscale fit-head` folder")
     io.add_argument("--out", required=True, help="output directory: policy + trained SPRM head + tokenizer + "
                                                  "reflect_config.json + metrics.jsonl")
     io.add_argument("--data", help="JSONL of questions with answers (default: MODEL/data/train.jsonl)")
@@ -110,12 +111,12 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinkscale.reflect.model import check_model_dir
+    from thinkscale.reflect.loading import check_model_arg
     from thinkscale.train.grpo import load_data, run_grpo
 
     options = options_from_args(args)
     load_data(options)  # bad data or model fails here, in one line, before any worker starts
-    check_model_dir(options.model)
+    check_model_arg(options.model)
     return run_training_stage("GRPO", run_grpo, options, args, _print_summary, "model and SPRM head")
 
 

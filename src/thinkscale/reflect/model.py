@@ -18,9 +18,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .atomic import write_atomic, write_text_atomic
 from .head import HEAD_INPUTS, NUM_CONFIDENCE_INPUTS, SPRMHead, scale_backbone_grad
 from .loss import SCORE_AGGREGATIONS
-from .steps import Delimiter, delimiter_token_ids, single_token_id, step_mask
+from .provenance import HeadRecord, policy_fingerprint, read_record, record_path, write_record
+from .release import RELEASE_HEAD_NAME, load_release_head
+from .steps import Delimiter, delimiter_token_ids, release_delimiter, single_token_id, step_mask
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 LAYER_STACK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "transformer.layers",
                      "gpt_neox.layers", "model.language_model.layers")
 _UNSET: Any = object()  # "argument not given", so that think_tags=None can mean "no think tags"
+# where steps end and which of them count: thinkscale's rules (`steps.delimiter_token_ids`, the span from
+# the first think-start to the last think-end of the response) or the MetaStone-S1 release scorer's
+# (the ids the delimiter text encodes to, the region between the single think tags; `steps.step_mask`)
+STEP_RULES = ("thinkscale", "release")
+# what a release head (score_module.pt) implies when its folder carries no reflect_config.json
+RELEASE_CONFIG = {"step_rules": "release", "head_inputs": "features", "score_aggregation": "geomean"}
 
 
 @dataclass
@@ -48,6 +57,7 @@ class ReflectConfig:
     # trajectory score (`loss.SCORE_AGGREGATIONS`; the spec: "geomean")
     head_inputs: str = "features"
     score_aggregation: str = "geomean"
+    step_rules: str = "thinkscale"  # see STEP_RULES; "release" for a MetaStone-S1 release model
 
     def __post_init__(self) -> None:
         if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
@@ -65,6 +75,8 @@ class ReflectConfig:
         if self.score_aggregation not in SCORE_AGGREGATIONS:
             raise ValueError(f"score_aggregation must be one of {', '.join(SCORE_AGGREGATIONS)}, "
                              f"got {self.score_aggregation!r}")
+        if self.step_rules not in STEP_RULES:
+            raise ValueError(f"step_rules must be one of {', '.join(STEP_RULES)}, got {self.step_rules!r}")
 
 
 @dataclass
@@ -156,6 +168,8 @@ class ReflectiveModel(nn.Module):
         self.config.head_inputs = head.inputs  # the config saved with the model describes its head
         self.head = head.to(next(policy.parameters()).device)
         self.head_is_trained = head_is_trained
+        # where the head comes from, written into its record on save: origin (provenance.ORIGINS), task, fit
+        self.head_provenance: dict[str, Any] = {"origin": "unknown" if head_is_trained else "fresh"}
         forward_params = inspect.signature(policy.forward).parameters
         # transformers >= 5.x calls the KV cache `cache`, earlier versions `past_key_values`
         self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
@@ -199,9 +213,13 @@ class ReflectiveModel(nn.Module):
 
         A think tag the tokenizer does not write as one token switches the think-region rule off, with a warning.
         """
-        key = (id(tokenizer), getattr(tokenizer, "name_or_path", None), len(tokenizer))
+        key = (id(tokenizer), getattr(tokenizer, "name_or_path", None), len(tokenizer), self.config.step_delimiter,
+               self.config.think_tags, self.config.step_rules)
         if key not in self._step_tokens:
-            delimiter = delimiter_token_ids(tokenizer, self.config.step_delimiter)
+            if self.config.step_rules == "release":
+                delimiter = release_delimiter(tokenizer, self.config.step_delimiter)
+            else:
+                delimiter = delimiter_token_ids(tokenizer, self.config.step_delimiter)
             start_id = end_id = None
             if self.config.think_tags is not None:
                 start_id, end_id = (single_token_id(tokenizer, t) for t in self.config.think_tags)
@@ -219,9 +237,11 @@ class ReflectiveModel(nn.Module):
 
     def step_mask(self, tokenizer, input_ids: torch.Tensor, response_start: int | torch.Tensor = 0,
                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`steps.step_mask` with this model's delimiter and think tags (see there for padding)."""
+        """`steps.step_mask` with this model's delimiter, think tags and step rules (see there for padding)."""
         st = self.step_tokens(tokenizer)
-        return step_mask(input_ids, st.delimiter, st.think_start_id, st.think_end_id, response_start, attention_mask)
+        region = "single" if self.config.step_rules == "release" else "first_last"
+        return step_mask(input_ids, st.delimiter, st.think_start_id, st.think_end_id, response_start, attention_mask,
+                         region)
 
     def format_prompt(self, question: str, tokenizer) -> str:
         """The prompt text for a question: the config's template, else the chat template, else question + newline."""
@@ -234,35 +254,62 @@ class ReflectiveModel(nn.Module):
 
     # -- persistence ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
-        """Policy (HF format), head (sprm_head.safetensors) and reflect_config.json in one directory."""
-        from safetensors.torch import save_file
-
+        """Policy (HF format), head (sprm_head.safetensors + its record sprm_head.json) and reflect_config.json
+        in one directory; the record names the policy as "." (this folder)."""
         os.makedirs(save_directory, exist_ok=True)
         self.policy.save_pretrained(save_directory)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        save_file(state, os.path.join(save_directory, HEAD_NAME))
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump(dataclasses.asdict(self.config), f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
+        self.save_head(save_directory, policy_reference=".")
+
+    def save_head(self, directory: str | os.PathLike, policy_reference: str = ".") -> None:
+        """The head alone: sprm_head.safetensors, reflect_config.json and the record sprm_head.json, which
+        names `policy_reference` ("smollm2", a folder, "." = beside it) and fingerprints this model's policy.
+
+        Each file is written atomically and the record last, so a folder with a record is complete. A folder
+        with no policy weights (`thinkscale fit-head`'s) loads with `from_pretrained(directory)`.
+        """
+        from safetensors.torch import save_file
+
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        write_atomic(os.path.join(directory, HEAD_NAME), lambda tmp: save_file(state, tmp))
+        write_text_atomic(os.path.join(directory, CONFIG_NAME), json.dumps(dataclasses.asdict(self.config), indent=2))
+        record = HeadRecord(
+            trained=self.head_is_trained, hidden_size=self.head.hidden_size, inputs=self.head.inputs,
+            aggregation=self.config.score_aggregation, step_delimiter=self.config.step_delimiter,
+            policy=policy_reference, policy_fingerprint=policy_fingerprint(self.policy),
+            origin=self.head_provenance.get("origin", "unknown"), task=self.head_provenance.get("task"),
+            fit=self.head_provenance.get("fit"))
+        write_record(record_path(os.path.join(directory, HEAD_NAME)), record)
 
     @classmethod
     def from_pretrained(cls, policy: str | os.PathLike | nn.Module, head: str | os.PathLike | SPRMHead | None = None,
                         step_delimiter: str | None = None, think_tags: Any = _UNSET, prompt_template: str | None = None,
-                        backbone_grad_scale: float | None = None, **hf_kwargs: Any) -> "ReflectiveModel":
-        """Load a policy (a path for AutoModelForCausalLM, with any HF kwargs such as gguf_file or
-        torch_dtype, or a model object) and attach a head.
+                        backbone_grad_scale: float | None = None, force_head: bool = False,
+                        **hf_kwargs: Any) -> "ReflectiveModel":
+        """Load a policy and attach a head.
 
-        head: None -> the directory's sprm_head.safetensors when present, else a fresh untrained head
-        (`head_is_trained` False); a path (file, or directory holding sprm_head.safetensors) that must
-        exist; or an SPRMHead. Config values saved in the directory are defaults for the keyword arguments.
+        policy: a model object, or what `loading.resolve_model` takes: a Hugging Face folder (with any HF
+        kwargs such as gguf_file or torch_dtype), "smollm2", or a fitted-head folder (`thinkscale fit-head`:
+        its record names the policy, which is loaded; its head comes along).
+        head: None -> the folder's own head: sprm_head.safetensors, else a MetaStone-S1 release
+        score_module.pt, else a fresh untrained head; a path (a head file, or a folder holding one) that
+        must exist; or an SPRMHead.
+        A head with a record is trained or not as the record says, and is refused (ValueError) on a policy
+        whose weights differ from the ones it was fitted to, unless `force_head`. A head without a record
+        (saved before records existed, or a release head) counts as trained and its policy is not checked.
+        Config, later ones winning: the model's defaults (`loading`), a release head's rules, the policy
+        folder's reflect_config.json, the head folder's (what the head was fitted with), the keyword arguments.
         """
-        policy_dir = None
+        policy_dir, head_dir, saved = None, None, {}
         if isinstance(policy, (str, os.PathLike)):
-            from transformers import AutoModelForCausalLM
+            from . import loading  # (imported here: loading builds on this module)
 
-            policy_dir = os.fspath(policy)
-            model = AutoModelForCausalLM.from_pretrained(policy_dir, **hf_kwargs)
+            source = loading.resolve_model(policy, gguf_file=hf_kwargs.pop("gguf_file", None))
+            model = loading.load_policy(source, **hf_kwargs)
+            policy_dir, head_dir, saved = source.folder, source.head_folder, dict(source.defaults)
         elif isinstance(policy, nn.Module):
             if hf_kwargs:
                 raise TypeError(f"HF loading arguments {sorted(hf_kwargs)} only apply when policy is a path")
@@ -270,10 +317,15 @@ class ReflectiveModel(nn.Module):
         else:
             raise TypeError(f"policy must be a path or an nn.Module, got {type(policy).__name__}")
 
-        saved: dict[str, Any] = {}
-        if policy_dir is not None and os.path.isfile(os.path.join(policy_dir, CONFIG_NAME)):
-            with open(os.path.join(policy_dir, CONFIG_NAME)) as f:
-                saved = json.load(f)
+        head_file = None if isinstance(head, SPRMHead) else _find_head(head if head is not None else head_dir,
+                                                                       policy_dir)
+        is_release = head_file is not None and head_file.endswith(".pt")
+        if is_release:
+            saved.update(RELEASE_CONFIG)
+        config_dirs = [policy_dir] + ([os.path.dirname(head_file)] if head_file is not None else [])
+        for folder in dict.fromkeys(d for d in config_dirs if d is not None):
+            if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+                saved.update(_read_json(os.path.join(folder, CONFIG_NAME)))
         overrides = {"step_delimiter": step_delimiter, "prompt_template": prompt_template,
                      "backbone_grad_scale": backbone_grad_scale}
         saved.update({k: v for k, v in overrides.items() if v is not None})
@@ -281,16 +333,62 @@ class ReflectiveModel(nn.Module):
             saved["think_tags"] = think_tags
         config = ReflectConfig(**saved)
 
-        head_module, trained = _load_head(head, policy_dir, _hidden_size(model), config.head_dropout,
-                                          config.head_inputs)
-        if not trained:
-            logger.info("no trained SPRM head found; attached a fresh head (hidden size %d)", _hidden_size(model))
-        return cls(model, head_module, config, head_is_trained=trained)
+        hidden = _hidden_size(model)
+        module, trained, provenance = None, False, {"origin": "fresh"}
+        if isinstance(head, SPRMHead):
+            module, trained, provenance = head, True, {"origin": "unknown"}
+        elif is_release:
+            module, trained, provenance = load_release_head(head_file, hidden, config.head_dropout), True, {"origin": "release"}
+            logger.info("%s: a MetaStone-S1 release head, scored with the release's step rules (no record: taken "
+                        "as trained, its policy not checked)", head_file)
+        elif head_file is not None:
+            module = _load_head_file(head_file, hidden, config.head_dropout, config.head_inputs)
+            record = read_record(record_path(head_file))
+            if record is None:
+                trained, provenance = True, {"origin": "unknown"}
+                logger.info("%s has no %s beside it (saved before head records): taken as trained, as before; "
+                            "its policy is not checked", head_file, os.path.basename(record_path(head_file)))
+            else:
+                _check_policy(record, model, head_file, force_head)
+                trained, provenance = record.trained, {"origin": record.origin, "task": record.task, "fit": record.fit}
+        else:
+            logger.info("no trained SPRM head found; attached a fresh head (hidden size %d)", hidden)
+        rm = cls(model, module, config, head_is_trained=trained)
+        rm.head_provenance = provenance
+        return rm
 
 
-def check_model_dir(path: str | os.PathLike) -> None:
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _check_policy(record: HeadRecord, policy: nn.Module, head_file: str, force: bool) -> None:
+    """Refuse (ValueError, one line) a head whose record fingerprints other policy weights, unless forced."""
+    if record.policy_fingerprint is None:
+        return
+    actual = policy_fingerprint(policy)
+    if actual == record.policy_fingerprint:
+        return
+    folder = os.path.dirname(os.path.abspath(head_file))
+    fitted_to = folder if record.policy in (None, ".") else record.policy
+    message = (f"the SPRM head {head_file} was fitted to the policy {fitted_to} (weights {record.short_fingerprint()}), "
+               f"not to this one (weights {actual.split(':')[-1][:12]})")
+    if not force:
+        raise ValueError(message + "; its scores would be noise here (force_head=True / --force-head uses it anyway)")
+    logger.warning("%s; using it anyway (forced)", message)
+
+
+def check_model_dir(path: str | os.PathLike, tokenizer: bool = True) -> None:
     """ValueError saying what is missing unless `path` is a local directory with a saved causal LM
-    (config.json and weights) and its tokenizer; loading then fails, if at all, for a reason worth showing.
+    (config.json and weights) and, with `tokenizer`, its tokenizer; loading then fails, if at all, for a
+    reason worth showing.
 
     Example::
 
@@ -310,29 +408,36 @@ def check_model_dir(path: str | os.PathLike) -> None:
             json.load(f)
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{config}: not a valid model config ({error})") from None
-    if not any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES):
+    if tokenizer and not any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES):
         raise ValueError(f"no tokenizer in {folder} (expected tokenizer.json or tokenizer_config.json, as "
                          "tokenizer.save_pretrained writes them)")
 
 
-def _load_head(head: Any, policy_dir: str | None, hidden: int, dropout: float,
-               inputs: str = "features") -> tuple[SPRMHead | None, bool]:
+def _find_head(head: str | os.PathLike | None, policy_dir: str | None) -> str | None:
+    """The head file to load: `head` (a file, or a folder holding sprm_head.safetensors or score_module.pt),
+    which must exist; None -> the policy folder's own head, if it has one."""
+    if head is None:
+        for name in (HEAD_NAME, RELEASE_HEAD_NAME):
+            if policy_dir is not None and os.path.isfile(os.path.join(policy_dir, name)):
+                return os.path.join(policy_dir, name)
+        return None
+    if not isinstance(head, (str, os.PathLike)):
+        raise TypeError(f"head must be None, a path or an SPRMHead, got {type(head).__name__}")
+    path = os.fspath(head)
+    if os.path.isdir(path):
+        found = [os.path.join(path, n) for n in (HEAD_NAME, RELEASE_HEAD_NAME) if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise FileNotFoundError(f"SPRM head not found: no {HEAD_NAME} or {RELEASE_HEAD_NAME} in {path}")
+        return found[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SPRM head file not found: {path}")
+    return path
+
+
+def _load_head_file(path: str, hidden: int, dropout: float, inputs: str = "features") -> SPRMHead:
+    """An SPRMHead from a thinkscale head file (safetensors, keys net.*), checked against the policy width."""
     from safetensors.torch import load_file
 
-    if isinstance(head, SPRMHead):
-        return head, True
-    if head is None:
-        if policy_dir is None or not os.path.isfile(os.path.join(policy_dir, HEAD_NAME)):
-            return None, False
-        path = os.path.join(policy_dir, HEAD_NAME)
-    elif isinstance(head, (str, os.PathLike)):
-        path = os.fspath(head)
-        if os.path.isdir(path):
-            path = os.path.join(path, HEAD_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"SPRM head file not found: {path}")
-    else:
-        raise TypeError(f"head must be None, a path or an SPRMHead, got {type(head).__name__}")
     try:
         state = load_file(path)
     except Exception as error:  # safetensors raises its own error type for a file that is not one
@@ -349,4 +454,4 @@ def _load_head(head: Any, policy_dir: str | None, hidden: int, dropout: float,
         raise ValueError(f"head in {path} reads {width} inputs ({kinds.get(width, 'unknown')}), but the reflect "
                          f"config says head_inputs={inputs!r}")
     module.load_state_dict(state)
-    return module, True
+    return module

@@ -36,6 +36,9 @@ class Delimiter:
 
 
 DelimiterIds = Union[Delimiter, int, Sequence[int], torch.Tensor]
+# how think tags bound the scored region: thinkscale's (first think-start, last think-end of the
+# response) or the MetaStone-S1 release scorer's (the single tag of each kind, else 0 / the end)
+THINK_REGIONS = ("first_last", "single")
 
 
 def _vocab_texts(tokenizer) -> dict[int, str]:
@@ -92,6 +95,16 @@ def delimiter_token_ids(tokenizer, text: str, max_tokens: int = 4) -> Delimiter:
     return Delimiter(text, tuple(patterns))
 
 
+def release_delimiter(tokenizer, text: str) -> Delimiter:
+    """The MetaStone-S1 release's delimiter rule: every id the tokenizer encodes `text` to counts on its
+    own (one pattern of one token). With a tokenizer that has `text` as one token (Qwen's ".\\n\\n") that is
+    that token alone, where `delimiter_token_ids` also takes tokens that merely contain it (".\\n\\n\\n")."""
+    ids = tuple(sorted(set(tokenizer.encode(text, add_special_tokens=False))))
+    if not ids:
+        raise ValueError(f"the tokenizer encodes the step delimiter {text!r} to no token")
+    return Delimiter(text, ((ids,),))
+
+
 def single_token_id(tokenizer, text: str) -> int | None:
     """The id of `text` when the tokenizer writes it as exactly one token (e.g. a "<think>" tag), else None."""
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -135,6 +148,7 @@ def step_mask(
     think_end_id: int | None = None,
     response_start: int | torch.Tensor = 0,
     attention_mask: torch.Tensor | None = None,
+    think_region: str = "first_last",
 ) -> torch.Tensor:
     """Bool mask (B, T) of scored positions: position i is set when token i+1 ends a reasoning step.
 
@@ -150,15 +164,25 @@ def step_mask(
     - `attention_mask[b, d]` is 1 when a mask is given.
     The counted delimiter mask is then shifted left by one.
 
+    `think_region="single"` replaces the two think-tag conditions by the MetaStone-S1 release scorer's:
+    the scored position d - 1 lies strictly between the think-start and the think-end, each taken
+    only when the row holds exactly one of it (anywhere, prompt included), else position 0 / the end
+    of the row. They differ when a tag is repeated (the release then counts steps before the first
+    think-start or after the last think-end) and at position 0. One difference stays: only delimiters
+    at or after `response_start` count here, while the release scorer, reading prompt + response as one
+    text, also counts delimiters in a prompt when no single think-start comes after them.
+
     Padding: left-padded batches (generation) pass the padded prompt length as `response_start`;
     right-padded batches (training) pass per-row prompt lengths and `attention_mask` so that pad
     tokens never count, even when the pad id happens to be a delimiter.
     `input_ids` may also be 1-D (one sequence); the result then has shape (T,).
     """
+    if think_region not in THINK_REGIONS:
+        raise ValueError(f"think_region must be one of {', '.join(THINK_REGIONS)}, got {think_region!r}")
     if input_ids.dim() == 1:
         rs = response_start
         am = None if attention_mask is None else attention_mask[None]
-        return step_mask(input_ids[None], delimiter_ids, think_start_id, think_end_id, rs, am)[0]
+        return step_mask(input_ids[None], delimiter_ids, think_start_id, think_end_id, rs, am, think_region)[0]
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T) or (T,), got shape {tuple(input_ids.shape)}")
     B, T = input_ids.shape
@@ -179,22 +203,45 @@ def step_mask(
     prev_covered[:, 1:] = covered[:, :-1]
     counted = starts & ~prev_covered & in_response
 
-    if think_start_id is not None:
-        is_start = (input_ids == think_start_id).to(torch.int64)
-        starts_before = torch.cumsum(is_start, dim=1) - is_start  # think-starts strictly before i
-        no_start = is_start.sum(dim=1, keepdim=True) == 0  # no think block: the whole response counts
-        counted &= (starts_before > 0) | no_start
+    if think_start_id is not None:  # never the delimiter right after a think-start (both regions)
         prev_is_start = torch.zeros_like(counted)
-        prev_is_start[:, 1:] = is_start[:, :-1].bool()
+        prev_is_start[:, 1:] = input_ids[:, :-1] == think_start_id
         counted &= ~prev_is_start
-    if think_end_id is not None:
-        is_end = ((input_ids == think_end_id) & in_response).to(torch.int64)
-        ends_from = torch.flip(torch.cumsum(torch.flip(is_end, [1]), dim=1), [1])  # ends at >= i
-        ends_after = ends_from - is_end  # ends strictly after i
-        counted &= (ends_after > 0) | (is_end.sum(dim=1, keepdim=True) == 0)
+    if think_region == "single":
+        counted &= _single_tag_region(input_ids, think_start_id, think_end_id, attention_mask)
+    else:
+        if think_start_id is not None:
+            is_start = (input_ids == think_start_id).to(torch.int64)
+            starts_before = torch.cumsum(is_start, dim=1) - is_start  # think-starts strictly before i
+            no_start = is_start.sum(dim=1, keepdim=True) == 0  # no think block: the whole response counts
+            counted &= (starts_before > 0) | no_start
+        if think_end_id is not None:
+            is_end = ((input_ids == think_end_id) & in_response).to(torch.int64)
+            ends_from = torch.flip(torch.cumsum(torch.flip(is_end, [1]), dim=1), [1])  # ends at >= i
+            ends_after = ends_from - is_end  # ends strictly after i
+            counted &= (ends_after > 0) | (is_end.sum(dim=1, keepdim=True) == 0)
     if attention_mask is not None:
         counted &= attention_mask.to(torch.bool)
 
     scored = torch.zeros_like(counted)
     scored[:, :-1] = counted[:, 1:]
     return scored
+
+
+def _single_tag_region(input_ids: torch.Tensor, start_id: int | None, end_id: int | None,
+                       attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) bool over delimiter positions d: start < d - 1 < end, where start / end is the position of
+    the row's only think-start / think-end tag, else 0 / T (the release scorer's region)."""
+    B, T = input_ids.shape
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
+    pos = torch.arange(T, device=input_ids.device)[None, :]
+
+    def only(tag_id: int | None, otherwise: int) -> torch.Tensor:  # (B, 1)
+        fallback = torch.full((B, 1), otherwise, device=input_ids.device)
+        if tag_id is None:
+            return fallback
+        is_tag = (input_ids == tag_id) & real
+        return torch.where(is_tag.sum(dim=1, keepdim=True) == 1, is_tag.long().argmax(dim=1, keepdim=True), fallback)
+
+    scored_at = pos - 1
+    return (scored_at > only(start_id, 0)) & (scored_at < only(end_id, T))

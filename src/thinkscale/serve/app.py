@@ -46,17 +46,15 @@ class Served:
     name: str
 
     @classmethod
-    def load(cls, model_dir: str | Path, head: str | None = None, device: str = "cpu",
-             name: str | None = None, gguf_file: str | None = None) -> "Served":
-        """A model folder (ReflectiveModel.save_pretrained or Hugging Face), or a GGUF file inside it."""
-        from transformers import AutoTokenizer
+    def load(cls, model: str | Path, head: str | None = None, device: str = "cpu", name: str | None = None,
+             gguf_file: str | None = None, step_delimiter: str | None = None, force_head: bool = False) -> "Served":
+        """A `--model` value (`reflect.loading`: a model folder, "smollm2", a fitted-head folder), or a GGUF
+        file inside a folder."""
+        from thinkscale.reflect.loading import load_model
 
-        from thinkscale.reflect.model import ReflectiveModel
-
-        extra = {} if gguf_file is None else {"gguf_file": gguf_file}
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **extra)
-        rm = ReflectiveModel.from_pretrained(str(model_dir), head=head, **extra).to(device).eval()
-        default = Path(gguf_file).stem if gguf_file is not None else Path(model_dir).resolve().name
+        rm, tokenizer = load_model(model, head=head, step_delimiter=step_delimiter, force_head=force_head,
+                                   device=device, gguf_file=gguf_file)
+        default = Path(gguf_file).stem if gguf_file is not None else Path(model).resolve().name
         return cls(rm, tokenizer, name or default)
 
     @property

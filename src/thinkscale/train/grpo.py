@@ -247,19 +247,15 @@ def load_data(options: GRPOOptions) -> tuple[list[Example], list[Example]]:
 
 
 def load_model(options: GRPOOptions):
-    """(ReflectiveModel, tokenizer) from the model directory; a missing head is created fresh."""
-    from transformers import AutoTokenizer
+    """(ReflectiveModel, tokenizer) for `options.model` (`reflect.loading`: a folder, "smollm2", a fitted-head
+    folder); a missing head is created fresh."""
+    from ..reflect.loading import load_model as load_reflective
 
-    from ..reflect import ReflectiveModel
-    from ..reflect.model import check_model_dir
-
-    check_model_dir(options.model)
-    tokenizer = AutoTokenizer.from_pretrained(options.model)
+    rm, tokenizer = load_reflective(options.model, backbone_grad_scale=options.backbone_grad_scale)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer in {options.model} has neither a pad nor an EOS token")
+            raise ValueError(f"the tokenizer of {options.model} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of every loss
-    rm = ReflectiveModel.from_pretrained(options.model, backbone_grad_scale=options.backbone_grad_scale)
     if rm.head.reads_confidence:
         # the joint update scores every position in one forward, where step confidences do not exist yet
         from ..reflect import SPRMHead
@@ -560,6 +556,9 @@ def run_grpo(options: GRPOOptions) -> dict | None:
         summary["eval"] = evaluate(rm, tokenizer, evaluation, options)
         logger.info("after GRPO: %s", _format_eval(summary["eval"]))
     rm.head_is_trained = True
+    refitted = refit_stats is not None and "skipped" not in refit_stats
+    rm.head_provenance = {"origin": "grpo+refit" if refitted else "grpo", "task": options.task,
+                          "fit": {k: v for k, v in refit_stats.items() if k != "val_history"} if refitted else None}
 
     def write_extra(stage_dir: Path) -> None:
         with open(stage_dir / METRICS_FILE, "w", encoding="utf-8") as f:
@@ -582,9 +581,9 @@ def refit_head(rm, tokenizer, train: list[Example], options: GRPOOptions) -> dic
 
     fit = options.refit
     start = time.perf_counter()
-    mine = train[: fit.questions][rank()::world_size()]
-    generator = torch.Generator().manual_seed(fit.seed * 1_000_003 + rank())
-    rollouts = collect_rollouts(rm, tokenizer, mine, fit, outcome_grader(rm, options.task), generator)
+    ids = list(range(min(fit.questions, len(train))))[rank()::world_size()]
+    rollouts = collect_rollouts(rm, tokenizer, [train[i] for i in ids], fit, outcome_grader(rm, options.task),
+                                question_ids=ids, progress=is_main_process())
     sample_time = time.perf_counter() - start
     if world_size() > 1:
         parts = [None] * world_size() if is_main_process() else None

@@ -203,13 +203,11 @@ def check_generated_data(options: SFTOptions) -> None:
 
 def load_model_and_tokenizer(options: SFTOptions, train: list[Example]):
     if options.model is not None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from ..reflect.loading import check_model_arg, load_policy, load_tokenizer
 
-        from ..reflect.model import check_model_dir
-
-        check_model_dir(options.model)
-        tokenizer = AutoTokenizer.from_pretrained(options.model)
-        model = AutoModelForCausalLM.from_pretrained(options.model)
+        source = check_model_arg(options.model)  # a folder or "smollm2" (a fitted-head folder: its policy)
+        tokenizer = load_tokenizer(source)
+        model = load_policy(source)
         if tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer in {options.model} has no EOS token; SFT appends EOS to every target")
         if tokenizer.pad_token_id is None:

