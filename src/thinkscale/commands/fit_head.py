@@ -94,9 +94,12 @@ def training_questions(task: str | None, data: str | None, n: int, seed: int) ->
         return read_examples(data)[:n]
     from thinkscale.tasks.registry import get_task
 
+    from thinkscale.tasks.jsonl import example_from_record
+
     chosen = get_task(task)
     splits = chosen.make_splits(chosen.demo_config, seed, n, 0, 0, hard_config=chosen.demo_hard_config)
-    return list(splits["train"])
+    # as records, so every question reads like one from a file (a gym question carries its scorer's metadata)
+    return [example_from_record(problem.to_record()) for problem in splits["train"]]
 
 
 def run(args: argparse.Namespace) -> int:
