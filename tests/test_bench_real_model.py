@@ -1,0 +1,43 @@
+"""thinkscale.bench.real_model: the pure summaries and the report (the stages themselves take hours)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from thinkscale import cli
+from thinkscale.bench import real_model as rmod
+
+
+def cand(text, answer, correct, tokens=10):
+    return {"text": text, "num_generated_tokens": tokens, "extra": {"answer": answer, "correct": correct}}
+
+
+def test_screen_row_by_hand():
+    records = [
+        {"candidates": [cand("a\nb\n\\boxed{4}", "4", True), cand("x\n\\boxed{4.0}", "4.0", True),
+                        cand("y\n", None, False), cand("z\n\\boxed{5}", "5", False)]},
+        {"candidates": [cand("q", "7", False, 30)] * 4},
+    ]
+    row = rmod.screen_row("t", "gym:t", records, lambda a, b: float(a) == float(b))
+    assert row["pass@1"] == 2 / 8 and row["pass@8"] == 0.5
+    assert row["distinct_right_answers"] == 0.5  # "4" and "4.0" are one answer; the second question has none
+    assert row["answered"] == 7 / 8 and row["mean_tokens"] == (40 + 120) / 8
+    assert row["steps_per_trace"]["\n"] == pytest.approx((2 + 1 + 1 + 1) / 8)
+    assert rmod.distinct_right_answers(records[0]["candidates"], None) == 2  # exact text: "4" and "4.0" differ
+
+
+def test_steps_per_trace_counts_finished_nonblank_pieces():
+    assert rmod.steps_per_trace(["a.\n\nb.\n\nc", "\n\nd.\n\n"], ".\n\n") == (2 + 1) / 2
+    assert rmod.steps_per_trace([], "\n") == 0.0
+
+
+def test_report_from_written_results(tmp_path, capsys):
+    screen = [{"task": "gym:t", "pass@1": 0.25, "pass@8": 0.5, "distinct_right_answers": 1.0, "answered": 0.9,
+               "mean_tokens": 40.0, "steps_per_trace": {d: 1.0 for d in rmod.DELIMITERS}}]
+    (tmp_path / "screen.json").write_text(json.dumps(screen))
+    assert cli.main(["bench", "real-model", "--stages", "report", "--results", str(tmp_path),
+                     "--work", str(tmp_path / "work")]) == 0
+    printed = capsys.readouterr().out
+    assert "| gym:t | 25.0 | 50.0 | 1.00 | 90.0 | 40 | 1.0 | 1.0 |" in printed
+    assert (tmp_path / "summary.md").read_text() in printed
