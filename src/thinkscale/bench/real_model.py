@@ -214,26 +214,21 @@ def stage_screen(paths: Paths) -> dict:
 
 
 def stage_sft(paths: Paths) -> dict:
-    from thinkscale.reflect.model import check_model_dir
+    from thinkscale.train import checkpoint
 
     data = paths.data(TASK)
     write_split(TASK, data, SFT_EXAMPLES + 2000, EVAL_QUESTIONS)
     lines = (data / "train.jsonl").read_text().splitlines(keepends=True)
     (data / "sft_train.jsonl").write_text("".join(lines[:SFT_EXAMPLES]))
     (data / "fit_train.jsonl").write_text("".join(lines[SFT_EXAMPLES:]))  # the head never sees SFT questions
-    try:
-        check_model_dir(paths.sft)
-        done = (paths.sft / "summary.json").is_file()
-    except ValueError:
-        done = False
-    if not done:
-        resume = ("--resume",) if (paths.sft / "checkpoints").is_dir() else ()
+    if not checkpoint.is_done(paths.sft):
+        resume = ("--resume",) if checkpoint.latest_checkpoint(paths.sft) is not None else ()
         cli("sft", "--data", str(data / "sft_train.jsonl"), "--eval-data", str(data / "test.jsonl"), "--task", TASK,
             "--model", "smollm2", "--out", str(paths.sft), "--steps", str(SFT_STEPS), "--batch-size", str(SFT_BATCH),
             "--lr", str(SFT_LR), "--eval-questions", "0", "--save-every", "25", *resume)
-    summary = json.loads((paths.sft / "summary.json").read_text()) if (paths.sft / "summary.json").is_file() else {}
-    write_json(paths.results / "sft.json", summary)
-    return summary
+    state = checkpoint.load_state(paths.sft)
+    write_json(paths.results / "sft.json", state)
+    return state
 
 
 def stage_fit(paths: Paths) -> dict:
