@@ -173,3 +173,22 @@ def test_training_questions_come_from_the_tasks_train_split():
     assert [q.question for q in questions] == [
         p.question for p in task.make_splits(task.demo_config, 0, 5, 0, 0, hard_config=task.demo_hard_config)["train"]]
     assert not any(in_eval_pool(q.question) for q in questions)  # never a test or hard question
+
+
+def test_an_instruction_line_travels_in_the_head_folders_config(fitted, policy_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    from thinkscale.reflect.loading import load_model
+
+    line = "Give the final answer as \\boxed{...}."
+    rm, tok = load_model(str(fitted), instruction=line)  # --instruction on eval/serve/fit-head
+    assert rm.format_prompt("What is 2 + 2?", tok).startswith(f"What is 2 + 2?\n{line}")
+    folder = tmp_path / "with-instruction"
+    shutil.copytree(fitted, folder)
+    config = json.loads((folder / "reflect_config.json").read_text())
+    (folder / "reflect_config.json").write_text(json.dumps({**config, "instruction": line}))
+    assert load_model(str(folder))[0].config.instruction == line  # what fit-head saved is what eval uses
+    assert load_model(str(fitted))[0].config.instruction is None
+    assert one_line_error(fit_args(policy_dir, tmp_path / "x", "--instruction", " "), capsys) == \
+        "--instruction must not be empty"

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from thinkscale.commands.argtypes import ensure_writable_dir, positive_float, positive_int
-from thinkscale.commands.model_args import add_model_arguments, device, step_delimiter
+from thinkscale.commands.model_args import add_model_arguments, device, instruction, step_delimiter
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task is not None:
         get_task(args.task)  # an unknown name lists the valid ones
     options = options_from_args(args)
-    delimiter = step_delimiter(args)
+    delimiter, line = step_delimiter(args), instruction(args)
     source = check_model_arg(args.model)
     out = Path(args.out)
     if (out / "config.json").is_file():
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite and (out / ROLLOUT_DIR).exists():
         shutil.rmtree(out / ROLLOUT_DIR)
 
-    rm, tokenizer = load_model(args.model, step_delimiter=delimiter, device=device(args))
+    rm, tokenizer = load_model(args.model, step_delimiter=delimiter, device=device(args), instruction=line)
     task_label = args.task if args.data is None else f"{args.task or 'math'} ({args.data})"
     logger.info("fitting an SPRM head to %s: %d questions x %d rollouts of %s, up to %d tokens each",
                 describe_model(args.model), len(examples), options.samples, task_label, options.max_new_tokens)

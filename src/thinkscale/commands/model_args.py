@@ -1,5 +1,5 @@
 """The model options `eval`, `serve` and `fit-head` share: --model, --head, --force-head, --step-delimiter,
---device, and loading what they name through `reflect.loading` (the one home of model loading)."""
+--instruction, --device, and loading what they name through `reflect.loading` (the one home of model loading)."""
 from __future__ import annotations
 
 import argparse
@@ -24,8 +24,20 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool, model_h
     parser.add_argument("--step-delimiter", metavar="TEXT", default=None,
                         help="text that ends a reasoning step, e.g. '\\n' (escapes \\n and \\t are read as such; "
                              "default: the one saved with the head, else the model's own)")
+    parser.add_argument("--instruction", metavar="TEXT", default=None,
+                        help="a line added after every question, e.g. 'Give the final answer as \\boxed{...}.' "
+                             "(what a chat model needs to answer in a task's format; saved with a fitted head; "
+                             "default: the one saved with the head, else none)")
     parser.add_argument("--device", default=None,
                         help="torch device for the model, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+
+
+def instruction(args: argparse.Namespace) -> str | None:
+    """--instruction, checked: None or a non-empty line."""
+    text = getattr(args, "instruction", None)
+    if text is not None and not text.strip():
+        raise ValueError("--instruction must not be empty")
+    return text
 
 
 def step_delimiter(args: argparse.Namespace) -> str | None:
@@ -50,4 +62,4 @@ def load_model_from_args(args: argparse.Namespace, **kwargs):
     from thinkscale.reflect.loading import load_model
 
     return load_model(args.model, head=args.head, step_delimiter=step_delimiter(args), force_head=args.force_head,
-                      device=device(args), **kwargs)
+                      device=device(args), instruction=instruction(args), **kwargs)

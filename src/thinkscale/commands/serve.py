@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from thinkscale.commands.argtypes import positive_float, positive_int
-from thinkscale.commands.model_args import MODEL_HELP, add_model_arguments, device, step_delimiter
+from thinkscale.commands.model_args import MODEL_HELP, add_model_arguments, device, instruction, step_delimiter
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     model = str(DEMO_MODEL) if args.model is None else args.model
     try:
         check_model_arg(model, args.gguf)  # "no model in DIR" and the like, one line, before anything loads
-        delimiter = step_delimiter(args)
+        delimiter, line = step_delimiter(args), instruction(args)
     except ValueError as error:
         print(f"thinkscale serve: error: {error}", file=sys.stderr)
         return 2
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     served = Served.load(model, head=args.head, device=device(args), name=args.name, gguf_file=args.gguf,
-                         step_delimiter=delimiter, force_head=args.force_head)
+                         step_delimiter=delimiter, force_head=args.force_head, instruction=line)
     if not served.rm.head_is_trained:
         logger.warning("the SPRM head is untrained: best-of-k by sprm picks at random")
     app = create_app(served, options)

@@ -196,7 +196,8 @@ def _plan(rm, tokenizer, examples: Sequence, ids: list[int], options: HeadFitOpt
     questions = hashlib.sha256(json.dumps([[i, e.question] for i, e in zip(ids, examples)]).encode()).hexdigest()
     sampling = {k: getattr(options, k) for k in ("samples", "temperature", "top_p", "max_new_tokens", "batch_size",
                                                  "seed")}
-    fmt = {k: getattr(rm.config, k) for k in ("step_delimiter", "think_tags", "prompt_template", "step_rules")}
+    fmt = {k: getattr(rm.config, k) for k in ("step_delimiter", "think_tags", "prompt_template", "instruction",
+                                              "step_rules")}
     return {"policy_fingerprint": policy_fingerprint(rm.policy), "questions": len(ids), "questions_sha256": questions,
             **sampling, **{k: list(v) if isinstance(v, tuple) else v for k, v in fmt.items()}, **(note or {})}
 

@@ -51,6 +51,9 @@ class ReflectConfig:
     step_delimiter: str = ".\n\n"
     think_tags: tuple[str, str] | None = ("<think>", "</think>")
     prompt_template: str | None = None  # e.g. "Q: {question}\nA:"; None -> chat template or question + "\n"
+    # a line added after every question, e.g. how to write the answer ("... as \\boxed{...}."): what a chat
+    # model needs to answer in a task's format without being fine-tuned on it
+    instruction: str | None = None
     backbone_grad_scale: float = 1e-4  # fraction of the SPR-loss gradient that reaches the policy
     head_dropout: float = 0.5
     # what the head reads (`head.HEAD_INPUTS`; the spec: "features") and how step scores make the
@@ -66,6 +69,8 @@ class ReflectConfig:
             self.think_tags = tuple(self.think_tags)
             if len(self.think_tags) != 2 or not all(isinstance(t, str) and t for t in self.think_tags):
                 raise ValueError(f"think_tags must be (start, end) strings or None, got {self.think_tags!r}")
+        if self.instruction is not None and (not isinstance(self.instruction, str) or not self.instruction.strip()):
+            raise ValueError(f"instruction must be a non-empty string or None, got {self.instruction!r}")
         if self.prompt_template is not None and "{question}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain '{{question}}', got {self.prompt_template!r}")
         if not 0.0 <= self.backbone_grad_scale <= 1.0:
@@ -244,7 +249,10 @@ class ReflectiveModel(nn.Module):
                          region)
 
     def format_prompt(self, question: str, tokenizer) -> str:
-        """The prompt text for a question: the config's template, else the chat template, else question + newline."""
+        """The prompt text for a question (followed by the config's instruction line, if any): the config's
+        template, else the chat template, else question + newline."""
+        if self.config.instruction is not None:
+            question = f"{question}\n{self.config.instruction}"
         if self.config.prompt_template is not None:
             return self.config.prompt_template.replace("{question}", question)
         if getattr(tokenizer, "chat_template", None) is not None:
@@ -287,7 +295,7 @@ class ReflectiveModel(nn.Module):
     @classmethod
     def from_pretrained(cls, policy: str | os.PathLike | nn.Module, head: str | os.PathLike | SPRMHead | None = None,
                         step_delimiter: str | None = None, think_tags: Any = _UNSET, prompt_template: str | None = None,
-                        backbone_grad_scale: float | None = None, force_head: bool = False,
+                        backbone_grad_scale: float | None = None, force_head: bool = False, instruction: str | None = None,
                         **hf_kwargs: Any) -> "ReflectiveModel":
         """Load a policy and attach a head.
 
@@ -327,7 +335,7 @@ class ReflectiveModel(nn.Module):
             if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
                 saved.update(_read_json(os.path.join(folder, CONFIG_NAME)))
         overrides = {"step_delimiter": step_delimiter, "prompt_template": prompt_template,
-                     "backbone_grad_scale": backbone_grad_scale}
+                     "backbone_grad_scale": backbone_grad_scale, "instruction": instruction}
         saved.update({k: v for k, v in overrides.items() if v is not None})
         if think_tags is not _UNSET:
             saved["think_tags"] = think_tags

@@ -47,13 +47,14 @@ class Served:
 
     @classmethod
     def load(cls, model: str | Path, head: str | None = None, device: str = "cpu", name: str | None = None,
-             gguf_file: str | None = None, step_delimiter: str | None = None, force_head: bool = False) -> "Served":
+             gguf_file: str | None = None, step_delimiter: str | None = None, force_head: bool = False,
+             instruction: str | None = None) -> "Served":
         """A `--model` value (`reflect.loading`: a model folder, "smollm2", a fitted-head folder), or a GGUF
         file inside a folder."""
         from thinkscale.reflect.loading import load_model
 
         rm, tokenizer = load_model(model, head=head, step_delimiter=step_delimiter, force_head=force_head,
-                                   device=device, gguf_file=gguf_file)
+                                   device=device, gguf_file=gguf_file, instruction=instruction)
         default = Path(gguf_file).stem if gguf_file is not None else Path(model).resolve().name
         return cls(rm, tokenizer, name or default)
 
