@@ -194,18 +194,13 @@ def stage_screen(paths: Paths) -> dict:
         if not compressed.is_file() or len(read_records(compressed)) < SCREEN_QUESTIONS:
             write_split(spec, paths.data(f"screen-{name}"), 0, SCREEN_QUESTIONS)
             restore(compressed, folder / "candidates.jsonl")
-            if rm is None:
-                rm, tokenizer = load_model("smollm2", step_delimiter="\n")
+            if rm is None:  # the chat template, with the instruction after each question
+                rm, tokenizer = load_model("smollm2", step_delimiter="\n", instruction=INSTRUCTION)
             config = EvalConfig(ks=(1, 2, 4, SCREEN_SAMPLES), temperature=SCREEN_TEMPERATURE, top_p=0.95,
                                 max_new_tokens=SCREEN_TOKENS, batch_size=5 * SCREEN_SAMPLES, seed=SEED, task=spec,
                                 think_end=None)
-
-            def prompt(question: str) -> str:
-                message = [{"role": "user", "content": f"{question}\n{INSTRUCTION}"}]
-                return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
-
             evaluate(read_examples(paths.data(f"screen-{name}") / "test.jsonl"), make_model_sampler(rm, tokenizer, config),
-                     config, folder, format_prompt=prompt, plots=False)
+                     config, folder, format_prompt=lambda question: rm.format_prompt(question, tokenizer), plots=False)
             save_compressed(folder / "candidates.jsonl", compressed)
         rows.append(screen_row(name, spec, read_records(compressed), get_task(spec).equivalent))
         logger.info("screen %s: pass@1 %.3f pass@8 %.3f", name, rows[-1]["pass@1"], rows[-1]["pass@8"])
