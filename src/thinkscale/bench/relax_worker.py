@@ -232,7 +232,7 @@ def policy_workload(args, rank: int, world_size: int) -> Workload:
                              batch_size=args.batch_size or demo.sft_batch_size or sft.SFTOptions.batch_size)
     train, test, _ = sft.load_data(options)
     module, tokenizer = sft.load_model_and_tokenizer(options, train)
-    sft._check_same_tokenizer_everywhere(tokenizer)  # at setup only: every rank trained its own tokenizer
+    sft.check_same_tokenizer_everywhere(tokenizer)  # at setup only: every rank trained its own tokenizer
 
     def encode(examples):
         pairs = (sft.encode_example(tokenizer, e.question, completion_from_solution(e.solution, e.answer))

@@ -80,14 +80,14 @@ def probe_auc(train_x, train_y, test_x, test_y) -> float | None:
 def step_features(rm, tokenizer, records: list[tuple[str, object]], batch_size: int):
     """Per labelled step: {position: (layers, c) features}, its truth and its question's side."""
     from thinkscale.reflect.confidence import step_spans
-    from thinkscale.reflect.generate import _encode_prompt
+    from thinkscale.reflect.generate import encode_prompt
 
     equals_ids = {i for t, i in tokenizer.get_vocab().items() if "=" in tokenizer.convert_tokens_to_string([t])}
     feats = {p: [] for p in POSITIONS}
     labels, sides = [], []
     for lo in range(0, len(records), batch_size):
         batch = records[lo:lo + batch_size]
-        seqs = [_encode_prompt(tokenizer, rm.format_prompt(q, tokenizer)) + c.token_ids for q, c in batch]
+        seqs = [encode_prompt(tokenizer, rm.format_prompt(q, tokenizer)) + c.token_ids for q, c in batch]
         T = max(len(s) for s in seqs)
         ids = torch.zeros(len(seqs), T, dtype=torch.long)
         attn = torch.zeros_like(ids)

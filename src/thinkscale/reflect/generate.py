@@ -37,7 +37,7 @@ class Decoded:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
     was_training = module.training
     module.eval()
     try:
@@ -72,7 +72,7 @@ def _rounded(values: torch.Tensor) -> list[float]:
     return [round(v, 4) for v in values.tolist()]
 
 
-def _encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
         bos = getattr(tokenizer, "bos_token", None)
         # a chat-templated prompt already carries its special tokens
@@ -90,9 +90,6 @@ def eos_token_ids(rm: ReflectiveModel, tokenizer) -> set[int]:
             continue
         ids.update([value] if isinstance(value, int) else list(value))
     return ids
-
-
-_eos_ids = eos_token_ids  # the former name, until every caller uses the public one
 
 
 def to_candidate(rm: ReflectiveModel, tokenizer, prompt_ids: list[int], tokens: list[int], finished: bool,
@@ -146,7 +143,7 @@ def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     encoded = encode_prompts(rm, tokenizer, prompts, max_new_tokens)
-    eos_ids = _eos_ids(rm, tokenizer)
+    eos_ids = eos_token_ids(rm, tokenizer)
     if not eos_ids:
         logger.warning("no EOS token known: every candidate runs to max_new_tokens")
     pad_id = pad_token_id(tokenizer, eos_ids)
@@ -157,7 +154,7 @@ def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
             for p in range(len(prompts)) for j in range(k)]
     out: list[list[Candidate]] = [[] for _ in prompts]
     feature_tokens = rm.step_feature_tokens(tokenizer) if score else None
-    with _eval_mode(rm):
+    with eval_mode(rm):
         for lo in range(0, len(rows), batch_size):
             decoded = decode_rows(rm, rows[lo:lo + batch_size], eos_ids, pad_id, repetition_penalty, keep_features=score,
                                   feature_tokens=feature_tokens)
@@ -176,7 +173,7 @@ def encode_prompts(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Seque
         raise TypeError("prompts must be a list of prompts (strings or token-id lists)")
     if len(prompts) == 0:
         raise ValueError("prompts is empty: give at least one prompt")
-    encoded = [_encode_prompt(tokenizer, p) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(f"prompt {i} is empty after tokenization")

@@ -139,16 +139,16 @@ def _sample_shard(rm, tokenizer, batch: Sequence, batch_ids: list[int], options:
                   grade_fn: Callable, feature_dtype: torch.dtype) -> dict:
     """Decode `samples` rows per question of one batch and pack what the fit needs (SHARD_KEYS)."""
     from .engine import RowSpec, decode_rows, row_seed
-    from .generate import _eos_ids, _eval_mode, encode_prompts, pad_token_id
+    from .generate import eos_token_ids, eval_mode, encode_prompts, pad_token_id
     from .scoring import features_at, scores_from_features
 
-    eos = _eos_ids(rm, tokenizer)
+    eos = eos_token_ids(rm, tokenizer)
     prompts = encode_prompts(rm, tokenizer, [rm.format_prompt(e.question, tokenizer) for e in batch],
                              options.max_new_tokens)
     specs = [RowSpec(prompts[i], options.max_new_tokens, options.temperature, options.top_p,
                      row_seed(options.seed, batch_ids[i], j), tag=(i, j))
              for i in range(len(batch)) for j in range(options.samples)]
-    with _eval_mode(rm):
+    with eval_mode(rm):
         rows = decode_rows(rm, specs, eos, pad_token_id(tokenizer, eos), feature_tokens=rm.step_feature_tokens(tokenizer))
     packed: dict[str, list] = {k: [] for k in SHARD_KEYS}
     for row in rows:

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 from ..spec import field_types, parse_spec
 from .candidate import Candidate
 from .engine import Row, RowSpec, decode_rows, row_seed
-from .generate import _eos_ids, _eval_mode, check_sampling, encode_prompts, pad_token_id, to_candidate
+from .generate import eos_token_ids, eval_mode, check_sampling, encode_prompts, pad_token_id, to_candidate
 from .model import ReflectiveModel
 from .scoring import scores_from_features
 
@@ -189,7 +189,7 @@ def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
     """
     check_sampling(temperature, top_p, max_new_tokens)
     encoded = encode_prompts(rm, tokenizer, prompts, max_new_tokens)
-    eos_ids = _eos_ids(rm, tokenizer)
+    eos_ids = eos_token_ids(rm, tokenizer)
     pad_id = pad_token_id(tokenizer, eos_ids)
     ctx = _Context(rm, tokenizer, config, encoded, seed, _last_token_ids(rm, tokenizer))
     k, questions = config.k, range(len(encoded))
@@ -212,7 +212,7 @@ def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
             if policy is not None:
                 policy(batch, ctx)
 
-        with _eval_mode(rm):
+        with eval_mode(rm):
             return decode_rows(rm, specs, eos_ids, pad_id, repetition_penalty, after_token=after_token,
                                feature_tokens=rm.step_feature_tokens(tokenizer))
 

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from thinkscale.reflect.engine import RowSpec, row_seed
-from thinkscale.reflect.generate import _encode_prompt, _eos_ids, pad_token_id
+from thinkscale.reflect.generate import encode_prompt, eos_token_ids, pad_token_id
 from thinkscale.reflect.search import SearchConfig, search
 from thinkscale.reflect.select import select
 
@@ -101,7 +101,7 @@ class ServeOptions:
 def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAPI:
     settings = Settings(served.name, options.default_effort, options.default_selection, options.default_search,
                         options.temperature, options.top_p, options.max_tokens, options.max_candidates, served.context)
-    eos_ids = _eos_ids(served.rm, served.tokenizer)
+    eos_ids = eos_token_ids(served.rm, served.tokenizer)
     vocab = served.rm.policy.get_output_embeddings().weight.shape[0]
     state: dict[str, Scheduler] = {}
 
@@ -148,7 +148,7 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         body = await _read_json(request, options.max_body_bytes)
         protocol.check_model(body, settings)
         text = served.render_chat(protocol.chat_messages(body))
-        ids = _encode_prompt(served.tokenizer, text)
+        ids = encode_prompt(served.tokenizer, text)
         gen = protocol.parse_generation(body, "chat", settings, [ids], [text])
         return await _answer(request, gen)
 
@@ -157,7 +157,7 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         body = await _read_json(request, options.max_body_bytes)
         protocol.check_model(body, settings)
         prompts = protocol.completion_prompts(body)
-        ids = [_encode_prompt(served.tokenizer, p) for p in prompts]
+        ids = [encode_prompt(served.tokenizer, p) for p in prompts]
         if any(not p for p in ids):
             raise ApiError(400, "'prompt': a prompt is empty after tokenization", param="prompt", code="invalid_value")
         texts = [p if isinstance(p, str) else served.tokenizer.decode(p) for p in prompts]

@@ -22,7 +22,7 @@ from typing import Callable
 
 from thinkscale.reflect.candidate import Candidate
 from thinkscale.reflect.engine import Row, RowSpec, decode_rows
-from thinkscale.reflect.generate import _eval_mode, to_candidate
+from thinkscale.reflect.generate import eval_mode, to_candidate
 
 from .text import cut_at_stop
 
@@ -143,7 +143,7 @@ class Scheduler:
                 continue
             specs = [replace(job.rows[i], tag=(job, i)) for job, i in wave]
             try:
-                with _eval_mode(self.rm):
+                with eval_mode(self.rm):
                     decode_rows(self.rm, specs, self.eos_ids, self.pad_id, after_token=self._after_token,
                                 feature_tokens=self.rm.step_feature_tokens(self.tokenizer))
             except Exception as error:  # a failed wave fails its requests, never the server
@@ -158,7 +158,7 @@ class Scheduler:
             return job.cancelled.is_set() or self._closing
 
         try:
-            with _eval_mode(self.rm):
+            with eval_mode(self.rm):
                 result = job.call(cancelled)
         except Exception as error:
             logger.exception("a search request failed")

@@ -219,7 +219,7 @@ def load_model_and_tokenizer(options: SFTOptions, train: list[Example]):
     return model, tokenizer
 
 
-def _check_same_tokenizer_everywhere(tokenizer) -> None:
+def check_same_tokenizer_everywhere(tokenizer) -> None:
     """Each rank trained its own tokenizer; training must not proceed if they differ."""
     if world_size() == 1:
         return
@@ -278,7 +278,7 @@ def run_sft(options: SFTOptions) -> dict | None:
     model, tokenizer = load_model_and_tokenizer(options, train)
     device = training_device()
     model.to(device)
-    _check_same_tokenizer_everywhere(tokenizer)
+    check_same_tokenizer_everywhere(tokenizer)
     encoded = []
     for e in train:
         ids, labels = encode_example(tokenizer, e.question, completion_from_solution(e.solution, e.answer))
