@@ -4,6 +4,7 @@ continues to the uninterrupted result; bad input is one line."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -66,7 +67,8 @@ def test_writes_a_head_folder_with_its_record_and_rollout_shards(policy_dir, fit
 
     record = read_record(fitted / RECORD_NAME)
     policy = ReflectiveModel.from_pretrained(str(policy_dir)).policy
-    assert record.trained and record.origin == "fit-head" and record.policy == str(policy_dir)
+    assert record.trained and record.origin == "fit-head"
+    assert record.policy == os.path.relpath(policy_dir, fitted)  # relative: the pair can move together
     assert record.policy_fingerprint == policy_fingerprint(policy) and record.inputs == "features"
     assert record.task == f"arithmetic ({policy_dir / 'train.jsonl'})" and record.step_delimiter == ".\n\n"
     fit = record.fit
@@ -75,9 +77,10 @@ def test_writes_a_head_folder_with_its_record_and_rollout_shards(policy_dir, fit
     assert fit["aggregation"] == record.aggregation and 1 <= fit["best_epoch"] <= fit["epochs_run"] <= 4
 
 
-def test_from_pretrained_eval_and_serve_load_the_pair(policy_dir, fitted, tmp_path, capsys):
+def test_from_pretrained_eval_and_serve_load_the_pair(policy_dir, fitted, tmp_path, capsys, monkeypatch):
     from thinkscale.serve.app import Served
 
+    monkeypatch.chdir(tmp_path)  # the record's relative policy path is read from the head folder, not the cwd
     rm = ReflectiveModel.from_pretrained(str(fitted))
     assert rm.head_is_trained and rm.config.score_aggregation == read_record(fitted / RECORD_NAME).aggregation
     saved = load_file(fitted / HEAD_NAME)
@@ -152,6 +155,9 @@ def test_bad_input_is_one_line(policy_dir, tmp_path, capsys):
     assert "argument --inputs" in one_line_error(base + ["--task", "arithmetic", "--inputs", "words"], capsys)
     assert one_line_error(["fit-head", "--model", str(policy_dir), "--task", "arithmetic", "--out", str(policy_dir)],
                           capsys).endswith("holds a model; fit-head writes a head folder beside its policy: choose another")
+    # a gym task grades with the metadata its records carry: plain records are refused before sampling
+    assert "metadata" in one_line_error(["fit-head", "--model", str(policy_dir), "--task", "gym:chain_sum", "--data",
+                                         str(policy_dir / "train.jsonl"), "--out", str(tmp_path / "x")], capsys)
     # a policy that is never right (untrained): nothing to learn from, said in one line
     never = tmp_path / "never"
     tokenizer = train_tokenizer(p.prompt + p.completion for p in generate(EASY, QUESTIONS, seed=0))

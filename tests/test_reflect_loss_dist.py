@@ -57,6 +57,8 @@ def _worker(rank: int, port: int, queue) -> None:
         queue.put((rank, loss.item(), stats["P"], stats["N"]))
     finally:
         end_process_group(barrier=False)
+    queue.close()
+    queue.join_thread()  # the result is in the pipe before the process skips its finalization
     exit_process(0)  # not a normal exit: see exit_process (issue 23)
 
 

@@ -143,3 +143,22 @@ def test_step_tokens_think_tags(caplog):
     ids = torch.tensor(tok.encode("<think>A.\n\nB.\n\n</think>C.\n\nD"))
     marked = rm.step_mask(tok, ids).nonzero().flatten().tolist()
     assert [tok.decode(ids[i + 1 : i + 4]) for i in marked] == [".\n\n", ".\n\n"]  # C's step is outside
+
+
+def test_serve_renders_the_instruction_line_after_the_last_user_message():
+    """A chat model whose head was fitted with --instruction sees the same line behind the question
+    when the question arrives as a chat message (serve's chat-template path), and none when it has none."""
+    from thinkscale.serve.app import Served
+
+    tok = bpe_tokenizer().__class__(tokenizer_object=bpe_tokenizer().backend_tokenizer, eos_token="<eos>",
+                                    pad_token="<pad>")
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    line = "Give the final answer as \\boxed{...}."
+    rm = ReflectiveModel.from_pretrained(tiny_policy("llama"), instruction=line)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"}]
+    served = Served(rm, tok, "tiny")
+    assert served.render_chat(messages) == f"<system>be brief<user>1+1?\n{line}<assistant>"
+    assert rm.format_prompt("1+1?", tok) == f"<user>1+1?\n{line}<assistant>"  # as eval and fit-head saw it
+    assert messages[-1]["content"] == "1+1?"  # the client's messages are not changed
+    bare = Served(ReflectiveModel.from_pretrained(tiny_policy("llama")), tok, "tiny")
+    assert bare.render_chat(messages) == "<system>be brief<user>1+1?<assistant>"

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from thinkscale.reflect.atomic import write_atomic, write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("screen", "sft", "fit", "eval", "report")
@@ -139,26 +141,30 @@ def read_records(path: Path) -> list[dict]:
 def save_compressed(source: Path, target: Path) -> None:
     """`source` gzipped into `target`, atomically (a later sitting restores and resumes from it)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    with open(source, "rb") as f, gzip.open(tmp, "wb", compresslevel=9) as g:
-        shutil.copyfileobj(f, g)
-    tmp.replace(target)
+
+    def write(tmp: str) -> None:
+        with open(source, "rb") as f, gzip.open(tmp, "wb", compresslevel=9) as g:
+            shutil.copyfileobj(f, g)
+
+    write_atomic(target, write)
 
 
 def restore(compressed: Path, target: Path) -> None:
     """Unpack committed candidates into a work folder that lost them, so a sampling stage resumes."""
     if compressed.is_file() and not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(compressed, "rb") as g, open(target, "wb") as f:
-            shutil.copyfileobj(g, f)
+
+        def write(tmp: str) -> None:
+            with gzip.open(compressed, "rb") as g, open(tmp, "wb") as f:
+                shutil.copyfileobj(g, f)
+
+        write_atomic(target, write)
         logger.info("restored %s from %s", target, compressed)
 
 
 def write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(value, indent=1) + "\n")
 
 
 def cli(*argv: str) -> None:

@@ -379,7 +379,7 @@ def bench_model(subject: Subject, args: argparse.Namespace, new_tokens: int) -> 
     generated = {m: sum(len(ids) for ids in tokens_seen[m][-1]) for m in MODES}
     fused_scores = [c.step_scores for c in last["fused"][0]]
     summary = {m: summarize_mode(wall[m], cpu[m], generated[m], wall["plain"], cpu["plain"]) for m in MODES}
-    del external
+    external = modes = None  # free the second model before the caller measures the next subject
     return {
         "name": subject.name,
         "description": describe(subject, tok, prompt_ids),
@@ -441,8 +441,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences per rescoring / external-RM forward; when not given: k (one batch); "
                              "1 = one at a time, as the released scorer")
     parser.add_argument("--step-delimiter", default=None,
-                        help="override the step delimiter (otherwise '.\\n\\n'; a checkpoint's own config "
-                             "for --policy-dir)")
+                        help="override the step delimiter (otherwise the model's own: '\\n' for smollm2, "
+                             "a checkpoint's config for --policy-dir)")
     parser.add_argument("--pipeline-profile", choices=("default", "quick"), default="default",
                         help="size of the fresh pipeline policy: the demo's default or its quick profile (tiny)")
     parser.add_argument("--policy-dir", metavar="DIR", default=None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     import shutil
 
     from thinkscale.reflect.head_fit import collect_rollouts, fit_head
-    from thinkscale.reflect.loading import check_model_arg, describe_model, load_model
+    from thinkscale.reflect.loading import SMOLLM2, check_model_arg, describe_model, load_model
     from thinkscale.tasks.registry import get_task
     from thinkscale.train.grpo import outcome_grader
 
@@ -125,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     examples = training_questions(args.task, args.data, options.questions, args.seed)
     if not examples:
         raise ValueError(f"{args.data}: no questions")
+    if args.task is not None:  # data the task cannot grade (a gym record without metadata) fails before sampling
+        get_task(args.task).check(examples, args.data or args.task)
     if args.overwrite and (out / ROLLOUT_DIR).exists():
         shutil.rmtree(out / ROLLOUT_DIR)
 
@@ -149,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
                     "sample_time_s": round(sampled - start, 1), "fit_time_s": round(fitted - sampled, 1),
                     "options": asdict(options), "model": describe_model(args.model)})
     rm.head_provenance = {"origin": "fit-head", "task": task_label, "fit": summary}
-    rm.save_head(out, policy_reference=source.reference)
+    # a policy folder is named relative to the head folder, so the pair can move together
+    reference = source.reference if source.reference == SMOLLM2 else os.path.relpath(source.reference, out)
+    rm.save_head(out, policy_reference=reference)
     accuracy = "n/a" if stats["val_pair_accuracy"] is None else f"{stats['val_pair_accuracy']:.3f}"
     print(f"fitted a {head.inputs} head on {len(rollouts)} rollouts of {len(examples)} questions "
           f"({summary['correct_fraction']:.1%} correct, {summary['mean_tokens']:.0f} tokens on average) of "

@@ -13,7 +13,7 @@ MODEL_HELP = ("a Hugging Face causal-LM folder (with its tokenizer; optionally a
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool, model_help: str = MODEL_HELP,
                         head: bool = True) -> None:
-    """--model, --step-delimiter, --device, and with `head` also --head and --force-head."""
+    """--model, --step-delimiter, --instruction, --device, and with `head` also --head and --force-head."""
     parser.add_argument("--model", required=required, metavar="MODEL", help=model_help)
     if head:
         parser.add_argument("--head", metavar="PATH",

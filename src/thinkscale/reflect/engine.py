@@ -1,10 +1,11 @@
 """The one decode loop: rows decoded together on the KV cache, each with its own settings and random stream.
 
 A row is one prompt to continue (one candidate of one question, or of one server request) with its own
-temperature, top-p, token budget and seed. All rows start together (left-padded prefill) and each leaves
-the batch when it ends: on EOS, at its budget, or when the caller's `after_token` policy stops it (a
-stop string, a disconnected client, a pruned candidate). The cache rows of leavers are dropped with the
-cache's public `reorder_cache`, so they stop costing compute.
+temperature, top-p, token budget and seed. All rows start together (left-padded prefill) and each ends
+on EOS, at its budget, or when the caller's `after_token` policy stops it (a stop string, a disconnected
+client, a pruned candidate). An ended row takes no more tokens; once ended rows are 1/compact_every of
+the batch, their cache rows are dropped together with the cache's public `reorder_cache` (one copy of
+the cache per compaction, not one per departure), so they stop costing compute.
 
 Each row draws its uniforms from its own generator, seeded by the row, and turns them into tokens by
 inverse-CDF sampling: a row's tokens do not depend on which other rows share its batch, so the server's
@@ -198,9 +199,10 @@ def next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
         tokens[rows[whole]] = _inverse_cdf(torch.exp(scaled[whole] - log_norm[whole]), u[whole])
     if bool(nucleus.any()):
         part = nucleus.nonzero().squeeze(-1)
-        n = min(nucleus_slice or logits.shape[-1], logits.shape[-1])
+        vocab = logits.shape[-1]
+        n = vocab if nucleus_slice == 0 else min(nucleus_slice, vocab)  # 0: sort whole rows (the former cost)
         top, ids = scaled[part].topk(n, dim=-1)
-        picked, covered = _nucleus_pick(top, ids, log_norm[part], p[part], u[part], n == logits.shape[-1])
+        picked, covered = _nucleus_pick(top, ids, log_norm[part], p[part], u[part], n == vocab)
         if not bool(covered.all()):  # the slice held less than top_p: sort those rows whole
             missed = (~covered).nonzero().squeeze(-1)
             top, ids = scaled[part[missed]].sort(dim=-1, descending=True)

@@ -47,7 +47,7 @@ def policy_fingerprint(policy: nn.Module) -> str:
     for name, param in sorted(policy.named_parameters(), key=lambda item: item[0]):
         tensor = param.detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
     return "sha256:" + digest.hexdigest()
 
 

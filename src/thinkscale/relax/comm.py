@@ -62,7 +62,9 @@ def exit_process(code: int) -> NoReturn:
     without an active exception", SIGABRT) after all its work succeeded: a race a loaded machine loses
     (pytorch#190489, Python <= 3.13). The group cannot be destroyed for real first (see
     `end_process_group`), so a process that ran one skips the finalization, which has nothing left to
-    do for it. Files written with `with` blocks are closed already; atexit handlers do not run.
+    do for it. Files written with `with` blocks are closed already; atexit handlers do not run, and
+    what still sits in a buffer only a normal exit would flush is lost: close and join a
+    multiprocessing queue (`close()`, `join_thread()`) and flush open files before calling this.
     """
     for stream in (sys.stdout, sys.stderr):
         try:

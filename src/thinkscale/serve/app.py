@@ -69,8 +69,13 @@ class Served:
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The prompt text of a conversation. A model trained with a prompt template (the built-in tasks'),
         or with no chat template, gets the built-in one: earlier turns as "role: text" lines, then the last
-        user message in the model's own prompt format; otherwise the tokenizer's chat template."""
+        user message in the model's own prompt format; otherwise the tokenizer's chat template. The model's
+        instruction line (if any) follows the last user message either way, as it followed every question
+        the head was fitted on."""
         if self.rm.config.prompt_template is None and getattr(self.tokenizer, "chat_template", None) is not None:
+            instruction = self.rm.config.instruction
+            if instruction is not None and messages[-1]["role"] == "user":
+                messages = [*messages[:-1], {**messages[-1], "content": f"{messages[-1]['content']}\n{instruction}"}]
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         *history, last = messages
         if last["role"] != "user":

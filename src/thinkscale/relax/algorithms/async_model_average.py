@@ -264,8 +264,8 @@ class _AsyncImpl(AlgorithmImpl):
 
     # ----- background thread ------------------------------------------------------------------------
     def _start(self) -> None:
-        if not self._started_once:
-            atexit.register(self._stop_at_exit)
+        atexit.unregister(self._stop_at_exit)  # registered once, whichever start (automatic or resume) comes first
+        atexit.register(self._stop_at_exit)
         self._started_once = True
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="relax-async-average", daemon=True)
