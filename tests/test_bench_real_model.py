@@ -41,3 +41,29 @@ def test_report_from_written_results(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| gym:t | 25.0 | 50.0 | 1.00 | 90.0 | 40 | 1.0 | 1.0 |" in printed
     assert (tmp_path / "summary.md").read_text() in printed
+
+
+def test_largest_drop_by_hand():
+    assert rmod.largest_drop([0.5, 0.6, 0.58, 0.61, 0.55]) == pytest.approx(0.06)
+    assert rmod.largest_drop([0.1, 0.2]) == 0.0 and rmod.largest_drop([0.3]) == 0.0
+
+
+def test_report_of_an_eval_states_each_target(tmp_path, capsys):
+    accuracy = {"sprm": 0.5, "oracle": 0.9, **{b: 0.4 for b in rmod.BASELINES}}
+    by_k = {"1": {"accuracy": {**accuracy, "sprm": 0.40}}, "2": {"accuracy": {**accuracy, "sprm": 0.45}},
+            "32": {"accuracy": {**accuracy, "sprm": 0.43}}}
+    interval = {"mean": 0.03, "low": 0.01, "high": 0.05, "excludes_zero": True}
+    summary = {"num_questions": 2, "pass@1": 0.4, "by_k": by_k,
+               "scorers": {"steps": {"sprm": {"step_auc": 0.7, "first_error": 0.5}},
+                           "traces": {"sprm": {"pair_accuracy": 0.8}, "logprob": {"pair_accuracy": None}}}}
+    eval_json = {"features": {"summary": summary,
+                              "bootstrap_vs_sprm@32": {"majority": interval,
+                                                       "logprob": {**interval, "low": -0.01, "excludes_zero": False}}}}
+    (tmp_path / "eval.json").write_text(json.dumps(eval_json))
+    assert cli.main(["bench", "real-model", "--stages", "report", "--results", str(tmp_path),
+                     "--work", str(tmp_path / "work")]) == 0
+    printed = capsys.readouterr().out
+    assert "Largest fall of sprm@k from one k to the next: 2.0 points (target <= 1: not met)." in printed
+    assert "- majority: +3.0 points [+1.0, +5.0] (excludes 0) met" in printed
+    assert "- logprob: +3.0 points [-1.0, +5.0] not met" in printed
+    assert "| sprm | 0.800 | 0.700 | 0.500 |" in printed and "| logprob | n/a | n/a | n/a |" in printed

@@ -299,6 +299,15 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
+def fmt3(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def largest_drop(accuracies: Sequence[float]) -> float:
+    """The largest fall from one value to the next (0 when it never falls)."""
+    return max([0.0] + [a - b for a, b in zip(accuracies, accuracies[1:])])
+
+
 def format_report(results: Path) -> str:
     lines = ["# SPRM on a pretrained model (`thinkscale bench real-model`)", ""]
     screen = results / "screen.json"
@@ -322,10 +331,24 @@ def format_report(results: Path) -> str:
             for k, cell in s["by_k"].items():
                 acc = cell["accuracy"]
                 lines.append(f"| {k} | " + " | ".join(pct(acc.get(name)) for name in ["sprm", *BASELINES, "oracle"]) + " |")
-            lines += ["", "sprm@32 minus each baseline @32, paired bootstrap 95 % interval over questions:", ""]
+            drop = largest_drop([s["by_k"][k]["accuracy"]["sprm"] for k in s["by_k"]])
+            lines += ["", f"Largest fall of sprm@k from one k to the next: {100 * drop:.1f} points "
+                          f"(target <= 1: {'met' if drop <= 0.01 else 'not met'}).", "",
+                      "sprm@32 minus each baseline @32, paired bootstrap 95 % interval over questions "
+                      "(target: >= +2 points with the interval above 0):", ""]
             for b, iv in r["bootstrap_vs_sprm@32"].items():
+                met = iv["mean"] >= 0.02 and iv["low"] > 0
                 lines.append(f"- {b}: {100 * iv['mean']:+.1f} points [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}]"
-                             + (" (excludes 0)" if iv["excludes_zero"] else ""))
+                             + (" (excludes 0)" if iv["excludes_zero"] else "") + (" met" if met else " not met"))
+            lines += ["", "Scorers (pair accuracy: share of right/wrong pairs of a question ranked right; target for "
+                          "the SPRM >= 0.75; step AUC against the countdown step checker's labels):", "",
+                      "| scorer | pair accuracy | step AUC | first error found |", "|---|---:|---:|---:|"]
+            steps = s["scorers"]["steps"]
+            for name, trace in s["scorers"]["traces"].items():
+                step = steps.get(name, {})
+                lines.append(f"| {name} | {trace['pair_accuracy']:.3f} | " if trace["pair_accuracy"] is not None
+                             else f"| {name} | n/a | ")
+                lines[-1] += f"{fmt3(step.get('step_auc'))} | {fmt3(step.get('first_error'))} |"
             lines.append("")
     return "\n".join(lines) + "\n"
 
