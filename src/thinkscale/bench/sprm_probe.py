@@ -34,7 +34,8 @@ L2 = 1e-3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="the model that sampled the candidates")
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help="the model that sampled the candidates: a model folder, smollm2 or a fit-head folder")
     parser.add_argument("--candidates", required=True, metavar="FILE",
                         help="candidates.jsonl with step truth (from `thinkscale eval --task NAME` or the demo)")
     parser.add_argument("--out", metavar="DIR", help="where probe.json/probe.md go (default: beside --candidates)")
@@ -110,10 +111,8 @@ def step_features(rm, tokenizer, records: list[tuple[str, object]], batch_size: 
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from thinkscale.reflect.evaluate import load_records
-    from thinkscale.reflect.model import ReflectiveModel
+    from thinkscale.reflect.loading import load_model
 
     path = Path(args.candidates)
     if not path.is_file():
@@ -127,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
               "`thinkscale eval --task NAME` (or use the demo's eval folders)", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    rm = ReflectiveModel.from_pretrained(args.model).eval()
+    rm, tokenizer = load_model(args.model)  # a folder, smollm2 or a fit-head folder: the prompt format the eval used
+    rm.eval()
     feats, labels, sides = step_features(rm, tokenizer, records, args.batch_size)
     layers = feats["scored"].shape[1]
     table = {p: [probe_auc(feats[p][sides, layer], labels[sides], feats[p][~sides, layer], labels[~sides])
