@@ -58,7 +58,8 @@ def test_report_of_an_eval_states_each_target(tmp_path, capsys):
                            "traces": {"sprm": {"pair_accuracy": 0.8}, "logprob": {"pair_accuracy": None}}}}
     eval_json = {"features": {"summary": summary,
                               "bootstrap_vs_sprm@32": {"majority": interval,
-                                                       "logprob": {**interval, "low": -0.01, "excludes_zero": False}}}}
+                                                       "logprob": {**interval, "low": -0.01, "excludes_zero": False}},
+                              "bootstrap_vs_weighted@32": {"majority": {**interval, "mean": 0.055, "low": 0.02}}}}
     (tmp_path / "eval.json").write_text(json.dumps(eval_json))
     assert cli.main(["bench", "real-model", "--stages", "report", "--results", str(tmp_path),
                      "--work", str(tmp_path / "work")]) == 0
@@ -66,4 +67,13 @@ def test_report_of_an_eval_states_each_target(tmp_path, capsys):
     assert "Largest fall of sprm@k from one k to the next: 2.0 points (target <= 1: not met)." in printed
     assert "- majority: +3.0 points [+1.0, +5.0] (excludes 0) met" in printed
     assert "- logprob: +3.0 points [-1.0, +5.0] not met" in printed
+    assert "The SPRM-weighted vote (weighted@32) minus each other baseline @32" in printed
+    assert "- majority: +5.5 points [+2.0, +5.0] (excludes 0)\n" in printed
     assert "| sprm | 0.800 | 0.700 | 0.500 |" in printed and "| logprob | n/a | n/a | n/a |" in printed
+
+
+def test_gzipped_records_round_trip(tmp_path):
+    records = [{"index": 0, "candidates": [cand("a", "1", True)]}, {"index": 1, "candidates": []}]
+    path = tmp_path / "c.jsonl.gz"
+    rmod.write_gzipped_records(str(path), records)
+    assert rmod.read_records(path) == records

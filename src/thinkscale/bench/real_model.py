@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tqdm.auto import tqdm
+
 from thinkscale.reflect.atomic import write_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -270,27 +272,39 @@ def stage_eval(paths: Paths) -> dict:
     task = get_task(TASK)
     records = read_records(folder / "candidates.jsonl")
     questions = {main: [[Candidate.from_dict(c) for c in r["candidates"]] for r in records]}
-    # the other head scores the same candidates (a forward over each prompt + completion)
-    rm, tokenizer = load_model(str(paths.fit(other)))
-    prompts = [tokenizer.encode(rm.format_prompt(r["question"], tokenizer), add_special_tokens=False) for r in records]
-    rescored = []
-    for prompt, r in zip(prompts, records):
-        cands = [Candidate.from_dict(c) for c in r["candidates"]]
-        scores = score_sequences(rm, tokenizer, [prompt] * len(cands), [c.token_ids for c in cands], batch_size=32)
-        for c, (steps, score) in zip(cands, scores):
-            c.step_scores, c.score = steps, score
-        rescored.append(cands)
-    questions[other] = rescored
+    # the other head scores the same candidates (a forward over each prompt + completion), once
+    rescored_file = paths.results / f"eval-{other}" / "candidates.jsonl.gz"
+    if not rescored_file.is_file() or len(read_records(rescored_file)) != len(records):
+        rm, tokenizer = load_model(str(paths.fit(other)))
+        for r in tqdm(records, desc=f"rescoring with the {other} head", unit="q"):
+            prompt = tokenizer.encode(rm.format_prompt(r["question"], tokenizer), add_special_tokens=False)
+            cands = [Candidate.from_dict(c) for c in r["candidates"]]
+            scores = score_sequences(rm, tokenizer, [prompt] * len(cands), [c.token_ids for c in cands], batch_size=32)
+            for c, (steps, score) in zip(cands, scores):
+                c.step_scores, c.score = steps, score
+            r["candidates"] = [c.to_dict() for c in cands]
+        rescored_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(rescored_file, lambda tmp: write_gzipped_records(tmp, records))
+    questions[other] = [[Candidate.from_dict(c) for c in r["candidates"]] for r in read_records(rescored_file)]
 
     results: dict[str, Any] = {}
     for inputs, qs in questions.items():
         report = summarize(qs, (1, 2, 4, 8, 16, 32), equivalent=task.equivalent)
-        sprm = accuracy_per_question(qs, EVAL_K, "sprm", task.equivalent)
-        intervals = {b: paired_bootstrap(sprm, accuracy_per_question(qs, EVAL_K, b, task.equivalent),
-                                         BOOTSTRAP_RESAMPLES, SEED) for b in BASELINES}
-        results[inputs] = {"summary": report, "bootstrap_vs_sprm@32": intervals}
+        per_question = {name: accuracy_per_question(qs, EVAL_K, name, task.equivalent)
+                        for name in ("sprm", *BASELINES)}
+        intervals = {b: paired_bootstrap(per_question["sprm"], per_question[b], BOOTSTRAP_RESAMPLES, SEED)
+                     for b in BASELINES}
+        # the head's other use: weights of a vote (weighted = the answer with the largest total score)
+        weighted = {b: paired_bootstrap(per_question["weighted"], per_question[b], BOOTSTRAP_RESAMPLES, SEED)
+                    for b in BASELINES if b != "weighted"}
+        results[inputs] = {"summary": report, "bootstrap_vs_sprm@32": intervals, "bootstrap_vs_weighted@32": weighted}
     write_json(paths.results / "eval.json", results)
     return results
+
+
+def write_gzipped_records(path: str, records: Sequence[dict]) -> None:
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 # ----------------------------------------------------------------------------- report
@@ -340,6 +354,11 @@ def format_report(results: Path) -> str:
                 met = iv["mean"] >= 0.02 and iv["low"] > 0
                 lines.append(f"- {b}: {100 * iv['mean']:+.1f} points [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}]"
                              + (" (excludes 0)" if iv["excludes_zero"] else "") + (" met" if met else " not met"))
+            if "bootstrap_vs_weighted@32" in r:
+                lines += ["", "The SPRM-weighted vote (weighted@32) minus each other baseline @32, same intervals:", ""]
+                for b, iv in r["bootstrap_vs_weighted@32"].items():
+                    lines.append(f"- {b}: {100 * iv['mean']:+.1f} points [{100 * iv['low']:+.1f}, "
+                                 f"{100 * iv['high']:+.1f}]" + (" (excludes 0)" if iv["excludes_zero"] else ""))
             lines += ["", "Scorers (pair accuracy: share of right/wrong pairs of a question ranked right; target for "
                           "the SPRM >= 0.75; step AUC against the countdown step checker's labels):", "",
                       "| scorer | pair accuracy | step AUC | first error found |", "|---|---:|---:|---:|"]
