@@ -248,11 +248,14 @@ class ReflectiveModel(nn.Module):
         return step_mask(input_ids, st.delimiter, st.think_start_id, st.think_end_id, response_start, attention_mask,
                          region)
 
+    def with_instruction(self, question: str) -> str:
+        """The question followed by the config's instruction line, if it has one."""
+        return question if self.config.instruction is None else f"{question}\n{self.config.instruction}"
+
     def format_prompt(self, question: str, tokenizer) -> str:
         """The prompt text for a question (followed by the config's instruction line, if any): the config's
         template, else the chat template, else question + newline."""
-        if self.config.instruction is not None:
-            question = f"{question}\n{self.config.instruction}"
+        question = self.with_instruction(question)
         if self.config.prompt_template is not None:
             return self.config.prompt_template.replace("{question}", question)
         if getattr(tokenizer, "chat_template", None) is not None:

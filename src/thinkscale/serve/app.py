@@ -73,9 +73,9 @@ class Served:
         instruction line (if any) follows the last user message either way, as it followed every question
         the head was fitted on."""
         if self.rm.config.prompt_template is None and getattr(self.tokenizer, "chat_template", None) is not None:
-            instruction = self.rm.config.instruction
-            if instruction is not None and messages[-1]["role"] == "user":
-                messages = [*messages[:-1], {**messages[-1], "content": f"{messages[-1]['content']}\n{instruction}"}]
+            *history, last = messages
+            if last["role"] == "user":
+                messages = [*history, {**last, "content": self.rm.with_instruction(last["content"])}]
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         *history, last = messages
         if last["role"] != "user":
