@@ -195,6 +195,30 @@ def test_spr_loss_without_pseudo_label_filter_trains_every_step():
     assert (stats["P"], stats["N"], stats["trained_steps"]) == (4, 4, 6)
 
 
+def test_spr_loss_class_guard_trains_a_class_the_filter_emptied():
+    # the collapsed head: every step scored negative, so the filter keeps no step of the correct row
+    s = torch.tensor([[-0.5, -1.0, -2.0], [-0.5, -1.0, -3.0]], requires_grad=True)
+    mask, y = torch.ones(2, 3, dtype=torch.bool), torch.tensor([1, 0])
+    spec, spec_stats = spr_loss(s, mask, y)
+    spec.backward()
+    assert (spec_stats["P"], spec_stats["unfiltered_classes"]) == (1, 0)
+    assert torch.all(s.grad[0] == 0)  # the spec's loss never trains the correct row again
+    s.grad = None
+    guarded, stats = spr_loss(s, mask, y, min_class_share=0.1)
+    # the correct class is trained whole (P = 3 + 1); the wrong class keeps its filter (all 3 agree: N = 4)
+    wp, wn = 1.5 * 4 / 8, 4 / 8
+    num = wp * (softplus(0.5) + softplus(1.0) + softplus(2.0)) + wn * (softplus(-0.5) + softplus(-1.0) + softplus(-3.0))
+    assert guarded.item() == pytest.approx(num / (3 * wp + 3 * wn + 1e-5), rel=1e-6)
+    assert (stats["P"], stats["N"], stats["trained_steps"], stats["unfiltered_classes"]) == (4, 4, 6, 1)
+    guarded.backward()
+    assert torch.all(s.grad[0] < 0)  # descent raises the correct row's step scores
+    # a class the filter keeps enough of is left to the filter: the spec's loss exactly
+    s2, mask2, y2 = _two_trajectories()  # the filter keeps 2 of 3 steps of each class
+    assert spr_loss(s2, mask2, y2, min_class_share=0.5)[0].item() == spr_loss(s2, mask2, y2)[0].item()
+    with pytest.raises(ValueError, match="min_class_share"):
+        spr_loss(s2, mask2, y2, min_class_share=1.5)
+
+
 def test_spr_loss_valid_excludes_rows_and_nan_stats():
     s, mask, y = _two_trajectories()
     loss, stats = spr_loss(s, mask, y, valid=torch.tensor([True, False]))

@@ -43,6 +43,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def unit_float(text: str) -> float:
+    value = _number(text, float)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
 def ensure_writable_dir(path, option: str = "--out") -> Path:
     """Create the folder `path` (with its parents) and check a file can be written in it; ValueError
     naming the option and the reason otherwise (a file in the way, no permission, a read-only disk)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from thinkscale.commands.stage import add_failure_arguments, checkpoint_options, run_training_stage
-from thinkscale.commands.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
+from thinkscale.commands.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, unit_float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--backbone-grad-scale", type=non_negative_float, default=None,
                    help="share of the SPR-loss gradient that reaches the policy (default: the model's reflect "
                         "config, 1e-4 as in the spec)")
+    o.add_argument("--spr-min-class-share", type=unit_float, default=d.spr_min_class_share,
+                   help="SPR loss: an outcome class of which the pseudo-label filter keeps fewer than this share of "
+                        "the scored steps is trained whole that step, so the head cannot settle on scoring every "
+                        f"step low (0: the spec's loss exactly; default {d.spr_min_class_share})")
     o.add_argument("--seed", type=int, default=d.seed, help="seed for prompt order, sampling and the fresh head")
 
     h = parser.add_argument_group("head refit (after training, on training questions, outcome labels only)")
@@ -100,7 +104,7 @@ def options_from_args(args: argparse.Namespace):
         steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size, lr=args.lr,
         head_lr=args.head_lr, clip_ratio=args.clip_ratio, kl_coef=args.kl_coef, entropy_coef=args.entropy_coef,
         grad_clip=args.grad_clip, head_grad_clip=args.head_grad_clip, backbone_grad_scale=args.backbone_grad_scale,
-        updates_per_batch=args.updates_per_batch,
+        updates_per_batch=args.updates_per_batch, spr_min_class_share=args.spr_min_class_share,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         eval_questions=args.eval_questions, eval_samples=args.eval_samples, eval_before=args.eval_before,
         refit_head=args.refit_head, refit=HeadFitOptions(inputs=args.refit_inputs, questions=args.refit_questions,

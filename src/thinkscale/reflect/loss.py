@@ -46,23 +46,30 @@ def spr_loss(
     valid: torch.Tensor | None = None,
     process_group: dist.ProcessGroup | None = None,
     pseudo_label_filter: bool = True,
+    min_class_share: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Self-supervised process reward loss of the SPRM head (spec: "SPR loss").
 
     `pseudo_label_filter=False` trains every scored step on its trajectory's outcome (class-balanced the
     same way). The spec's filter keeps only steps whose prediction already agrees with the outcome; with a
-    fresh head on a small model it can lock in a head that scores every step low (a step of a correct
-    trajectory predicted negative is never trained again), so trainers may warm up without it.
+    fresh head it can lock in a head that scores every step low (a step of a correct trajectory predicted
+    negative is never trained again: the fine-tuned SmolLM2's joint head reached that fixed point in 4
+    steps, docs/real-model.md), so trainers may warm up without it, or set `min_class_share`: an outcome
+    class (correct / wrong) of which the filter keeps fewer than this share of its scored steps is trained
+    on all of them this step. The filter is meant to drop noisy labels, not a whole class; 0 (the
+    default) is the spec's loss exactly.
 
     step_logits (B, T) head logits; mask (B, T) scored positions (`step_mask`); outcome (B,) 1 = final
     answer correct, 0 = wrong; valid (B,) False drops a trajectory entirely (pass
     ``~(truncated & wrong)``). With `process_group`, the class counts P and N are summed over its ranks
-    (all_reduce SUM, no gradient) before the +1 smoothing, so every rank weights by global counts; the
-    final normalization by sum(weight) stays local. Every rank must call this when a group is given.
+    (all_reduce SUM, no gradient) before the +1 smoothing, so every rank weights by global counts (and
+    `min_class_share` decides on global counts); the final normalization by sum(weight) stays local.
+    Every rank must call this when a group is given.
 
     Returns (loss, stats). stats: P, N (smoothed global counts), steps (local scored steps of valid
-    rows), trained_steps (local steps passing the pseudo-label filter), score_correct / score_wrong
-    (mean trajectory score over all rows of that outcome, NaN when the batch has none).
+    rows), trained_steps (local steps trained: passing the filter, or of an unfiltered class),
+    unfiltered_classes (0, 1 or 2 classes trained whole by `min_class_share`), score_correct /
+    score_wrong (mean trajectory score over all rows of that outcome, NaN when the batch has none).
     """
     if step_logits.dim() != 2 or mask.shape != step_logits.shape:
         raise ValueError(
@@ -74,6 +81,8 @@ def spr_loss(
     y_row = outcome.to(step_logits.device, torch.float32)
     if not torch.all((y_row == 0) | (y_row == 1)):
         raise ValueError("outcome must hold only 0 (wrong) and 1 (correct)")
+    if not 0.0 <= min_class_share <= 1.0:
+        raise ValueError(f"min_class_share must be in [0, 1], got {min_class_share}")
     keep = mask.to(torch.bool)
     if valid is not None:
         if valid.shape != (B,):
@@ -83,11 +92,17 @@ def spr_loss(
     s = step_logits.float()
     y = y_row[:, None].expand_as(s)  # (B, T)
     agrees = ((s > 0) & (y == 1)) | ((s < 0) & (y == 0))  # pseudo-label filter
-    w = (keep & agrees if pseudo_label_filter else keep).float().detach()
-    counts = torch.stack([(w * y).sum(), (w * (1 - y)).sum()]).detach()
+    filtered = (keep & agrees if pseudo_label_filter else keep).float().detach()
+    scored = keep.float()
+    # per class: steps passing the filter, and all scored steps (global when a group is given)
+    counts = torch.stack([(filtered * y).sum(), (filtered * (1 - y)).sum(), (scored * y).sum(),
+                          (scored * (1 - y)).sum()]).detach()
     if process_group is not None:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=process_group)
-    P, N = counts[0] + 1.0, counts[1] + 1.0
+    unfiltered = counts[:2] < min_class_share * counts[2:]  # (correct, wrong): the filter emptied the class
+    w = torch.where(y == 1, scored if unfiltered[0] else filtered, scored if unfiltered[1] else filtered)
+    P = (counts[2] if unfiltered[0] else counts[0]) + 1.0
+    N = (counts[3] if unfiltered[1] else counts[1]) + 1.0
     T_ = P + N
     weight = w * (POSITIVE_FACTOR * (N / T_) * y + (P / T_) * (1 - y))
     bce = F.binary_cross_entropy_with_logits(s, y, reduction="none")
@@ -101,6 +116,7 @@ def spr_loss(
             "N": N.item(),
             "steps": float(keep.sum().item()),
             "trained_steps": float(w.sum().item()),
+            "unfiltered_classes": float(unfiltered.sum().item()),
             "score_correct": scores[correct].mean().item() if correct.any() else math.nan,
             "score_wrong": scores[wrong].mean().item() if wrong.any() else math.nan,
         }

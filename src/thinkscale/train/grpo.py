@@ -102,6 +102,10 @@ class GRPOOptions:
     # Steps (from the start) whose SPR loss skips the pseudo-label filter; 0 = the spec's loss throughout.
     # A fresh head on a small policy can collapse to scoring every step low under the filter.
     spr_filter_warmup_steps: int = 0
+    # With the filter on: an outcome class of which it keeps fewer than this share of the scored steps is
+    # trained whole that step (reflect.spr_loss's guard; 0 = the spec's loss exactly). Without it the
+    # fine-tuned SmolLM2's fresh head fell to scoring every step 1e-10 within 4 steps (docs/real-model.md).
+    spr_min_class_share: float = 0.1
     max_new_tokens: int = 96
     temperature: float = 0.8
     top_p: float = 1.0
@@ -131,6 +135,8 @@ class GRPOOptions:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.spr_filter_warmup_steps < 0:
             raise ValueError(f"spr_filter_warmup_steps must be >= 0, got {self.spr_filter_warmup_steps}")
+        if not 0.0 <= self.spr_min_class_share <= 1.0:
+            raise ValueError(f"spr_min_class_share must be in [0, 1], got {self.spr_min_class_share}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2: GRPO compares rollouts within a group, got {self.group_size}")
         for name in ("lr", "head_lr", "clip_ratio"):
@@ -363,7 +369,7 @@ def joint_update(dp, rm, tokenizer, optimizer, batch: RolloutBatch, ref_logp: to
     from ..reflect import spr_loss
 
     spr, spr_stats = spr_loss(out.step_logits, steps, batch.rewards, batch.valid, process_group,
-                              pseudo_label_filter=pseudo_label_filter)
+                              pseudo_label_filter=pseudo_label_filter, min_class_share=options.spr_min_class_share)
     loss = spr + policy_loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
