@@ -100,7 +100,7 @@ def test_joint_update_is_one_backward_of_spr_plus_policy_loss(model_dir, tempera
     mask = rm.step_mask(tokenizer, batch.input_ids, response_start=batch.response_start,
                         attention_mask=batch.attention_mask)
     assert mask.sum() == 6  # one scored position per step
-    spr, _ = spr_loss(out.step_logits, mask, batch.rewards, batch.valid)
+    spr, _ = spr_loss(out.step_logits, mask, batch.rewards, batch.valid, min_class_share=options.spr_min_class_share)
     (spr + policy).backward()
     expected = {n: p.grad.clone() for n, p in rm.named_parameters()}
 
