@@ -96,9 +96,9 @@ def test_from_pretrained_eval_and_serve_load_the_pair(policy_dir, fitted, tmp_pa
 
 
 def test_an_interrupted_run_continues_to_the_uninterrupted_result(policy_dir, fitted, tmp_path, monkeypatch, capsys):
-    import thinkscale.train.grpo as grpo
+    import thinkscale.train.evaluation as evaluation
 
-    real = grpo.outcome_grader
+    real = evaluation.outcome_grader
 
     def stop_in_the_second_batch(rm, task):  # as if the run were killed after its first shard
         grade, calls = real(rm, task), []
@@ -111,11 +111,11 @@ def test_an_interrupted_run_continues_to_the_uninterrupted_result(policy_dir, fi
         return graded
 
     out = tmp_path / "again"
-    monkeypatch.setattr(grpo, "outcome_grader", stop_in_the_second_batch)
+    monkeypatch.setattr(evaluation, "outcome_grader", stop_in_the_second_batch)
     assert main(fit_args(policy_dir, out)) == 130
     assert sorted(p.name for p in (out / "rollouts").iterdir()) == ["plan.json", "shard-00000.pt"]
     assert not (out / HEAD_NAME).exists()
-    monkeypatch.setattr(grpo, "outcome_grader", real)
+    monkeypatch.setattr(evaluation, "outcome_grader", real)
     assert main(fit_args(policy_dir, out)) == 0
 
     for shard in sorted((fitted / "rollouts").glob("shard-*.pt")):

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from thinkscale.tasks.policy import PolicyConfig, build_policy
 from thinkscale.tasks.tokenizer import train_tokenizer
-from thinkscale.train.checkpoint import DONE_MARKER, is_done, load_stage, load_state, save_stage
+from thinkscale.train.checkpoint import DONE_MARKER, is_done, load_state, save_stage
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,11 @@ def test_save_and_load_round_trip(tmp_path, model, tokenizer):
     assert is_done(out)
     assert load_state(out) == {"step": 7}
     assert json.loads((out / "extra.json").read_text()) == {"a": [1, 2]}
-    loaded, loaded_tokenizer, state = load_stage(out)
-    assert state == {"step": 7}
+    # plain transformers loading reads the stage directory
+    loaded, loaded_tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     assert loaded_tokenizer.encode("1 + 2 = 3.\n\n") == tokenizer.encode("1 + 2 = 3.\n\n")
-    # plain transformers loading works on the stage directory too
-    AutoModelForCausalLM.from_pretrained(out)
-    AutoTokenizer.from_pretrained(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]  # no temporaries left
 
 

@@ -171,6 +171,7 @@ def test_training_stages_take_gym_tasks(tmp_path):
     from types import SimpleNamespace
 
     from thinkscale.train import grpo, sft
+    from thinkscale.train.evaluation import outcome_grader
 
     train, evaluation, splits = sft.load_data(sft.SFTOptions(out=str(tmp_path), task_name="gym:gsm_symbolic",
                                                              num_train=4, num_test=2, num_hard=1))
@@ -181,7 +182,7 @@ def test_training_stages_take_gym_tasks(tmp_path):
         sft.load_data(sft.SFTOptions(out=str(tmp_path), task_name=SHORT, num_train=4, num_test=2, num_hard=1))
     # GRPO's reward is the task's grader, reading each record's metadata; records without it are refused
     rm = SimpleNamespace(config=SimpleNamespace(think_tags=("<think>", "</think>")))
-    is_right = grpo.outcome_grader(rm, "gym:countdown")
+    is_right = outcome_grader(rm, "gym:countdown")
     e = Example("Calculate 309 using all of these numbers: 6, 61, 94, 4.", "94*4 - 61 - 6",
                 meta={"metadata": {"numbers": [6, 61, 94, 4], "target": 309}})
     assert is_right(boxed("4 * 94 - (6 + 61)"), e) and not is_right(boxed("94*4 - 61"), e)

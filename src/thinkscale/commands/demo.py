@@ -15,13 +15,13 @@ import logging
 import os
 import sys
 
-from thinkscale.commands.argtypes import ensure_writable_dir, positive_int
+from thinkscale.commands.argtypes import ensure_writable_dir
+from thinkscale.commands.stage import add_parallel_arguments
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from thinkscale.relax import algorithms
     from thinkscale.tasks import registry
 
     parser.description = (
@@ -40,11 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true",
                         help="delete this pipeline's earlier outputs in --out and start from scratch "
                              "(default: resume, skipping finished stages)")
-    parser.add_argument("--nproc", type=positive_int, default=2,
-                        help="local worker processes for training and evaluation (default: 2)")
-    parser.add_argument("--algorithm", default="gradient_allreduce",
-                        help="relax algorithm for SFT and GRPO, one of: " + ", ".join(algorithms.names())
-                             + " (default: gradient_allreduce)")
+    add_parallel_arguments(parser, "gradient_allreduce", nproc=2, what=" for training and evaluation")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for data, initialization, training order and sampling (default: 0)")
 

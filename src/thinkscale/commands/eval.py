@@ -13,7 +13,7 @@ from pathlib import Path
 
 from thinkscale.reflect.select import EFFORT_K
 from thinkscale.commands.argtypes import ensure_writable_dir, positive_int
-from thinkscale.commands.model_args import add_model_arguments, load_model_from_args
+from thinkscale.commands.model_args import add_model_arguments, add_sampling_arguments, load_model_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR",
                         help="output folder (default: runs/eval/<model>-<data>-k<max k>); rerunning into the "
                              "same folder skips the questions already done")
-    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default 0.6)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="repetition penalty, 1 = off (default 1.0; the MetaStone-S1 release used 1.05)")
+    add_sampling_arguments(parser, repetition_penalty=True)
     parser.add_argument("--max-new-tokens", type=positive_int, default=2048,
                         help="longest completion in tokens; longer ones are cut and usually wrong (default 2048)")
     parser.add_argument("--batch-size", type=positive_int, default=None,

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from thinkscale.commands.argtypes import ensure_writable_dir, positive_float, positive_int
-from thinkscale.commands.model_args import add_model_arguments, device, instruction, step_delimiter
+from thinkscale.commands.model_args import add_model_arguments, add_sampling_arguments, device, instruction, step_delimiter
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default), + the step's 4 free confidences, or those alone")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256,
                         help="longest rollout; a longer one is cut, and a cut wrong one is not trained on (default 256)")
-    parser.add_argument("--temperature", type=float, default=d.temperature,
-                        help=f"rollout sampling temperature (default {d.temperature})")
-    parser.add_argument("--top-p", type=float, default=d.top_p, help=f"rollout nucleus mass, 1 = off (default {d.top_p})")
+    add_sampling_arguments(parser, what="rollout sampling", temperature=d.temperature, top_p=d.top_p)
     parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="rows decoded together, a multiple of --samples works best; each batch is one cached "
                              "shard (default 64)")
@@ -109,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from thinkscale.reflect.head_fit import collect_rollouts, fit_head
     from thinkscale.reflect.loading import SMOLLM2, check_model_arg, describe_model, load_model
     from thinkscale.tasks.registry import get_task
-    from thinkscale.train.grpo import outcome_grader
+    from thinkscale.train.evaluation import outcome_grader
 
     # bad input fails here, in one line, before the model loads
     if args.task is None and args.data is None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 
-from thinkscale.commands.stage import add_failure_arguments, checkpoint_options, run_training_stage
+from thinkscale.commands.stage import (add_failure_arguments, add_parallel_arguments, checkpoint_options,
+                                       run_training_stage)
 from thinkscale.commands.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, unit_float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from thinkscale.reflect.head import HEAD_INPUTS
-    from thinkscale.relax import algorithms
     from thinkscale.tasks.registry import help_text
     from thinkscale.train.grpo import GRPOOptions
 
@@ -52,8 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass (1: off)")
 
     o = parser.add_argument_group("optimization")
-    o.add_argument("--nproc", type=positive_int, default=1, help="local worker processes (ignored under torchrun)")
-    o.add_argument("--algorithm", default=d.algorithm, help=f"relax algorithm: {', '.join(algorithms.names())}")
+    add_parallel_arguments(o, d.algorithm)
     o.add_argument("--lr", type=positive_float, default=d.lr, help="policy learning rate (AdamW)")
     o.add_argument("--head-lr", type=positive_float, default=d.head_lr, help="SPRM head learning rate (AdamW)")
     o.add_argument("--updates-per-batch", type=positive_int, default=d.updates_per_batch,

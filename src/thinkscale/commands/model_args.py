@@ -1,5 +1,6 @@
 """The model options `eval`, `serve` and `fit-head` share: --model, --head, --force-head, --step-delimiter,
---instruction, --device, and loading what they name through `reflect.loading` (the one home of model loading)."""
+--instruction, --device, and loading what they name through `reflect.loading` (the one home of model loading);
+and their sampling options, --temperature, --top-p, --repetition-penalty."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,22 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool, model_h
                              "default: the one saved with the head, else none)")
     parser.add_argument("--device", default=None,
                         help="torch device for the model, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, what: str = "sampling", temperature: float | None = None,
+                           top_p: float | None = None, repetition_penalty: bool = False) -> None:
+    """--temperature and --top-p (with `repetition_penalty` also --repetition-penalty); defaults: the
+    MetaStone-S1 release's sampling (`reflect.engine.SAMPLING`) unless a command gives its own."""
+    from thinkscale.reflect.engine import SAMPLING
+
+    temperature = SAMPLING.temperature if temperature is None else temperature
+    top_p = SAMPLING.top_p if top_p is None else top_p
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"{what} temperature, 0 = greedy (default %(default)s)")
+    parser.add_argument("--top-p", type=float, default=top_p, help=f"{what} nucleus mass, 1 = off (default %(default)s)")
+    if repetition_penalty:
+        parser.add_argument("--repetition-penalty", type=float, default=SAMPLING.repetition_penalty,
+                            help="repetition penalty, 1 = off (default %(default)s; the MetaStone-S1 release used 1.05)")
 
 
 def instruction(args: argparse.Namespace) -> str | None:

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from thinkscale.commands.argtypes import positive_float, positive_int
-from thinkscale.commands.model_args import MODEL_HELP, add_model_arguments, device, instruction, step_delimiter
+from thinkscale.commands.model_args import (MODEL_HELP, add_model_arguments, add_sampling_arguments, device, instruction,
+                                             step_delimiter)
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "`search` field): best_of_n (k independent samples, packed with other requests), or a "
                              "search of `thinkscale eval --search` such as prune:signal=confidence or beam:width=4 "
                              "(decoded per request, fewer tokens; default best_of_n)")
-    parser.add_argument("--temperature", type=float, default=0.6, help="default sampling temperature (default 0.6)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="default nucleus mass (default 0.95)")
+    add_sampling_arguments(parser, what="default sampling")
     parser.add_argument("--max-tokens", type=positive_int, default=512,
                         help="completion length when a request gives none, capped by the context (default 512)")
     parser.add_argument("--max-candidates", type=positive_int, default=64,

@@ -14,7 +14,8 @@ import argparse
 import json
 import logging
 
-from thinkscale.commands.stage import add_failure_arguments, checkpoint_options, run_training_stage
+from thinkscale.commands.stage import (add_failure_arguments, add_parallel_arguments, checkpoint_options,
+                                       run_training_stage)
 from thinkscale.commands.argtypes import non_negative_int, positive_int
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ def _operators(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from thinkscale.relax import algorithms
     from thinkscale.tasks.arithmetic import ArithmeticConfig
     from thinkscale.tasks.policy import PolicyConfig
     from thinkscale.tasks.registry import help_text
@@ -70,9 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=positive_int, default=policy.num_heads, help="attention heads")
 
     tr = parser.add_argument_group("training")
-    tr.add_argument("--nproc", type=positive_int, default=1, help="local worker processes (ignored under torchrun)")
-    tr.add_argument("--algorithm", default=defaults.algorithm,
-                    help=f"relax algorithm: {', '.join(algorithms.names())}")
+    add_parallel_arguments(tr, defaults.algorithm)
     tr.add_argument("--steps", type=positive_int, help="optimizer steps (overrides --epochs)")
     tr.add_argument("--epochs", type=float, default=defaults.epochs, help="passes over each rank's data shard")
     tr.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="examples per rank per step")

@@ -10,6 +10,16 @@ from typing import Callable
 from thinkscale.commands.argtypes import ensure_writable_dir, non_negative_int, positive_float, positive_int
 
 
+def add_parallel_arguments(group, algorithm: str, nproc: int = 1, what: str = "") -> None:
+    """--nproc and --algorithm (a relax algorithm by name; an unknown one fails before any worker starts)."""
+    from thinkscale.relax import algorithms
+
+    group.add_argument("--nproc", type=positive_int, default=nproc,
+                       help=f"local worker processes{what} (ignored under torchrun; default %(default)s)")
+    group.add_argument("--algorithm", default=algorithm,
+                       help=f"relax algorithm, one of: {', '.join(algorithms.names())} (default %(default)s)")
+
+
 def add_failure_arguments(parser: argparse.ArgumentParser, defaults) -> None:
     """--save-every, --keep-checkpoints, --resume, --max-restarts, --collective-timeout."""
     from thinkscale.train.launch import DEFAULT_TIMEOUT_S

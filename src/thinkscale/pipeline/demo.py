@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..reflect.engine import SAMPLING
 from ..reflect.evaluate import EvalConfig
 from ..reflect.head_fit import HeadFitOptions
 from ..tasks import THINK_END
@@ -87,8 +88,8 @@ class DemoConfig:
     head_refit: HeadFitOptions | None = field(default_factory=HeadFitOptions)
     # eval (~4 min): sampling as in the MetaStone-S1 release (temperature 0.6, top-p 0.95)
     ks: tuple[int, ...] = EVAL_KS
-    temperature: float = 0.6
-    top_p: float = 0.95
+    temperature: float = SAMPLING.temperature
+    top_p: float = SAMPLING.top_p
     max_new_tokens: int = 128  # enough for the hard split's 5-6 steps; longer answers count as wrong
     eval_batch_size: int | None = 160  # rows decoded together: 5 questions x 32 samples (~20% faster than 32)
     sft_eval_samples: int = 8  # samples per question for the SFT model's pass@1 (same questions, same sampling)

@@ -16,7 +16,8 @@ import platform
 import time
 from pathlib import Path
 
-from ..reflect.evaluate import CANDIDATES_FILE, METRIC_LABELS
+from ..reflect.evaluate import CANDIDATES_FILE
+from ..reflect.report import METRIC_LABELS
 from ..reflect.report import scorer_lines
 from ..reflect.select import EFFORT_K
 from ..train import checkpoint

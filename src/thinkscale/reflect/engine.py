@@ -55,13 +55,26 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """The test-time sampling of the MetaStone-S1 release: the defaults of everything that samples
+    (`sample`, `search`, `thinkscale eval`, `serve`, the demo)."""
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0  # 1 = off; the release's own runs used 1.05
+
+
+SAMPLING = SamplingDefaults()
+
+
+@dataclass(frozen=True)
 class RowSpec:
     """What to decode for one row: prompt ids, its sampling settings, its seed and a caller's tag."""
 
     prompt: Sequence[int]
     max_new_tokens: int
-    temperature: float = 0.6  # 0 = greedy
-    top_p: float = 0.95  # 1.0 = no nucleus filter
+    temperature: float = SAMPLING.temperature  # 0 = greedy
+    top_p: float = SAMPLING.top_p  # 1.0 = no nucleus filter
     seed: int = 0
     tag: Any = None  # the caller's own key (request id, (prompt, sample) index, ...)
 

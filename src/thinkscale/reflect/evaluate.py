@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ..tasks.grading import DEFAULT_TIMEOUT_S, extract_answer, grade
 from ..tasks.jsonl import Example, read_examples
 from .candidate import Candidate
+from .engine import SAMPLING
 from .scorers import scorer_report
 from .select import select
 
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 SampleFn = Callable[[list[str], int, "int | None"], list[list[Candidate]]]
 
 CANDIDATES_FILE = "candidates.jsonl"
-METRIC_LABELS = {"sprm": "sprm", "majority": "maj", "weighted": "weighted", "first": "first", "oracle": "pass"}
 # every strategy the report measures, SPRM variants first, then votes, free-confidence baselines, references
 REPORTED_STRATEGIES = ("sprm", "sprm:agg=min", "sprm:agg=last", "majority", "weighted", "logprob", "confidence",
                        "deepconf:eta=10", "deepconf:eta=90", "deepconf:eta=10,measure=tail", "self_certainty",
@@ -63,9 +63,9 @@ class EvalConfig:
     """How to sample and what to measure. `ks` lists the group sizes; n = max(ks) samples are drawn."""
 
     ks: tuple[int, ...] = (1, 2, 4, 8)
-    temperature: float = 0.6
-    top_p: float = 0.95
-    repetition_penalty: float = 1.0  # 1 = off; the MetaStone-S1 release samples with 1.05
+    temperature: float = SAMPLING.temperature
+    top_p: float = SAMPLING.top_p
+    repetition_penalty: float = SAMPLING.repetition_penalty
     max_new_tokens: int = 2048
     batch_size: int | None = None  # sequences per sampler call; None lets the sampler decide
     seed: int | None = 0

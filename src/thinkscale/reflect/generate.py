@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .candidate import Candidate
-from .engine import RowSpec, decode_rows, row_seed
+from .engine import SAMPLING, RowSpec, decode_rows, row_seed
 from .model import ReflectiveModel
 from .scoring import Features, scores_from_features
 
@@ -47,7 +47,8 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 
 def decode(rm: ReflectiveModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: set[int],
-           pad_id: int, temperature: float = 0.6, top_p: float = 0.95, repetition_penalty: float = 1.0,
+           pad_id: int, temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p,
+           repetition_penalty: float = SAMPLING.repetition_penalty,
            generator: torch.Generator | None = None, keep_features: bool = True,
            keep_signals: bool = True, tokenizer=None) -> list[Decoded]:
     """Decode token-id prompts with the same settings; row seeds are drawn from `generator` (default:
@@ -122,8 +123,9 @@ def pad_token_id(tokenizer, eos_ids: set[int]) -> int:
 
 
 def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]], k: int = 8,
-           temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 512, seed: int | None = None,
-           batch_size: int | None = None, repetition_penalty: float = 1.0, score: bool = True) -> list[list[Candidate]]:
+           temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p, max_new_tokens: int = 512,
+           seed: int | None = None, batch_size: int | None = None, repetition_penalty: float = SAMPLING.repetition_penalty,
+           score: bool = True) -> list[list[Candidate]]:
     """k candidates per prompt, each with SPRM step scores taken from its own generation pass.
 
     prompts: text used verbatim (apply `rm.format_prompt` first) or token ids. Rows (prompt p, sample j)

@@ -23,15 +23,13 @@ from .head import HEAD_INPUTS, NUM_CONFIDENCE_INPUTS, SPRMHead, scale_backbone_g
 from .loss import SCORE_AGGREGATIONS
 from .provenance import HeadRecord, policy_fingerprint, read_record, record_path, write_record
 from .release import RELEASE_HEAD_NAME, load_release_head
+from .sources import load_policy, resolve_model
 from .steps import Delimiter, delimiter_token_ids, release_delimiter, single_token_id, step_mask
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "reflect_config.json"
 HEAD_NAME = "sprm_head.safetensors"
-# what save_pretrained leaves in a model directory (one of each kind)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 # where HF causal LMs keep their decoder blocks
 LAYER_STACK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "transformer.layers",
                      "gpt_neox.layers", "model.language_model.layers")
@@ -82,6 +80,11 @@ class ReflectConfig:
                              f"got {self.score_aggregation!r}")
         if self.step_rules not in STEP_RULES:
             raise ValueError(f"step_rules must be one of {', '.join(STEP_RULES)}, got {self.step_rules!r}")
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write reflect_config.json into `directory` (atomically): the one writer of that file."""
+        write_text_atomic(os.path.join(os.fspath(directory), CONFIG_NAME),
+                          json.dumps(dataclasses.asdict(self), indent=2))
 
 
 @dataclass
@@ -286,7 +289,7 @@ class ReflectiveModel(nn.Module):
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         write_atomic(os.path.join(directory, HEAD_NAME), lambda tmp: save_file(state, tmp))
-        write_text_atomic(os.path.join(directory, CONFIG_NAME), json.dumps(dataclasses.asdict(self.config), indent=2))
+        self.config.save(directory)
         record = HeadRecord(
             trained=self.head_is_trained, hidden_size=self.head.hidden_size, inputs=self.head.inputs,
             aggregation=self.config.score_aggregation, step_delimiter=self.config.step_delimiter,
@@ -302,7 +305,7 @@ class ReflectiveModel(nn.Module):
                         **hf_kwargs: Any) -> "ReflectiveModel":
         """Load a policy and attach a head.
 
-        policy: a model object, or what `loading.resolve_model` takes: a Hugging Face folder (with any HF
+        policy: a model object, or what `sources.resolve_model` takes: a Hugging Face folder (with any HF
         kwargs such as gguf_file or torch_dtype), "smollm2", or a fitted-head folder (`thinkscale fit-head`:
         its record names the policy, which is loaded; its head comes along).
         head: None -> the folder's own head: sprm_head.safetensors, else a MetaStone-S1 release
@@ -316,10 +319,8 @@ class ReflectiveModel(nn.Module):
         """
         policy_dir, head_dir, saved = None, None, {}
         if isinstance(policy, (str, os.PathLike)):
-            from . import loading  # (imported here: loading builds on this module)
-
-            source = loading.resolve_model(policy, gguf_file=hf_kwargs.pop("gguf_file", None))
-            model = loading.load_policy(source, **hf_kwargs)
+            source = resolve_model(policy, gguf_file=hf_kwargs.pop("gguf_file", None))
+            model = load_policy(source, **hf_kwargs)
             policy_dir, head_dir, saved = source.folder, source.head_folder, dict(source.defaults)
         elif isinstance(policy, nn.Module):
             if hf_kwargs:
@@ -394,34 +395,6 @@ def _check_policy(record: HeadRecord, policy: nn.Module, head_file: str, force: 
     if not force:
         raise ValueError(message + "; its scores would be noise here (force_head=True / --force-head uses it anyway)")
     logger.warning("%s; using it anyway (forced)", message)
-
-
-def check_model_dir(path: str | os.PathLike, tokenizer: bool = True) -> None:
-    """ValueError saying what is missing unless `path` is a local directory with a saved causal LM
-    (config.json and weights) and, with `tokenizer`, its tokenizer; loading then fails, if at all, for a
-    reason worth showing.
-
-    Example::
-
-        check_model_dir("runs/sft")        # passes silently, or: ValueError: no model in runs/sft (...)
-    """
-    folder = os.fspath(path)
-    if not os.path.exists(folder):
-        raise ValueError(f"model directory {folder} does not exist")
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder} is a file, not a model directory")
-    config = os.path.join(folder, "config.json")
-    if not os.path.isfile(config) or not any(os.path.isfile(os.path.join(folder, n)) for n in WEIGHT_FILES):
-        raise ValueError(f"no model in {folder} (expected config.json and model.safetensors, as save_pretrained "
-                         "writes them)")
-    try:
-        with open(config, encoding="utf-8") as f:
-            json.load(f)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{config}: not a valid model config ({error})") from None
-    if tokenizer and not any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES):
-        raise ValueError(f"no tokenizer in {folder} (expected tokenizer.json or tokenizer_config.json, as "
-                         "tokenizer.save_pretrained writes them)")
 
 
 def _find_head(head: str | os.PathLike | None, policy_dir: str | None) -> str | None:

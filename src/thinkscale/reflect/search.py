@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 from ..spec import field_types, parse_spec
 from .candidate import Candidate
-from .engine import Row, RowSpec, decode_rows, row_seed
+from .engine import SAMPLING, Row, RowSpec, decode_rows, row_seed
 from .generate import eos_token_ids, eval_mode, check_sampling, encode_prompts, pad_token_id, to_candidate
 from .model import ReflectiveModel
 from .scoring import scores_from_features
@@ -177,8 +177,8 @@ Policy = Callable[[list[Row], _Context], None]
 
 
 def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]], config: SearchConfig,
-           temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 512, seed: int = 0,
-           repetition_penalty: float = 1.0, cancelled: Callable[[], bool] | None = None) -> list[SearchResult]:
+           temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p, max_new_tokens: int = 512, seed: int = 0,
+           repetition_penalty: float = SAMPLING.repetition_penalty, cancelled: Callable[[], bool] | None = None) -> list[SearchResult]:
     """Run `config`'s search on each prompt (text verbatim, or token ids); one SearchResult per prompt.
     `cancelled()` returning True stops every row at its next token (a server's client went away).
 

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from thinkscale.reflect.engine import RowSpec, row_seed
+from thinkscale.reflect.engine import SAMPLING, RowSpec, row_seed
 from thinkscale.reflect.generate import encode_prompt, eos_token_ids, pad_token_id
 from thinkscale.reflect.search import SearchConfig, search
 from thinkscale.reflect.select import select
@@ -92,8 +92,8 @@ class ServeOptions:
     default_effort: str = "medium"
     default_selection: str = "sprm"
     default_search: str = "best_of_n"
-    temperature: float = 0.6
-    top_p: float = 0.95
+    temperature: float = SAMPLING.temperature
+    top_p: float = SAMPLING.top_p
     max_tokens: int = 512
     max_candidates: int = 64
     max_batch: int = 32

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from thinkscale.reflect.engine import SAMPLING
 from thinkscale.reflect.search import SearchConfig
 from thinkscale.reflect.select import EFFORT_K, parse_strategy
 
@@ -43,8 +44,8 @@ class Settings:
     default_effort: str = "medium"
     default_selection: str = "sprm"
     default_search: str = "best_of_n"  # how low/medium/high spend their k rows (reflect.search)
-    temperature: float = 0.6
-    top_p: float = 0.95
+    temperature: float = SAMPLING.temperature
+    top_p: float = SAMPLING.top_p
     max_tokens: int = 512  # when a request gives none (capped by the context)
     max_candidates: int = 64  # n * k of one request
     context: int | None = None  # the model's positions; None = unknown

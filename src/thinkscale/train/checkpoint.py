@@ -2,7 +2,7 @@
 
     save_stage(out, model, tokenizer, state={"step": 500, "loss": 0.21}, extra_json={"reflect_config.json": {...}})
     if is_done(out): ...                                 # a rerun can skip the finished stage
-    model, tokenizer, state = load_stage(out)
+    state = load_state(out)                              # the model: AutoModelForCausalLM.from_pretrained(out)
 
 and, while a stage trains, periodic checkpoints to resume it exactly (every rank calls these):
 
@@ -107,16 +107,6 @@ def load_state(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path} is not a finished stage (no '{DONE_MARKER}' marker)")
     with open(path / STATE_FILE, encoding="utf-8") as f:
         return json.load(f)
-
-
-def load_stage(path: str | os.PathLike, **model_kwargs) -> tuple[Any, Any, dict]:
-    """(model, tokenizer, state) of a finished stage, loaded with the transformers Auto classes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    state = load_state(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, state
 
 
 def remove_stage(path: str | os.PathLike) -> None:

@@ -50,12 +50,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
+from ..reflect.engine import SAMPLING
+from ..reflect.generate import encode_prompt
 from ..reflect.head_fit import HeadFitOptions
 from ..tasks.jsonl import Example, read_examples
 from . import checkpoint
 from .optim import make_optimizer
+from .evaluation import outcome_grader, sample_graded
+from .loop import TrainingLoop
 from .launch import is_main_process, rank, world_size
 from .rl_math import (clipped_policy_loss, entropy_from_logits, group_advantages, k3_kl, masked_mean,
                       pairwise_ranking_accuracy, token_log_probs)
@@ -113,8 +116,8 @@ class GRPOOptions:
     log_every: int = 10
     eval_questions: int = 100
     eval_samples: int = 8
-    eval_temperature: float = 0.6  # test-time sampling of the MetaStone-S1 release
-    eval_top_p: float = 0.95
+    eval_temperature: float = SAMPLING.temperature  # test-time sampling of the MetaStone-S1 release
+    eval_top_p: float = SAMPLING.top_p
     eval_before: bool = False
     # After training: refit the head on many rollouts of the final policy (reflect.head_fit), outcome labels
     # only. The jointly trained head of the demo's policy ranks at chance within a question.
@@ -193,27 +196,6 @@ def pad_rollouts(prompts: list[list[int]], completions: list[list[int]], pad_id:
         response[row, len(p) - 1 : len(p) - 1 + len(c)] = True  # logits at t predict token t + 1
     starts = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     return ids, attention, starts, response
-
-
-def outcome_grader(rm, task: str | None):
-    """grade(completion_text, example) -> bool: the task's grader, or math equivalence with the answer."""
-    from ..tasks.grading import grade
-
-    think_end = rm.config.think_tags[1] if rm.config.think_tags is not None else None
-    if task is None:
-        return lambda text, e: grade(text, e.answer, think_end=think_end)
-    from ..tasks.registry import get_task
-
-    chosen = get_task(task)
-    return lambda text, e: chosen.grade(text, e.question, e.answer, think_end, meta=e.meta)
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt ids the way reflect's sampler encodes text (special tokens unless the text starts with BOS),
-    so training sees exactly the prompts that test-time sampling will."""
-    bos = getattr(tokenizer, "bos_token", None)
-    add_special = not (bos is not None and text.startswith(bos))
-    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
 def prompt_batches(examples: list[Example], per_step: int, seed: int, rank_: int):
@@ -447,18 +429,15 @@ def step_metrics(batch: RolloutBatch, info: dict, update_stats: list[dict], grou
 def evaluate(rm, tokenizer, examples: list[Example], options: GRPOOptions) -> dict:
     """Greedy pass@1, and `eval_samples` sampled answers per question scored by the SPRM: their mean
     accuracy, the accuracy of the SPRM's pick (best-of-k), and the score separation."""
-    from ..reflect import sample
-
     is_right = outcome_grader(rm, options.task)
-    prompts = [encode_prompt(tokenizer, rm.format_prompt(e.question, tokenizer)) for e in examples]
     start = time.perf_counter()
-    greedy = sample(rm, tokenizer, prompts, k=1, temperature=0.0, top_p=1.0, max_new_tokens=options.max_new_tokens,
-                    batch_size=64, score=False)
-    pass_at_1 = sum(is_right(g[0].text, e) for g, e in zip(greedy, examples)) / len(examples)
+    _, greedy = sample_graded(rm, tokenizer, examples, is_right, k=1, temperature=0.0, top_p=1.0,
+                              max_new_tokens=options.max_new_tokens, score=False)
+    pass_at_1 = float(greedy.float().mean())
     k = options.eval_samples
-    groups = sample(rm, tokenizer, prompts, k=k, temperature=options.eval_temperature, top_p=options.eval_top_p,
-                    max_new_tokens=options.max_new_tokens, seed=options.seed + 12345, batch_size=64)
-    correct = torch.tensor([[is_right(c.text, e) for c in g] for g, e in zip(groups, examples)])
+    groups, correct = sample_graded(rm, tokenizer, examples, is_right, k=k, temperature=options.eval_temperature,
+                                    top_p=options.eval_top_p, max_new_tokens=options.max_new_tokens,
+                                    seed=options.seed + 12345)
     scores = torch.tensor([[c.score for c in g] for g in groups])
     best = scores.argmax(dim=1)
     wins, pairs = pairwise_ranking_accuracy(scores.flatten(), correct.flatten(), k)
@@ -485,71 +464,24 @@ def run_grpo(options: GRPOOptions) -> dict | None:
     train, evaluation = load_data(options)
     rm, tokenizer = load_model(options)
     evaluation = evaluation[: options.eval_questions]
-    options_json = checkpoint.jsonable(asdict(options))
-    resumed = checkpoint.resume_point(options.out, options_json, options.resume)
-    summary: dict = {} if resumed is None else resumed[2]["summary"]
-    if options.eval_before and evaluation and is_main_process() and resumed is None:
+    loop = TrainingLoop(options.out, checkpoint.jsonable(asdict(options)), resume=options.resume,
+                        total_steps=options.steps, save_every=options.save_every,
+                        keep_checkpoints=options.keep_checkpoints)
+    summary: dict = {} if loop.resumed is None else loop.resumed[2]["summary"]
+    if options.eval_before and evaluation and is_main_process() and loop.resumed is None:
         summary["eval_before"] = evaluate(rm, tokenizer, evaluation, options)
         logger.info("before GRPO: %s", _format_eval(summary["eval_before"]))
-    reference = copy.deepcopy(rm.policy).eval().requires_grad_(False)
+    reference = copy.deepcopy(rm.policy).eval().requires_grad_(False)  # before the wrapper hooks the policy
     optimizer = build_optimizer(rm, options)
     dp = DataParallel(rm, optimizer, algorithm=options.algorithm)
-    process_group = dist.group.WORLD if world_size() > 1 else None
     local = train[rank()::world_size()][: len(train) // world_size()]  # same number of prompts per rank
-    prompts = prompt_batches(local, options.prompts_per_step, options.seed, rank())
-    history: list[dict] = []
-    first_step, time_before = 0, 0.0
-    if resumed is not None:
-        first_step, mine, shared = resumed
-        dp.load_state_dict(mine["model"])  # policy, head and the relax algorithm's state
-        optimizer.load_state_dict(mine["optimizer"])
-        reference.load_state_dict(shared["reference"])
-        history, time_before = shared["history"], shared["train_time_s"]
-        checkpoint.set_rng_state(mine["rng"])  # last: nothing may draw from the generators after this
-    for _ in range(first_step):
-        next(prompts)  # the data position: the prompts an uninterrupted run takes next
     if is_main_process():
         logger.info("GRPO: %d prompts on %d rank(s), %d steps of %d x %d prompts x %d rollouts, head %s, "
                     "algorithm %s", len(train), world_size(), options.steps, world_size(), options.prompts_per_step,
                     options.group_size, "trained" if rm.head_is_trained else "fresh", options.algorithm)
-
-    start = time.perf_counter() - time_before  # train_time_s counts the time before a resume too
-    progress = tqdm(total=options.steps, initial=first_step, desc="grpo", disable=not is_main_process(),
-                    dynamic_ncols=True)
-    try:
-        for step in range(first_step, options.steps):
-            step_start = time.perf_counter()
-            seed = options.seed * 1_000_003 + step * world_size() + rank()
-            batch, info = collect_rollouts(rm, tokenizer, next(prompts), options, seed)
-            rollout_time = time.perf_counter() - step_start
-            ref_logp = reference_log_probs(reference, batch, logit_temperature(options))
-            old_logp, update_stats = None, []
-            for _ in range(options.updates_per_batch):
-                old_logp, stats = joint_update(dp, rm, tokenizer, optimizer, batch, ref_logp, old_logp, options,
-                                               process_group, step >= options.spr_filter_warmup_steps)
-                update_stats.append(stats)
-            metrics = step_metrics(batch, info, update_stats, options.group_size)
-            metrics = {"step": step + 1, **metrics, "rollout_time_s": rollout_time,
-                       "step_time_s": time.perf_counter() - step_start, "elapsed_s": time.perf_counter() - start}
-            history.append(metrics)
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.2f}", gap=_fmt(metrics["score_gap"]))
-            if is_main_process() and ((step + 1) % options.log_every == 0 or step + 1 == options.steps):
-                logger.info("step %d/%d reward %.3f spr %.4f score correct %s wrong %s pair-acc %s kl %.4f "
-                            "entropy %.3f clip %.3f %.2f s/step", step + 1, options.steps, metrics["reward_mean"],
-                            metrics["spr_loss"], _fmt(metrics["score_correct"]), _fmt(metrics["score_wrong"]),
-                            _fmt(metrics["score_pair_acc"]), metrics["kl"], metrics["entropy"], metrics["clip_frac"],
-                            metrics["step_time_s"])
-            if checkpoint.checkpoint_due(step + 1, options.steps, options.save_every):
-                mine = {"model": dp.state_dict(), "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state()}
-                shared = {"history": history, "train_time_s": time.perf_counter() - start,
-                          "reference": reference.state_dict(), "summary": summary}
-                checkpoint.save_checkpoint(options.out, step + 1, mine, shared, options_json,
-                                           options.keep_checkpoints)
-    finally:
-        progress.close()
-        dp.close()
-    train_time = time.perf_counter() - start
+    stage = GRPOStage(options, rm, tokenizer, dp, optimizer, reference, local, summary)
+    result = loop.run(stage, dp, optimizer)
+    history, train_time = result.history, result.train_time_s
     refit_stats = refit_head(rm, tokenizer, train, options) if options.refit_head else None
     if not is_main_process():
         return None  # rank 0 evaluates and saves alone: no collective after this point
@@ -578,6 +510,62 @@ def run_grpo(options: GRPOOptions) -> dict | None:
     state = {"stage": "grpo", "options": asdict(options), **summary}
     checkpoint.save_stage(options.out, rm, tokenizer, state=state, write_extra=write_extra)
     return summary
+
+
+class GRPOStage:
+    """The GRPO + SPR step for `loop.TrainingLoop`: rollouts, then `updates_per_batch` joint updates against
+    the frozen starting policy (the KL reference, saved in checkpoints); a record every step."""
+
+    name = "grpo"
+
+    def __init__(self, options: GRPOOptions, rm, tokenizer, dp, optimizer, reference, prompts: list[Example],
+                 summary: dict):
+        self.options, self.rm, self.tokenizer, self.dp, self.optimizer = options, rm, tokenizer, dp, optimizer
+        self.reference = reference  # the frozen starting policy: the KL term's reference
+        self.summary = summary  # what the run measured before training (eval_before), carried by checkpoints
+        self.process_group = dist.group.WORLD if world_size() > 1 else None
+        self.prompts = prompt_batches(prompts, options.prompts_per_step, options.seed, rank())
+        self.time_before = 0.0  # training time before a resume (records' elapsed_s counts it)
+        self.start = time.perf_counter()
+
+    def skip(self, steps: int) -> None:
+        for _ in range(steps):
+            next(self.prompts)
+        self.start = time.perf_counter() - self.time_before
+
+    def step(self, step: int) -> dict:
+        options = self.options
+        step_start = time.perf_counter()
+        seed = options.seed * 1_000_003 + step * world_size() + rank()
+        batch, info = collect_rollouts(self.rm, self.tokenizer, next(self.prompts), options, seed)
+        rollout_time = time.perf_counter() - step_start
+        ref_logp = reference_log_probs(self.reference, batch, logit_temperature(options))
+        old_logp, update_stats = None, []
+        for _ in range(options.updates_per_batch):
+            old_logp, stats = joint_update(self.dp, self.rm, self.tokenizer, self.optimizer, batch, ref_logp,
+                                           old_logp, options, self.process_group,
+                                           step >= options.spr_filter_warmup_steps)
+            update_stats.append(stats)
+        metrics = step_metrics(batch, info, update_stats, options.group_size)
+        metrics = {"step": step + 1, **metrics, "rollout_time_s": rollout_time,
+                   "step_time_s": time.perf_counter() - step_start, "elapsed_s": time.perf_counter() - self.start}
+        if is_main_process() and ((step + 1) % options.log_every == 0 or step + 1 == options.steps):
+            logger.info("step %d/%d reward %.3f spr %.4f score correct %s wrong %s pair-acc %s kl %.4f "
+                        "entropy %.3f clip %.3f %.2f s/step", step + 1, options.steps, metrics["reward_mean"],
+                        metrics["spr_loss"], _fmt(metrics["score_correct"]), _fmt(metrics["score_wrong"]),
+                        _fmt(metrics["score_pair_acc"]), metrics["kl"], metrics["entropy"], metrics["clip_frac"],
+                        metrics["step_time_s"])
+        return metrics
+
+    def postfix(self, record: dict) -> dict[str, str]:
+        return {"reward": f"{record['reward_mean']:.2f}", "gap": _fmt(record["score_gap"])}
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        return {}, {"reference": self.reference.state_dict(), "summary": self.summary}
+
+    def load_checkpoint_state(self, mine: dict, shared: dict) -> None:
+        self.reference.load_state_dict(shared["reference"])
+        self.time_before = shared["train_time_s"]
 
 
 def refit_head(rm, tokenizer, train: list[Example], options: GRPOOptions) -> dict | None:

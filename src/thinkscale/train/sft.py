@@ -27,17 +27,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from ..tasks import THINK_END, completion_from_solution, format_prompt, reflect_config
+from ..tasks import completion_from_solution, format_prompt, reflect_config
 from ..tasks.arithmetic import ArithmeticConfig
 from ..tasks.jsonl import Example, example_from_record, read_examples, write_jsonl
-from ..tasks.grading import grade
 from ..tasks.policy import PolicyConfig, build_policy, count_parameters
 from ..tasks.registry import check_solutions, get_task
+from ..reflect.model import ReflectConfig
 from ..relax import DataParallel
 from ..tasks.tokenizer import train_tokenizer
 from . import checkpoint
+from .evaluation import outcome_grader, sample_graded
+from .loop import TrainingLoop
 from .optim import make_optimizer
 from .launch import is_main_process, rank, world_size
 
@@ -237,32 +238,24 @@ def check_same_tokenizer_everywhere(tokenizer) -> None:
 
 def evaluate_pass_at_1(model, tokenizer, examples: list[Example], temperature: float, max_new_tokens: int,
                        seed: int, task_name: str | None = None) -> dict:
-    """pass@1 with reflect's sampler and math grading (or a task's grader): one sample per question
-    (greedy at temperature 0)."""
-    from ..reflect import ReflectiveModel, sample
+    """pass@1 in the task format with reflect's sampler and math grading (or a task's grader): one sample
+    per question (greedy at temperature 0)."""
+    from ..reflect import ReflectiveModel
 
-    reflective = ReflectiveModel(model, config=None)
-    prompts = [format_prompt(e.question) for e in examples]
-    candidates = sample(reflective, tokenizer, prompts, k=1, temperature=temperature, top_p=1.0,
-                        max_new_tokens=max_new_tokens, seed=seed, batch_size=64, score=False)
-    if task_name is None:
-        correct = [grade(c[0].text, e.answer, think_end=THINK_END) for c, e in zip(candidates, examples)]
-    else:
-        task = get_task(task_name)
-        correct = [task.grade(c[0].text, e.question, e.answer, THINK_END, meta=e.meta)
-                   for c, e in zip(candidates, examples)]
-    finished = sum(c[0].finished for c in candidates)
+    reflective = ReflectiveModel(model, config=ReflectConfig(**reflect_config()))
+    candidates, correct = sample_graded(reflective, tokenizer, examples, outcome_grader(reflective, task_name), k=1,
+                                        temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed,
+                                        score=False)
+    right = correct[:, 0].tolist()
     return {
-        "pass@1": sum(correct) / len(correct),
-        "questions": len(correct),
-        "finished": finished / len(correct),
+        "pass@1": sum(right) / len(right),
+        "questions": len(right),
+        "finished": sum(c[0].finished for c in candidates) / len(right),
         "temperature": temperature,
         "samples": [{"question": e.question, "answer": e.answer, "completion": c[0].text, "correct": ok}
-                    for e, c, ok in list(zip(examples, candidates, correct))[:5]],
+                    for e, c, ok in list(zip(examples, candidates, right))[:5]],
     }
 
-
-# ----------------------------------------------------------------------------- the stage
 
 def training_device() -> torch.device:
     """This rank's GPU when CUDA is available (LOCAL_RANK picks it), else the CPU."""
@@ -304,63 +297,13 @@ def run_sft(options: SFTOptions) -> dict | None:
         logger.info("SFT: %d parameters, %d examples on %d rank(s), %d steps of %d x %d, algorithm %s",
                     count_parameters(model), len(encoded), world_size(), total_steps, world_size(),
                     options.batch_size, options.algorithm)
-
-    history, window_loss, window_tokens, total_tokens, first_step, time_before = [], 0.0, 0, 0, 0, 0.0
-    options_json = checkpoint.jsonable(asdict(options))
-    resumed = checkpoint.resume_point(options.out, options_json, options.resume)
-    if resumed is not None:
-        first_step, mine, shared = resumed
-        dp.load_state_dict(mine["model"])  # weights and the relax algorithm's state
-        optimizer.load_state_dict(mine["optimizer"])
-        scheduler.load_state_dict(mine["scheduler"])
-        window_loss, window_tokens, total_tokens = mine["window_loss"], mine["window_tokens"], mine["total_tokens"]
-        history, time_before = shared["history"], shared["train_time_s"]
-        checkpoint.set_rng_state(mine["rng"])  # last: nothing may draw from the generators after this
-    window_start = time.perf_counter()
-    start = window_start - time_before  # train_time_s counts the time before a resume too
-    data = batches(local, options.batch_size, options.seed, rank())
-    for _ in range(first_step):
-        next(data)  # the data position: the batches an uninterrupted run sees next
-    progress = tqdm(total=total_steps, initial=first_step, desc="sft", disable=not is_main_process(),
-                    dynamic_ncols=True)
-    try:
-        for step in range(first_step, total_steps):
-            batch = {k: v.to(device) for k, v in collate(next(data), tokenizer.pad_token_id).items()}
-            loss = dp(**batch).loss
-            loss.backward()
-            if options.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens = int(batch["attention_mask"].sum())
-            window_loss += loss.item()
-            window_tokens += tokens
-            total_tokens += tokens
-            progress.update(1)
-            if (step + 1) % options.log_every == 0 or step + 1 == total_steps:
-                stats = _reduce_mean([window_loss / ((step % options.log_every) + 1), window_tokens])
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step + 1, "loss": stats[0],
-                          "tokens_per_s": stats[1] * world_size() / elapsed, "lr": scheduler.get_last_lr()[0]}
-                history.append(record)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if is_main_process():
-                    logger.info("step %d/%d loss %.4f tokens/s %.0f lr %.2e", step + 1, total_steps,
-                                record["loss"], record["tokens_per_s"], record["lr"])
-                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            if checkpoint.checkpoint_due(step + 1, total_steps, options.save_every):
-                mine = {"model": dp.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
-                        "window_loss": window_loss, "window_tokens": window_tokens, "total_tokens": total_tokens}
-                shared = {"history": history, "train_time_s": time.perf_counter() - start}
-                checkpoint.save_checkpoint(options.out, step + 1, mine, shared, options_json,
-                                           options.keep_checkpoints)
-    finally:
-        progress.close()
-        dp.close()
-    train_time = time.perf_counter() - start
-    total_tokens = _reduce_mean([total_tokens])[0] * world_size()
+    loop = TrainingLoop(options.out, checkpoint.jsonable(asdict(options)), resume=options.resume,
+                        total_steps=total_steps, save_every=options.save_every,
+                        keep_checkpoints=options.keep_checkpoints)
+    stage = SFTStage(options, dp, optimizer, scheduler, local, tokenizer.pad_token_id, total_steps, device)
+    result = loop.run(stage, dp, optimizer)
+    history, train_time = result.history, result.train_time_s
+    total_tokens = _reduce_mean([stage.total_tokens])[0] * world_size()
     if not is_main_process():
         return None  # rank 0 evaluates and saves alone: no collective after this point
 
@@ -385,15 +328,73 @@ def run_sft(options: SFTOptions) -> dict | None:
         logger.info("pass@1 on %d test questions: %.3f (%.1f s)", summary["eval"]["questions"],
                     summary["eval"]["pass@1"], summary["eval"]["time_s"])
 
-    def write_splits(stage_dir: Path) -> None:
+    def write_extra(stage_dir: Path) -> None:
+        ReflectConfig(**reflect_config()).save(stage_dir)  # the task format's prompt, delimiter and think tags
         for name, examples in splits.items():
             write_jsonl(stage_dir / "data" / f"{name}.jsonl", (e.to_record() for e in examples))
         checkpoint.carry_checkpoints(options.out, stage_dir)
 
     state = {"stage": "sft", "options": checkpoint.jsonable(asdict(options)), **summary}
-    checkpoint.save_stage(options.out, model, tokenizer, state=state,
-                          extra_json={"reflect_config.json": reflect_config()}, write_extra=write_splits)
+    checkpoint.save_stage(options.out, model, tokenizer, state=state, write_extra=write_extra)
     return summary
+
+
+class SFTStage:
+    """The SFT step for `loop.TrainingLoop`: one batch, clip, step; a record every `log_every` steps with
+    the mean loss and tokens/s of the window since the last one."""
+
+    name = "sft"
+
+    def __init__(self, options: SFTOptions, dp, optimizer, scheduler, examples: list, pad_id: int,
+                 total_steps: int, device: torch.device):
+        self.options, self.dp, self.optimizer, self.scheduler = options, dp, optimizer, scheduler
+        self.pad_id, self.total_steps, self.device = pad_id, total_steps, device
+        self.data = batches(examples, options.batch_size, options.seed, rank())
+        self.window_loss, self.window_tokens, self.total_tokens = 0.0, 0, 0
+        self.window_start = time.perf_counter()
+
+    def skip(self, steps: int) -> None:
+        for _ in range(steps):
+            next(self.data)
+        self.window_start = time.perf_counter()
+
+    def step(self, step: int) -> dict | None:
+        options = self.options
+        batch = {k: v.to(self.device) for k, v in collate(next(self.data), self.pad_id).items()}
+        loss = self.dp(**batch).loss
+        loss.backward()
+        if options.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.dp.module.parameters(), options.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = int(batch["attention_mask"].sum())
+        self.window_loss += loss.item()
+        self.window_tokens += tokens
+        self.total_tokens += tokens
+        if (step + 1) % options.log_every != 0 and step + 1 != self.total_steps:
+            return None
+        stats = _reduce_mean([self.window_loss / ((step % options.log_every) + 1), self.window_tokens])
+        elapsed = time.perf_counter() - self.window_start
+        record = {"step": step + 1, "loss": stats[0], "tokens_per_s": stats[1] * world_size() / elapsed,
+                  "lr": self.scheduler.get_last_lr()[0]}
+        if is_main_process():
+            logger.info("step %d/%d loss %.4f tokens/s %.0f lr %.2e", step + 1, self.total_steps, record["loss"],
+                        record["tokens_per_s"], record["lr"])
+        self.window_loss, self.window_tokens, self.window_start = 0.0, 0, time.perf_counter()
+        return record
+
+    def postfix(self, record: dict) -> dict[str, str]:
+        return {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        return ({"scheduler": self.scheduler.state_dict(), "window_loss": self.window_loss,
+                 "window_tokens": self.window_tokens, "total_tokens": self.total_tokens}, {})
+
+    def load_checkpoint_state(self, mine: dict, shared: dict) -> None:
+        self.scheduler.load_state_dict(mine["scheduler"])
+        self.window_loss, self.window_tokens = mine["window_loss"], mine["window_tokens"]
+        self.total_tokens = mine["total_tokens"]
 
 
 def _reduce_mean(values: list[float]) -> list[float]:
