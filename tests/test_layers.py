@@ -61,6 +61,9 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     assert upward_imports(bad, src) == ["thinkscale.reflect.generate _eos_ids", "thinkscale.serve.app",
                                         "thinkscale reflect"]
     assert private_crossings(bad, src) == ["bad.py:5 thinkscale.reflect.generate _eos_ids"]
+    (src / "spec.py").write_text("")
+    assert imported_packages("tasks", src) == {"spec": ["tasks/bad.py:3"], "reflect": ["tasks/bad.py:5", "tasks/bad.py:7"],
+                                               "serve": ["tasks/bad.py:6"]}
 
 
 @pytest.mark.parametrize("path", sorted((SRC / "tasks").rglob("*.py")), ids=lambda p: p.name)
@@ -179,3 +182,37 @@ def test_only_the_bench_command_reaches_bench():
                     for module, name, _ in imports(path)
                     if package_of(module) == "bench" or (package_of(module) == "" and name == "bench")})
     assert users == []
+
+
+# the README's Layout table: what each package may import ("" = the top-level modules spec.py and cli.py)
+ALLOWED = {
+    "relax": set(),
+    "tasks": {"spec"},
+    "reflect": {"tasks", "spec"},
+    "train": {"reflect", "relax", "tasks", "spec"},
+    "serve": {"reflect", "tasks", "spec"},
+    "pipeline": {"train", "reflect", "relax", "tasks", "spec"},
+    "commands": {"pipeline", "serve", "train", "reflect", "relax", "tasks", "spec", "cli"},
+    "bench": {"commands", "pipeline", "serve", "train", "reflect", "relax", "tasks", "spec", "cli"},
+}
+
+
+def imported_packages(package: str, src: Path = SRC) -> dict[str, list[str]]:
+    """Each thinkscale package (or top-level module: spec, cli) `package` imports -> where."""
+    found: dict[str, list[str]] = {}
+    for path in sorted((src / package).rglob("*.py")):
+        for module, name, line in imports(path, src):
+            target = package_of(module, src)
+            if target is None or target == package:
+                continue
+            if target == "":  # thinkscale itself: a top-level module or a package named by `from thinkscale import X`
+                target = name if name is not None and ((src / name).is_dir() or (src / f"{name}.py").is_file()) \
+                    else (module[1] if len(module) > 1 else "thinkscale")
+            found.setdefault(target, []).append(f"{path.relative_to(src)}:{line}")
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_each_package_imports_only_what_the_layout_allows(package):
+    extra = {target: where for target, where in imported_packages(package).items() if target not in ALLOWED[package]}
+    assert extra == {}

@@ -12,6 +12,13 @@ class Candidate:
     `score` is their geometric mean (0.0 when the trajectory has no step). `step_ends[j]` is the index in
     `token_ids` of step j's delimiter token. The `token_*` lists hold the free confidence signals of each
     generated token (see `reflect.confidence`); empty for candidates recorded before they existed.
+
+        >>> from thinkscale.reflect import Candidate
+        >>> c = Candidate(prompt_index=0, sample_index=3, text="2 + 2 = 4", token_ids=[7, 9, 11],
+        ...               step_scores=[0.9, 0.6], score=0.73, finished=True, truncated=False,
+        ...               num_prompt_tokens=5, num_generated_tokens=3, extra={"answer": "4"})
+        >>> Candidate.from_dict(c.to_dict()) == c     # a line of `thinkscale eval`'s candidates.jsonl
+        True
     """
 
     prompt_index: int

@@ -60,7 +60,13 @@ REPORTED_STRATEGIES = ("sprm", "sprm:agg=min", "sprm:agg=last", "majority", "wei
 
 @dataclass
 class EvalConfig:
-    """How to sample and what to measure. `ks` lists the group sizes; n = max(ks) samples are drawn."""
+    """How to sample and what to measure. `ks` lists the group sizes; n = max(ks) samples are drawn.
+
+        >>> from thinkscale.reflect import EvalConfig
+        >>> config = EvalConfig(ks=(1, 8, 32), task="countdown")   # 32 samples a question, selectors at 1, 8, 32
+        >>> config.temperature, config.top_p                      # the MetaStone-S1 release's sampling
+        (0.6, 0.95)
+    """
 
     ks: tuple[int, ...] = (1, 2, 4, 8)
     temperature: float = SAMPLING.temperature

@@ -124,8 +124,8 @@ def pad_token_id(tokenizer, eos_ids: set[int]) -> int:
 
 def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]], k: int = 8,
            temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p, max_new_tokens: int = 512,
-           seed: int | None = None, batch_size: int | None = None, repetition_penalty: float = SAMPLING.repetition_penalty,
-           score: bool = True) -> list[list[Candidate]]:
+           seed: int | None = None, batch_size: int | None = None,
+           repetition_penalty: float = SAMPLING.repetition_penalty, score: bool = True) -> list[list[Candidate]]:
     """k candidates per prompt, each with SPRM step scores taken from its own generation pass.
 
     prompts: text used verbatim (apply `rm.format_prompt` first) or token ids. Rows (prompt p, sample j)
@@ -134,6 +134,19 @@ def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
     (and `thinkscale serve` gives the same as this for a request with that seed). Without a seed the
     row seeds come from torch's global RNG. temperature 0 is greedy; top_p 1.0 disables nucleus filtering.
     Returns one list of k Candidates per prompt; `score=False` skips scoring (scores are then empty/0).
+
+        >>> from thinkscale.tasks.tokenizer import train_tokenizer
+        >>> tokenizer = train_tokenizer(["What is 1 + 2?\\n<think>\\n1 + 2 = 3.\\n\\n</think>\\n\\\\boxed{3}"])
+        >>> from thinkscale.reflect import ReflectiveModel
+        >>> from thinkscale.tasks.policy import PolicyConfig, build_policy
+        >>> tiny = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+        >>> rm = ReflectiveModel(build_policy(tiny, tokenizer, seed=0))   # a fresh head on its hidden states
+        >>> from thinkscale.reflect import sample, select
+        >>> groups = sample(rm, tokenizer, [rm.format_prompt("What is 1 + 2?", tokenizer)], k=4, max_new_tokens=8,
+        ...                 seed=0)
+        >>> len(groups), len(groups[0]), all(0.0 <= c.score <= 1.0 for c in groups[0])
+        (1, 4, True)
+        >>> best = select(groups[0], "sprm")                 # the SPRM's pick of the 4
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")

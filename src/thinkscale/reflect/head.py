@@ -18,6 +18,14 @@ class SPRMHead(nn.Module):
     - "confidence": the step's free confidences alone, d = 4 (the hidden width stays 2c).
     Returns one logit per position, shape (...); the sigmoid is the step score. Default PyTorch init;
     dropout is active in `train()` mode only.
+
+        >>> import torch
+        >>> from thinkscale.reflect import SPRMHead
+        >>> head = SPRMHead(hidden_size=16).eval()
+        >>> head(torch.randn(3, 5, 16)).shape                   # one logit per position
+        torch.Size([3, 5])
+        >>> sum(p.numel() for p in head.parameters()) == 2 * 16**2 + 4 * 16 + 1
+        True
     """
 
     def __init__(self, hidden_size: int, dropout: float = 0.5, inputs: str = "features") -> None:

@@ -19,6 +19,15 @@ def trajectory_score(step_logits: torch.Tensor, mask: torch.Tensor, aggregation:
 
     aggregation: "geomean" (the spec): exp(mean log p); "min": the weakest step; "last": the final step.
     `step_logits` and `mask` have shape (..., T); returns shape (...). 0.0 where a row has no step.
+
+        >>> import torch
+        >>> from thinkscale.reflect import trajectory_score
+        >>> logits = torch.tensor([[0.0, 0.0], [2.0, -2.0], [5.0, 5.0]])
+        >>> mask = torch.tensor([[True, True], [True, True], [False, False]])
+        >>> trajectory_score(logits, mask)       # sqrt(sigmoid(2) * sigmoid(-2)) = 0.3240; no step: 0
+        tensor([0.5000, 0.3240, 0.0000])
+        >>> trajectory_score(logits, mask, "min")
+        tensor([0.5000, 0.1192, 0.0000])
     """
     if step_logits.shape != mask.shape:
         raise ValueError(f"step_logits {tuple(step_logits.shape)} and mask {tuple(mask.shape)} differ in shape")
@@ -70,6 +79,15 @@ def spr_loss(
     rows), trained_steps (local steps trained: passing the filter, or of an unfiltered class),
     unfiltered_classes (0, 1 or 2 classes trained whole by `min_class_share`), score_correct /
     score_wrong (mean trajectory score over all rows of that outcome, NaN when the batch has none).
+
+        >>> import torch
+        >>> from thinkscale.reflect import spr_loss
+        >>> logits = torch.tensor([[2.0, -1.0], [-3.0, 0.5]], requires_grad=True)  # 2 trajectories x 2 steps
+        >>> loss, stats = spr_loss(logits, torch.ones(2, 2, dtype=torch.bool), torch.tensor([1, 0]))
+        >>> stats["steps"], stats["trained_steps"]     # the filter keeps the steps that agree with the outcome
+        (4.0, 2.0)
+        >>> loss.backward(); logits.grad[0, 1] == 0    # a step of a right answer scored low is not trained
+        tensor(True)
     """
     if step_logits.dim() != 2 or mask.shape != step_logits.shape:
         raise ValueError(

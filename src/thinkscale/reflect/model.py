@@ -44,7 +44,13 @@ RELEASE_CONFIG = {"step_rules": "release", "head_inputs": "features", "score_agg
 
 @dataclass
 class ReflectConfig:
-    """What the reflective model needs besides the policy weights; saved as reflect_config.json."""
+    """What the reflective model needs besides the policy weights; saved as reflect_config.json.
+
+        >>> from thinkscale.reflect import ReflectConfig
+        >>> config = ReflectConfig(step_delimiter="\\n", think_tags=None)   # a chat model: a step a line
+        >>> config.head_inputs, config.score_aggregation                 # the spec's head and score
+        ('features', 'geomean')
+    """
 
     step_delimiter: str = ".\n\n"
     think_tags: tuple[str, str] | None = ("<think>", "</think>")
@@ -156,7 +162,22 @@ def _hidden_size(policy: nn.Module) -> int:
 
 
 class ReflectiveModel(nn.Module):
-    """Policy LM (`.policy`) + SPRM head (`.head`); `forward` returns policy logits and step logits."""
+    """Policy LM (`.policy`) + SPRM head (`.head`); `forward` returns policy logits and step logits.
+
+    A pretrained one loads with `ReflectiveModel.from_pretrained(folder)` (or "smollm2", or a `thinkscale
+    fit-head` folder); a policy object gets a fresh head:
+
+        >>> from thinkscale.tasks.tokenizer import train_tokenizer
+        >>> tokenizer = train_tokenizer(["What is 1 + 2?\\n<think>\\n1 + 2 = 3.\\n\\n</think>\\n\\\\boxed{3}"])
+        >>> from thinkscale.reflect import ReflectiveModel
+        >>> from thinkscale.tasks.policy import PolicyConfig, build_policy
+        >>> tiny = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+        >>> rm = ReflectiveModel(build_policy(tiny, tokenizer, seed=0))   # a fresh head on its hidden states
+        >>> import torch
+        >>> out = rm(torch.tensor([[1, 2, 3]]))
+        >>> out.logits.shape, out.step_logits.shape      # (batch, positions, vocabulary); one step logit a position
+        (torch.Size([1, 3, 277]), torch.Size([1, 3]))
+    """
 
     def __init__(self, policy: nn.Module, head: SPRMHead | None = None, config: ReflectConfig | None = None,
                  head_is_trained: bool = False) -> None:

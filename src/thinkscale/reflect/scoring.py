@@ -62,7 +62,21 @@ def scores_from_features(rm: ReflectiveModel, tokenizer, prompt_ids: list[int], 
 def score_sequences(rm: ReflectiveModel, tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                     batch_size: int = 8) -> list[tuple[list[float], float]]:
     """Reference scorer: a full forward over each prompt + completion (right-padded batches), head at
-    every position, then the step mask. Returns (step probabilities, trajectory score) per sequence."""
+    every position, then the step mask. Returns (step probabilities, trajectory score) per sequence.
+
+        >>> from thinkscale.tasks.tokenizer import train_tokenizer
+        >>> tokenizer = train_tokenizer(["What is 1 + 2?\\n<think>\\n1 + 2 = 3.\\n\\n</think>\\n\\\\boxed{3}"])
+        >>> from thinkscale.reflect import ReflectiveModel
+        >>> from thinkscale.tasks.policy import PolicyConfig, build_policy
+        >>> tiny = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+        >>> rm = ReflectiveModel(build_policy(tiny, tokenizer, seed=0))   # a fresh head on its hidden states
+        >>> from thinkscale.reflect import score_sequences
+        >>> prompt = tokenizer.encode(rm.format_prompt("What is 1 + 2?", tokenizer))
+        >>> answers = ["1 + 2 = 3.\\n\\n</think>\\n3", "1 + 2 = 3.\\n\\n3 = 3.\\n\\n</think>\\n3"]
+        >>> scored = score_sequences(rm, tokenizer, [prompt] * 2, [tokenizer.encode(a) for a in answers])
+        >>> [len(steps) for steps, score in scored]          # one probability per step
+        [1, 2]
+    """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     if batch_size < 1:
@@ -103,5 +117,18 @@ def score_sequences(rm: ReflectiveModel, tokenizer, prompt_ids: list[list[int]],
 
 
 def rescore(rm: ReflectiveModel, tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[float], float]:
-    """Reference score of a single prompt + completion (see `score_sequences`)."""
+    """Reference score of a single prompt + completion (see `score_sequences`).
+
+        >>> from thinkscale.tasks.tokenizer import train_tokenizer
+        >>> tokenizer = train_tokenizer(["What is 1 + 2?\\n<think>\\n1 + 2 = 3.\\n\\n</think>\\n\\\\boxed{3}"])
+        >>> from thinkscale.reflect import ReflectiveModel
+        >>> from thinkscale.tasks.policy import PolicyConfig, build_policy
+        >>> tiny = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+        >>> rm = ReflectiveModel(build_policy(tiny, tokenizer, seed=0))   # a fresh head on its hidden states
+        >>> from thinkscale.reflect import rescore
+        >>> prompt = tokenizer.encode(rm.format_prompt("What is 1 + 2?", tokenizer))
+        >>> steps, score = rescore(rm, tokenizer, prompt, tokenizer.encode("1 + 2 = 3.\\n\\n</think>\\n3"))
+        >>> len(steps), round(score, 4) == round(steps[0], 4)     # one step: its probability is the score
+        (1, True)
+    """
     return score_sequences(rm, tokenizer, [prompt_ids], [completion_ids])[0]

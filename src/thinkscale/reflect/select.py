@@ -44,7 +44,14 @@ EFFORT_K: dict[str, int] = {"low": 2, "medium": 8, "high": 32}
 
 
 def effort_to_k(mode: str, table: dict[str, int] | None = None) -> int:
-    """Number of samples for a reasoning-effort mode ("low"/"medium"/"high" by default)."""
+    """Number of samples for a reasoning-effort mode ("low"/"medium"/"high" by default).
+
+        >>> from thinkscale.reflect import EFFORT_K, effort_to_k
+        >>> EFFORT_K
+        {'low': 2, 'medium': 8, 'high': 32}
+        >>> effort_to_k("high"), effort_to_k("high", {"high": 64})
+        (32, 64)
+    """
     table = EFFORT_K if table is None else table
     if mode not in table:
         raise ValueError(f"unknown reasoning effort {mode!r}; valid: {', '.join(table)}")
@@ -111,6 +118,14 @@ def select(
     (after `think_end` when given). `reference` is needed only by "oracle", which otherwise falls
     back to `candidate.extra["correct"]` set by the evaluator. `equivalent` decides which answers vote
     together (default: math equivalence; a task with many right texts gives its own).
+
+        >>> from thinkscale.reflect import STRATEGIES, Candidate, select
+        >>> picks = [Candidate(0, i, "", [], [s], s, True, False, 0, 0, extra={"answer": a})
+        ...          for i, (a, s) in enumerate([("4", 0.9), ("5", 0.2), ("5.0", 0.3)])]
+        >>> select(picks, "sprm").extra["answer"], select(picks, "majority").extra["answer"]
+        ('4', '5.0')
+        >>> "deepconf" in STRATEGIES and "weighted" in STRATEGIES      # every name select() takes
+        True
     """
     name, options = parse_strategy(strategy)
     if len(candidates) == 0:

@@ -25,7 +25,12 @@ import torch
 
 @dataclass(frozen=True)
 class Delimiter:
-    """Token patterns that spell a delimiter text. Each pattern is a tuple of id sets, one per token."""
+    """Token patterns that spell a delimiter text. Each pattern is a tuple of id sets, one per token.
+
+        >>> from thinkscale.reflect import Delimiter
+        >>> Delimiter(".\\n\\n", patterns=(((274,),), ((15,), (200,), (200,))))  # 1 token, or "." "\\n" "\\n"
+        Delimiter(text='.\\n\\n', patterns=(((274,),), ((15,), (200,), (200,))))
+    """
 
     text: str
     patterns: tuple[tuple[tuple[int, ...], ...], ...]
@@ -53,6 +58,13 @@ def delimiter_token_ids(tokenizer, text: str, max_tokens: int = 4) -> Delimiter:
     """All ways `tokenizer` can write `text` in 1..max_tokens tokens, as a `Delimiter` (see module doc).
 
     Raises ValueError when no vocabulary token sequence spells the text.
+
+        >>> from thinkscale.tasks.tokenizer import train_tokenizer
+        >>> tokenizer = train_tokenizer(["What is 1 + 2?\\n<think>\\n1 + 2 = 3.\\n\\n</think>\\n\\\\boxed{3}"])
+        >>> from thinkscale.reflect import delimiter_token_ids
+        >>> delimiter = delimiter_token_ids(tokenizer, ".\\n\\n")
+        >>> [[tokenizer.decode(ids[0]) for ids in pattern] for pattern in delimiter.patterns]  # 1 or 3 tokens
+        [['.\\n\\n'], ['.', '\\n', '\\n']]
     """
     if not isinstance(text, str) or not text:
         raise ValueError(f"delimiter text must be a non-empty string, got {text!r}")
@@ -175,7 +187,13 @@ def step_mask(
     Padding: left-padded batches (generation) pass the padded prompt length as `response_start`;
     right-padded batches (training) pass per-row prompt lengths and `attention_mask` so that pad
     tokens never count, even when the pad id happens to be a delimiter.
+
     `input_ids` may also be 1-D (one sequence); the result then has shape (T,).
+
+        >>> import torch
+        >>> from thinkscale.reflect import step_mask
+        >>> step_mask(torch.tensor([[5, 9, 7, 9, 9, 2]]), delimiter_ids=9)  # token 9 ends a step; "9 9" is one end
+        tensor([[ True, False,  True, False, False, False]])
     """
     if think_region not in THINK_REGIONS:
         raise ValueError(f"think_region must be one of {', '.join(THINK_REGIONS)}, got {think_region!r}")

@@ -32,7 +32,17 @@ logger = logging.getLogger(__name__)
 
 
 class CommunicationError(RuntimeError):
-    """A collective failed or timed out: most often a peer rank died or stopped calling in."""
+    """A collective failed or timed out: most often a peer rank died or stopped calling in.
+
+    The engine is reset when it is raised, so a training loop can save what it has and exit:
+
+        >>> from thinkscale.relax import CommunicationError
+        >>> try:
+        ...     raise CommunicationError("bucket 3: no answer from rank 1 within 60 s")
+        ... except CommunicationError as error:
+        ...     print(f"saving a checkpoint, then exiting: {error}")
+        saving a checkpoint, then exiting: bucket 3: no answer from rank 1 within 60 s
+    """
 
 
 # ----- the end of a process that ran a process group --------------------------------------------------
@@ -43,6 +53,9 @@ def end_process_group(barrier: bool = True) -> None:
     (pass False after a failure: the peers may be gone). torch keeps the group object referenced after
     `destroy_process_group()` (once DDP or relax has used it), so its backend threads live on until the
     process ends: end the process with `exit_process`, not through interpreter finalization.
+
+        >>> from thinkscale.relax import end_process_group
+        >>> end_process_group()     # no group in this process: nothing to do; under torchrun, the last call
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
@@ -65,6 +78,12 @@ def exit_process(code: int) -> NoReturn:
     do for it. Files written with `with` blocks are closed already; atexit handlers do not run, and
     what still sits in a buffer only a normal exit would flush is lost: close and join a
     multiprocessing queue (`close()`, `join_thread()`) and flush open files before calling this.
+
+        >>> import subprocess, sys
+        >>> code = "from thinkscale.relax import exit_process; print('trained'); exit_process(3)"
+        >>> done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        >>> done.returncode, done.stdout                # the code is kept, and stdout was flushed
+        (3, 'trained\\n')
     """
     for stream in (sys.stdout, sys.stderr):
         try:

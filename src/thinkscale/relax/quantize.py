@@ -24,6 +24,15 @@ floats, written straight into the destination). Each writes into buffers the cal
 Stochastic rounding: q = clamp(floor(t * scale + u), lower, upper) - lower with u uniform in [0, 1), so
 E[t_hat] = t. u comes from a counter-based hash of (salt, element index), a pure function: no random
 generator state is touched (the user's RNG stream stays as it was) and a test can recompute it.
+
+    >>> import torch
+    >>> from thinkscale.relax import quantize
+    >>> t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    >>> minmax, q = quantize.compress(t)            # one chunk: (min, max) and 8-bit codes
+    >>> q
+    tensor([[  0,  64, 127, 255]], dtype=torch.uint8)
+    >>> bool((quantize.decompress(minmax, q)[0] - t).abs().max() <= (1.0 + 1e-7) / 510)
+    True
 """
 from __future__ import annotations
 

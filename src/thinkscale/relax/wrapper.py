@@ -86,12 +86,20 @@ class DataParallel(nn.Module):
             iteration and gives such parameters a zero gradient).
         **algorithm_options: options for a named algorithm, e.g. `hierarchical=False`.
 
-    Example::
+    Example (the same lines under `torchrun`, after `dist.init_process_group("gloo")`, average the
+    gradients over the ranks; in one plain process, as here, the wrapper passes them through)::
 
-        >>> dist.init_process_group("gloo")                      # under torchrun
-        >>> model = DataParallel(net, opt, algorithm="gradient_allreduce")
-        >>> loss_fn(model(x), y).backward()                      # grads averaged here
-        >>> torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0); opt.step()
+        >>> import torch
+        >>> from thinkscale.relax import DataParallel
+        >>> net = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> model = DataParallel(net, opt, algorithm="bytegrad")
+        >>> model(torch.ones(2, 4)).sum().backward()           # on many ranks: gradients averaged here
+        >>> torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0) > 0
+        tensor(True)
+        >>> opt.step()
+        >>> model.algorithm.name
+        'bytegrad'
     """
 
     def __init__(

@@ -1,4 +1,11 @@
-"""Relaxation algorithms, one module each, and the registry that resolves them by name."""
+"""Relaxation algorithms, one module each, and the registry that resolves them by name.
+
+    >>> from thinkscale.relax import algorithms
+    >>> algorithms.names()
+    ['async', 'bytegrad', 'decentralized', 'gradient_allreduce', 'low_precision_decentralized', 'qadam']
+    >>> algorithms.resolve("decentralized", hierarchical=False).name   # a name with options, as DataParallel takes
+    'decentralized'
+"""
 from __future__ import annotations
 
 from .async_model_average import AsyncModelAverage
