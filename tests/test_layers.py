@@ -163,8 +163,6 @@ def test_the_graph_checks_find_what_they_look_for(tmp_path):
 
 
 def test_no_import_circle():
-    # imports under TYPE_CHECKING are left out: relax.algorithms.base names relax.wrapper.DataParallel for
-    # its annotations only (a circle on paper until the algorithms get a narrow engine Protocol)
     assert circles(module_graph()) == []
 
 
@@ -216,3 +214,17 @@ def imported_packages(package: str, src: Path = SRC) -> dict[str, list[str]]:
 def test_each_package_imports_only_what_the_layout_allows(package):
     extra = {target: where for target, where in imported_packages(package).items() if target not in ALLOWED[package]}
     assert extra == {}
+
+
+def test_algorithm_runtimes_use_the_engine_only_through_its_protocol():
+    """Every `engine.X` / `self.engine.X` an algorithm reads is a member of `algorithms.base.Engine`."""
+    from thinkscale.relax.algorithms.base import Engine
+
+    members = set(Engine.__annotations__) | {n for n in vars(Engine) if not n.startswith("_")}
+    used = {}
+    for path in sorted((SRC / "relax" / "algorithms").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and ast.unparse(node.value) in ("engine", "self.engine"):
+                used.setdefault(node.attr, f"{path.name}:{node.lineno}")
+    assert len(used) >= 8  # the check reads what it should
+    assert {name: where for name, where in used.items() if name not in members} == {}

@@ -59,7 +59,7 @@ def _amp_loop(rank, algorithm, steps=5, overflow_step=2):
     ours = DataParallel(ours_module, ours_opt, algorithm=algorithm, hierarchical=False)
     ddp = DDP(ddp_module, find_unused_parameters=True)
     ddp_opt = torch.optim.SGD(ddp_module.parameters(), lr=0.05)
-    out = {"scales": [], "iteration": None}
+    out = {"scales": [], "steps_taken": None}
     for model, opt in ((ours, ours_opt), (ddp, ddp_opt)):
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         scales = []
@@ -77,7 +77,7 @@ def _amp_loop(rank, algorithm, steps=5, overflow_step=2):
             scaler.update()
             scales.append(scaler.get_scale())
         out["scales"].append(scales)
-    out["iteration"] = ours.iteration
+    out["steps_taken"] = ours.steps_taken
     out["ours"] = torch.cat([p.detach().reshape(-1) for p in ours_module.parameters()])
     out["ddp"] = torch.cat([p.detach().reshape(-1) for p in ddp_module.parameters()])
     ours.close()
@@ -244,7 +244,7 @@ def test_grad_scaler_overflow_skips_on_every_rank_together(ranks, algorithm):
         ours_scales, ddp_scales = res["scales"]
         assert ours_scales == ddp_scales  # the overflow step halved the scale, once, on every rank
         assert ours_scales[2] == ours_scales[1] / 2
-        assert res["iteration"] == 4  # 5 steps, one skipped: counts steps that happened
+        assert res["steps_taken"] == 4  # 5 steps, one skipped: counts steps that happened
     assert torch.equal(results[0]["ours"], results[1]["ours"])
     if algorithm == "allreduce":
         for res in results:

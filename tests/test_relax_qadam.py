@@ -327,3 +327,16 @@ def test_qadam_hierarchical_four_ranks():
         assert hierarchical
         assert losses[-1] < 0.5 * losses[0], losses
         assert torch.equal(params, results[0][2])
+
+
+def test_training_asks_the_algorithm_for_its_optimizer():
+    from thinkscale.relax import algorithms
+    from thinkscale.train.optim import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    qadam = make_optimizer(params, "qadam", 1e-3, 0.01, total_steps=50)
+    assert isinstance(qadam, QAdamOptimizer) and qadam.warmup_steps == 10 and qadam.defaults["weight_decay"] == 0.01
+    assert type(make_optimizer(params, "bytegrad", 1e-3, 0.0, total_steps=50)) is torch.optim.AdamW
+    assert {n for n in algorithms.names() if algorithms.REGISTRY[n].quantizes} == {
+        "bytegrad", "qadam", "low_precision_decentralized"}
+    assert algorithms.QAdam.for_optimizer(qadam).warmup_steps == 10  # the config records what runs

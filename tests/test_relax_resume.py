@@ -125,7 +125,7 @@ def test_restored_state_holds_counters_and_replicas(world4):
     for result in world4:
         for name in CONFIGS:
             saved, restored = result[name]["saved"], result[name]["restored"]
-            assert restored["iteration"] == saved["iteration"] == 3
+            assert restored["steps_taken"] == saved["steps_taken"] == 3
         assert result["shift_one"]["restored"]["state"] == {"communications": 3}
         saved = result["low_precision"]["saved"]["state"]["replicas"]
         restored = result["low_precision"]["restored"]["state"]["replicas"]

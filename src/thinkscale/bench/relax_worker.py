@@ -78,7 +78,6 @@ DDP_OPTIONS = {  # contender -> its options and their defaults
 }
 WORKLOADS = ("mlp", "policy")
 FINAL_LOSS_STEPS = 3
-QUANTIZING = ("bytegrad", "qadam", "low_precision_decentralized")  # use thinkscale.relax.quantize
 MLP_CLASSES = 10
 MLP_EVAL_EXAMPLES = 256
 POLICY_EVAL_EXAMPLES = 64
@@ -256,13 +255,14 @@ def policy_workload(args, rank: int, world_size: int) -> Workload:
 def make_optimizer(args, workload: Workload, contender: Contender) -> torch.optim.Optimizer:
     params = workload.module.parameters()
     betas = (0.9, 0.95) if args.workload == "policy" else (0.9, 0.999)
-    if contender.name == "qadam":
+    if not contender.is_ddp:
         o = contender.options
         # the algorithm validates its options against the optimizer's, so both come from the spec
-        return algorithms.QAdamOptimizer(
-            params, lr=o.get("lr", workload.qadam_lr), warmup_steps=o.get("warmup_steps", max(1, args.steps // 5)),
-            betas=betas, eps=o.get("eps", 1e-8), weight_decay=o.get("weight_decay", 0.0),
-            second_moment=o.get("second_moment", "tracked"))
+        own = algorithms.REGISTRY[contender.name].make_optimizer(
+            params, lr=o.get("lr", workload.qadam_lr), betas=betas, weight_decay=o.get("weight_decay", 0.0),
+            total_steps=args.steps, **{k: o[k] for k in ("warmup_steps", "eps", "second_moment") if k in o})
+        if own is not None:
+            return own
     if args.workload == "policy":
         return torch.optim.AdamW(params, lr=workload.lr, betas=betas, weight_decay=0.0)
     return torch.optim.SGD(params, lr=workload.lr, momentum=0.9)
@@ -282,8 +282,7 @@ def wrap(args, module: nn.Module, optimizer, contender: Contender) -> tuple[nn.M
     """(model to train through, effective communication config for the report)."""
     if not contender.is_ddp:
         # QAdam named with its optimizer records the effective hyper-parameters in its config
-        algorithm = (algorithms.QAdam(optimizer, **contender.options) if contender.name == "qadam"
-                     else algorithms.resolve(contender.name, **contender.options))
+        algorithm = algorithms.REGISTRY[contender.name].for_optimizer(optimizer, **contender.options)
         model = DataParallel(module, optimizer, algorithm=algorithm, bucket_size_mb=args.bucket_size_mb,
                              timeout_s=args.timeout_s)
         return model, dataclasses.asdict(model.algorithm)
@@ -318,7 +317,7 @@ def warm_quantizer(contender: Contender, n_params: int, world_size: int) -> floa
     """Compile the 8-bit quantizer before training (seconds spent), so its one-off compile time (several
     seconds) does not land in a timed step (for qadam: the first step after its warm-up). A no-op for
     contenders that do not quantize and for models too small to reach the compiled path."""
-    if contender.name not in QUANTIZING or n_params < quantize.COMPILE_MIN_NUMEL:
+    if contender.is_ddp or not algorithms.REGISTRY[contender.name].quantizes or n_params < quantize.COMPILE_MIN_NUMEL:
         return 0.0
     start = time.perf_counter()
     if contender.name == "low_precision_decentralized":  # one ring step of one process, on zeros
@@ -401,13 +400,19 @@ def train(args, contender: Contender, started: float) -> dict | None:
     if rank != 0:
         return None
     summary = summarize(args, contender, gathered, comm_config, n_params, workload.batch_size, world_size,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, optimizer_label(optimizer))
     summary["quantizer_warm_s"] = quantizer_warm_s
     return summary
 
 
+def optimizer_label(optimizer: torch.optim.Optimizer) -> str:
+    """How the report names the optimizer: its class, with SGD's momentum."""
+    name = type(optimizer).__name__
+    return f"SGD(momentum={optimizer.defaults['momentum']})" if name == "SGD" else name
+
+
 def summarize(args, contender: Contender, gathered: list[dict], comm_config: dict, n_params: int,
-              batch_size: int, world_size: int, elapsed_s: float) -> dict:
+              batch_size: int, world_size: int, elapsed_s: float, optimizer_name: str) -> dict:
     w = args.timing_warmup
     step_ms = gathered[0]["step_ms"]
     step_max = max_over_ranks([g["step_ms"] for g in gathered])
@@ -415,8 +420,7 @@ def summarize(args, contender: Contender, gathered: list[dict], comm_config: dic
     return {
         "workload": args.workload, "contender": contender.spec, "algorithm": contender.name,
         "options": contender.options, "comm_config": comm_config,
-        "optimizer": ("QAdamOptimizer" if contender.name == "qadam"
-                      else "AdamW" if args.workload == "policy" else "SGD(momentum=0.9)"),
+        "optimizer": optimizer_name,
         "world_size": world_size, "backend": "gloo", "params": n_params, "grad_bytes": 4 * n_params,
         "batch_size": batch_size, "steps": args.steps, "timing_warmup": w,
         "bucket_size_mb": args.bucket_size_mb, "threads": args.threads, "seed": args.seed,

@@ -111,3 +111,11 @@ def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.data.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def group_by_dtype(tensors: list) -> list[list]:
+    """`tensors` grouped by dtype (flat tensors hold one dtype), each group in the given order."""
+    groups: dict[torch.dtype, list] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return list(groups.values())

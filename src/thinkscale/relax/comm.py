@@ -204,6 +204,34 @@ class Comm:
             dist.barrier(group=self.group)
 
 
+# ----- ops in the shape `Topology.run` takes: op(tensor, comm), in place ---------------------------------
+Op = Callable[[torch.Tensor, "Comm"], None]
+
+
+def allreduce_mean(t: torch.Tensor, comm: Comm) -> None:
+    """t <- the mean of t over comm's ranks (SUM, then divided by their number: DDP's arithmetic)."""
+    comm.allreduce_mean_(t)
+
+
+def allreduce_sum(t: torch.Tensor, comm: Comm) -> None:
+    """t <- the sum of t over comm's ranks."""
+    comm.allreduce_sum_(t)
+
+
+def allreduce_16bit(message: torch.Tensor, average: bool) -> Op:
+    """The op that sends t in `message`'s 16-bit dtype (preallocated, t's size), as DDP's
+    `fp16_compress_hook` / `bf16_compress_hook` do: cast, divide by the number of ranks there when
+    `average` (so an fp16 sum cannot overflow), allreduce SUM in 16 bits, cast back into t."""
+    def op(t: torch.Tensor, comm: Comm) -> None:
+        message.copy_(t)
+        if average:
+            message.div_(comm.size)
+        comm.allreduce_sum_(message)
+        t.copy_(message)
+
+    return op
+
+
 @dataclass
 class Topology:
     """Who talks to whom: the whole group, and for hierarchical mode the node and the node leaders."""

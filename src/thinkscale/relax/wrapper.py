@@ -29,7 +29,7 @@ How it hooks in (public PyTorch hooks, and the autograd engine callback DDP itse
   forward (grad enabled, outside `no_sync`). An evaluation forward right after training therefore
   communicates, as with DDP: evaluate on one rank through `model.module`.
 - `Optimizer.register_step_pre_hook` / `register_step_post_hook` drive algorithms that act on weights or
-  optimizer state around the step; `iteration` counts steps that happened (a step that
+  optimizer state around the step; `steps_taken` counts steps that happened (a step that
   `torch.amp.GradScaler` skips, on every rank together since the averaged gradients overflow
   everywhere, is not counted). Under weight-space algorithms gradients stay local, so GradScaler would
   skip on some ranks only: not supported there.
@@ -57,7 +57,7 @@ from torch import nn
 
 from . import algorithms
 from .algorithms import Algorithm, AlgorithmImpl
-from .buckets import Bucket, build_buckets, flatten, unflatten_into
+from .buckets import Bucket, build_buckets, flatten, group_by_dtype, unflatten_into
 from .comm import Comm, CommunicationError, OrderedExecutor, Topology, make_topology
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class DataParallel(nn.Module):
         self.bucket_bytes = int(bucket_size_mb * 2**20)
         self.broadcast_buffers = bool(broadcast_buffers)
         self.find_unused_parameters = bool(find_unused_parameters)
-        self.iteration = 0  # optimizer steps taken through this wrapper
+        self.steps_taken = 0  # optimizer steps that happened through this wrapper (GradScaler's skips are not)
         self.param_names = {id(p): name for name, p in module.named_parameters()}
         self.params = _trainable_parameters(module)
         _check_optimizer(self.optimizer, self.params, self.param_names, self.algorithm)
@@ -164,6 +164,15 @@ class DataParallel(nn.Module):
             self.rank, self.world_size, self.algorithm.name, len(self.buckets), self.topology.hierarchical,
         )
 
+    # ----- what algorithm runtimes use besides the attributes (algorithms.base.Engine) -------------
+    def submit(self, name: str, job) -> None:
+        """Queue `job` on the ordered communication thread."""
+        self.executor.submit(name, job)
+
+    def wait(self) -> None:
+        """Block until every submitted job has run."""
+        self.executor.wait()
+
     # ----- the training loop's entry points -------------------------------------------------------
     def forward(self, *args, **kwargs):
         if self._impl is not None:
@@ -188,7 +197,7 @@ class DataParallel(nn.Module):
         return {
             "algorithm": self.algorithm.name,
             "config": asdict(self.algorithm),
-            "iteration": self.iteration,
+            "steps_taken": self.steps_taken,
             "state": self._impl.state_dict() if self._impl is not None else {},
         }
 
@@ -199,7 +208,7 @@ class DataParallel(nn.Module):
                 f"this model runs {self.algorithm.name!r}; load_state_dict(..., strict=False) takes the "
                 "weights and leaves the algorithm state fresh"
             )
-        self.iteration = int(state["iteration"])
+        self.steps_taken = int(state["steps_taken"] if "steps_taken" in state else state["iteration"])  # (older name)
         if self._impl is not None:
             self._impl.load_state_dict(state.get("state", {}))
 
@@ -409,7 +418,7 @@ class DataParallel(nn.Module):
     def _after_step(self) -> None:
         if self._impl is not None:
             self._impl.after_step()
-        self.iteration += 1
+        self.steps_taken += 1
 
     # ----- broadcasts ---------------------------------------------------------------------------------
     def _broadcast_buffers(self) -> None:
@@ -422,11 +431,8 @@ class DataParallel(nn.Module):
 
     def _broadcast_from_rank0(self, tensors: list[torch.Tensor]) -> None:
         """Overwrite `tensors` with rank 0's values (one broadcast per dtype)."""
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
         with torch.no_grad():
-            for group in by_dtype.values():
+            for group in group_by_dtype(tensors):
                 flat = flatten(group)
                 self.topology.world.broadcast_(flat, src=0)
                 unflatten_into(flat, group)

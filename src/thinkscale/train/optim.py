@@ -8,11 +8,10 @@ import torch
 
 def make_optimizer(params: Iterable, algorithm: str, lr: float, weight_decay: float, total_steps: int,
                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    """AdamW, or for relax's `qadam` its QAdamOptimizer (warm-up: the first fifth of the steps, at least
-    one). QAdam's weight decay is L2 (Adam's), not AdamW's decoupled decay."""
-    if algorithm == "qadam":
-        from ..relax.algorithms import QAdamOptimizer
+    """AdamW, or the optimizer the relax algorithm needs instead (`Algorithm.make_optimizer`: qadam's
+    QAdamOptimizer, warming up for the first fifth of the steps)."""
+    from ..relax import algorithms
 
-        return QAdamOptimizer(params, lr=lr, warmup_steps=max(1, total_steps // 5), betas=betas,
-                              weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    own = algorithms.resolve(algorithm).make_optimizer(params, lr=lr, betas=betas, weight_decay=weight_decay,
+                                                       total_steps=total_steps)
+    return own if own is not None else torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)

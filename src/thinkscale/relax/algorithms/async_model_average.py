@@ -47,8 +47,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..buckets import flatten
-from ..comm import Comm, CommunicationError
+from ..buckets import flatten, group_by_dtype
+from ..comm import Comm, CommunicationError, allreduce_mean
 from .base import Algorithm, AlgorithmImpl
 
 logger = logging.getLogger(__name__)
@@ -127,10 +127,6 @@ class AsyncModelAverage(Algorithm):
         return _AsyncImpl(engine, self)
 
 
-def _mean(t: torch.Tensor, comm: Comm) -> None:
-    comm.allreduce_mean_(t)
-
-
 class _AsyncImpl(AlgorithmImpl):
     writes_weights_in_background = True
 
@@ -148,15 +144,12 @@ class _AsyncImpl(AlgorithmImpl):
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._started_once = False  # the first start is automatic (end of warm-up); later ones via resume()
-        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-        for p in engine.params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        self._param_groups = list(by_dtype.values())
+        self._param_groups = group_by_dtype(engine.params)
 
     # ----- training-thread hooks ---------------------------------------------------------------------
     @property
     def in_warmup(self) -> bool:
-        return self.engine.iteration < self.config.warmup_steps
+        return self.engine.steps_taken < self.config.warmup_steps
 
     @property
     def running(self) -> bool:
@@ -187,7 +180,7 @@ class _AsyncImpl(AlgorithmImpl):
         if not self.in_warmup:
             return None  # gradients stay local; weights are averaged in the background
         topology = self.engine.topology
-        return lambda: topology.run(bucket.flat, _mean, True)
+        return lambda: topology.run(bucket.flat, allreduce_mean, True)
 
     def after_backward(self):
         self._trainer_release()

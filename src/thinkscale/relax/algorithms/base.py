@@ -15,16 +15,42 @@ below. The engine (`DataParallel`) calls them at fixed points of the training lo
 and answers the engine's questions: `averages_gradients()` (this iteration), `weights_paused()` (a
 context in which no background thread writes the weights, for checkpoints).
 Hooks must not change parameters before `before_step` (autograd may still need them in backward).
+
+A runtime sees the engine only through `Engine` below (the buckets, the topology and its communicators,
+a way to submit and await communication, the step counter); what it communicates it composes from the
+ops of `relax.comm` (`allreduce_mean`, `allreduce_sum`, `allreduce_16bit`), as torch's DDP comm hooks
+compose. What the caller must do differently for an algorithm it asks the algorithm, never its name:
+`quantizes`, `make_optimizer`.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import Callable, ClassVar, Iterable, Protocol
 
-if TYPE_CHECKING:
-    from ..buckets import Bucket
-    from ..wrapper import DataParallel
+import torch
+
+from ..buckets import Bucket
+from ..comm import Topology
+
+
+class Engine(Protocol):
+    """What a runtime may use of the engine that wraps the model (`DataParallel` is one)."""
+
+    params: list[torch.nn.Parameter]  # the trainable parameters, in bucket order
+    buckets: list[Bucket]  # each a flat tensor that the gradients (or weights) of its parameters view
+    optimizer: torch.optim.Optimizer | None
+    topology: Topology  # the communicators: every rank, the node, the node leaders
+    rank: int
+    world_size: int
+    timeout_s: float  # the limit of every collective
+    steps_taken: int  # optimizer steps that happened through the engine (a step GradScaler skips is not one)
+
+    def submit(self, name: str, job: Callable[[], None]) -> None:
+        """Queue `job` on the ordered communication thread (jobs run one at a time, in submission order)."""
+
+    def wait(self) -> None:
+        """Block until every submitted job has run (raising the first error, CommunicationError on timeout)."""
 
 
 @dataclass
@@ -38,8 +64,24 @@ class Algorithm:
     # set of parameters with requires_grad=True changes after wrapping.
     rebuilds_buckets: ClassVar[bool] = True
 
-    def reify(self, engine: "DataParallel") -> "AlgorithmImpl":
+    # Whether it sends 8-bit codes through `relax.quantize` (whose compiled kernels a benchmark may warm up).
+    quantizes: ClassVar[bool] = False
+
+    def reify(self, engine: Engine) -> "AlgorithmImpl":
         raise NotImplementedError
+
+    @classmethod
+    def make_optimizer(cls, params: Iterable, *, lr: float, betas: tuple[float, float], weight_decay: float,
+                       total_steps: int, **options) -> torch.optim.Optimizer | None:
+        """The optimizer this algorithm needs in place of the caller's own, or None (the caller chooses).
+        `options`: that optimizer's other settings."""
+        return None
+
+    @classmethod
+    def for_optimizer(cls, optimizer: torch.optim.Optimizer, **options) -> "Algorithm":
+        """The algorithm with `options`, told its optimizer where it reads settings from it (so its saved
+        config records what ran)."""
+        return cls(**options)
 
     @property
     def hierarchical_requested(self) -> bool:
@@ -65,8 +107,16 @@ class AlgorithmImpl:
     # True when a background thread writes the weights (async): checkpoints copy them under the lock.
     writes_weights_in_background: ClassVar[bool] = False
 
-    def __init__(self, engine: "DataParallel"):
+    def __init__(self, engine: Engine):
         self.engine = engine
+
+    def rank_stamp(self) -> dict:
+        """Marks state that belongs to this rank (saved with it): see `stamped_here`."""
+        return {"rank": self.engine.rank, "world_size": self.engine.world_size}
+
+    def stamped_here(self, state: dict) -> bool:
+        """Whether `state` was saved by this rank of a world of this size."""
+        return (state.get("rank"), state.get("world_size")) == (self.engine.rank, self.engine.world_size)
 
     def averages_gradients(self) -> bool:
         """Whether this iteration's gradients end averaged over ranks. Then the engine treats
@@ -82,7 +132,7 @@ class AlgorithmImpl:
     def before_forward(self) -> None:
         pass
 
-    def on_bucket_ready(self, bucket: "Bucket") -> Callable[[], None] | None:
+    def on_bucket_ready(self, bucket: Bucket) -> Callable[[], None] | None:
         return None
 
     def after_backward(self) -> None:

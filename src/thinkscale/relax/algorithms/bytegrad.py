@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comm import Comm
+from ..comm import Comm, allreduce_mean, allreduce_sum
 from ..quantize import MINMAX_BYTES, decode_blocks_, quantize_blocks_, reduce_requantize_
 from .base import Algorithm, AlgorithmImpl
 
@@ -221,6 +221,7 @@ class ByteGrad(Algorithm):
     with >= 2 nodes of >= 2 processes; intra-node traffic then stays in full precision."""
 
     name = "bytegrad"
+    quantizes = True
     hierarchical: bool = True
     average: bool = True
     block_size: int = 1024
@@ -257,7 +258,7 @@ class _ByteGradImpl(AlgorithmImpl):
     def on_bucket_ready(self, bucket):
         topology, average = self.engine.topology, self.config.average
         if bucket.kind:  # full precision
-            return lambda: topology.run(bucket.flat, _mean if average else _sum, average)
+            return lambda: topology.run(bucket.flat, allreduce_mean if average else allreduce_sum, average)
         exchange = self.exchanges[bucket.index]
 
         def job():
@@ -269,12 +270,11 @@ class _ByteGradImpl(AlgorithmImpl):
     def state_dict(self) -> dict:
         """Error-feedback residuals (references, as Module.state_dict gives), per bucket; they belong to
         this rank: loaded elsewhere (another rank, world size or bucket layout) they start at zero."""
-        return {"rank": self.engine.rank, "world_size": self.engine.world_size,
-                "exchanges": {index: ex.state_dict() for index, ex in self.exchanges.items()}}
+        return {**self.rank_stamp(), "exchanges": {index: ex.state_dict() for index, ex in self.exchanges.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("exchanges", {})
-        same_rank = (state.get("rank"), state.get("world_size")) == (self.engine.rank, self.engine.world_size)
+        same_rank = self.stamped_here(state)
         if self.config.error_feedback and saved and not same_rank:
             logger.warning("bytegrad: error-feedback residuals were saved by rank %s of %s; this is rank %d of "
                            "%d: starting them at zero", state.get("rank"), state.get("world_size"),
@@ -287,10 +287,3 @@ class _ByteGradImpl(AlgorithmImpl):
             fits = residual is not None and residual.numel() == self.engine.buckets[index].flat.numel()
             exchange.load_state_dict(mine if same_rank and fits else {"calls": mine.get("calls", 0)})
 
-
-def _mean(t: torch.Tensor, comm: Comm) -> None:
-    comm.allreduce_mean_(t)
-
-
-def _sum(t: torch.Tensor, comm: Comm) -> None:
-    comm.allreduce_sum_(t)

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from ..buckets import flatten, unflatten_into
+from ..buckets import flatten, group_by_dtype, unflatten_into
 from ..comm import Comm
 from .base import Algorithm, AlgorithmImpl
 
@@ -112,7 +112,7 @@ class _DecentralizedImpl(AlgorithmImpl):
                 f"participants, got {where}; use peer_selection_mode='all' or an even world size"
             )
         self.communications = 0  # k: communications launched so far (drives the shift_one schedule)
-        self._groups = _params_by_dtype(engine.params)
+        self._groups = group_by_dtype(engine.params)
         self._averaged: list[torch.Tensor] | None = None  # copies being averaged this iteration
         self._launched_at: int | None = None  # engine.iteration of the launched communication
 
@@ -121,7 +121,7 @@ class _DecentralizedImpl(AlgorithmImpl):
             # an evaluation forward (no_grad / inference_mode), maybe on some ranks only: launching here
             # could leave a collective no peer joins. The next training forward launches instead.
             return
-        iteration = self.engine.iteration
+        iteration = self.engine.steps_taken
         if self._launched_at == iteration or not should_communicate(iteration, self.config.communication_interval):
             return  # already launched by an earlier forward of this iteration, or a local-SGD step
         self._launched_at = iteration
@@ -132,7 +132,7 @@ class _DecentralizedImpl(AlgorithmImpl):
             for t in copies:
                 topology.run(t, op, True)
 
-        self.engine.executor.submit(f"decentralized weight average {self.communications}", job)
+        self.engine.submit(f"decentralized weight average {self.communications}", job)
         self.communications += 1
 
     def _op(self, k: int) -> Callable[[torch.Tensor, Comm], None]:
@@ -142,7 +142,7 @@ class _DecentralizedImpl(AlgorithmImpl):
     def before_step(self) -> None:
         if self._averaged is None:
             return
-        self.engine.executor.wait()  # normally already done at the end of backward
+        self.engine.wait()  # normally already done at the end of backward
         for flat, group in zip(self._averaged, self._groups):
             unflatten_into(flat, group)
         self._averaged = None
@@ -155,9 +155,3 @@ class _DecentralizedImpl(AlgorithmImpl):
         self._averaged = None
         self._launched_at = None
 
-
-def _params_by_dtype(params: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
-    groups: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for p in params:
-        groups.setdefault(p.dtype, []).append(p)
-    return list(groups.values())

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..comm import allreduce_16bit, allreduce_mean, allreduce_sum
 from .base import Algorithm, AlgorithmImpl
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,27 +54,10 @@ class _GradientAllReduceImpl(AlgorithmImpl):
     def on_bucket_ready(self, bucket):
         topology, average = self.engine.topology, self.config.average
         message = self.messages.get(bucket.index)
-        op = _allreduce_op(average) if message is None else _allreduce_16bit_op(message, average)
+        op = (allreduce_mean if average else allreduce_sum) if message is None else allreduce_16bit(message, average)
 
         def job():
             topology.run(bucket.flat, op, average)
 
         return job
 
-
-def _allreduce_op(average: bool):
-    def op(t, comm):
-        comm.allreduce_mean_(t) if average else comm.allreduce_sum_(t)
-
-    return op
-
-
-def _allreduce_16bit_op(message: torch.Tensor, average: bool):
-    def op(t, comm):
-        message.copy_(t)
-        if average:
-            message.div_(comm.size)
-        comm.allreduce_sum_(message)
-        t.copy_(message)
-
-    return op

@@ -98,6 +98,7 @@ class LowPrecisionDecentralized(Algorithm):
     every `communication_interval`-th optimizer step. Needs the optimizer over every trainable parameter."""
 
     name = "low_precision_decentralized"
+    quantizes = True
     requires_full_optimizer = True
     rebuilds_buckets = False  # w, l, r are kept per bucket and mirror the neighbours' buckets
     hierarchical: bool = True
@@ -124,7 +125,7 @@ class _LowPrecisionDecentralizedImpl(AlgorithmImpl):
                 self.replicas.append((x0, x0.clone(), x0.clone()))
 
     def after_step(self) -> None:
-        if not should_communicate(self.engine.iteration, self.config.communication_interval):
+        if not should_communicate(self.engine.steps_taken, self.config.communication_interval):
             return
         topology, groups, replicas = self.engine.topology, self._groups, self.replicas
 
@@ -134,19 +135,18 @@ class _LowPrecisionDecentralizedImpl(AlgorithmImpl):
                 topology.run(x, lambda t, comm: dcd_step_(t, *replicas[index], comm), True)
                 unflatten_into(x, group)
 
-        self.engine.executor.submit("low_precision_decentralized ring step", job)
-        self.engine.executor.wait()
+        self.engine.submit("low_precision_decentralized ring step", job)
+        self.engine.wait()
 
     def state_dict(self) -> dict:
         """Replicas are references, as in Module.state_dict(): torch.save (or deepcopy) to snapshot."""
         return {
-            "rank": self.engine.rank,
-            "world_size": self.engine.world_size,
+            **self.rank_stamp(),
             "replicas": None if self.replicas is None else [list(triple) for triple in self.replicas],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if (state.get("rank"), state.get("world_size")) != (self.engine.rank, self.engine.world_size):
+        if not self.stamped_here(state):
             raise ValueError(
                 f"low_precision_decentralized state was saved by rank {state.get('rank')} of "
                 f"{state.get('world_size')}; this is rank {self.engine.rank} of {self.engine.world_size}. "

@@ -54,6 +54,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..comm import allreduce_mean
 from .base import Algorithm, AlgorithmImpl
 from .bytegrad import ByteGradExchange, check_quantization_options
 
@@ -231,6 +232,19 @@ class QAdam(Algorithm):
     block_size: int = 1024  # elements per (min, max) of the 8-bit momentum (see bytegrad.py)
     full_precision_1d: bool = True  # m of 1-D parameters averaged in full precision
 
+    quantizes = True
+
+    @classmethod
+    def make_optimizer(cls, params, *, lr, betas, weight_decay, total_steps, **options) -> QAdamOptimizer:
+        """QAdamOptimizer, warming up for the first fifth of the steps (at least one) unless `warmup_steps`
+        says otherwise. Its weight decay is L2 (Adam's), not AdamW's decoupled decay."""
+        options.setdefault("warmup_steps", max(1, total_steps // 5))
+        return QAdamOptimizer(params, lr=lr, betas=betas, weight_decay=weight_decay, **options)
+
+    @classmethod
+    def for_optimizer(cls, optimizer, **options) -> "QAdam":
+        return cls(optimizer, **options)
+
     def __post_init__(self, optimizer: QAdamOptimizer | None) -> None:
         check_quantization_options(self.block_size, 4.0)
         self._optimizer = None
@@ -273,10 +287,6 @@ class QAdam(Algorithm):
         return "full precision" if self.full_precision_1d and param.dim() <= 1 else ""
 
 
-def _mean(t: torch.Tensor, comm) -> None:
-    comm.allreduce_mean_(t)
-
-
 class _QAdamImpl(AlgorithmImpl):
     def __init__(self, engine, config: QAdam):
         super().__init__(engine)
@@ -304,10 +314,10 @@ class _QAdamImpl(AlgorithmImpl):
         for p, view in zip(bucket.params, views):
             optimizer.bind_momentum(p, view)  # re-binds after a checkpoint load replaced the state
         if optimizer.next_step_is_warmup:
-            return lambda: topology.run(bucket.flat, _mean, True)
+            return lambda: topology.run(bucket.flat, allreduce_mean, True)
         init_second_moment = optimizer.initialises_frozen_second_moment
         groups = [self.group_of[id(p)] for p in bucket.params]
-        average_momentum = _mean if bucket.kind else self.exchanges[bucket.index].average_
+        average_momentum = allreduce_mean if bucket.kind else self.exchanges[bucket.index].average_
 
         def job():
             with torch.no_grad():
@@ -317,7 +327,7 @@ class _QAdamImpl(AlgorithmImpl):
                     grad = decayed_gradient(grad, p.detach(), group["weight_decay"])
                     update_first_moment_(m, grad, group["betas"][0])
                 if init_second_moment:
-                    topology.run(bucket.flat, _mean, True)  # full-precision g for v, this step only
+                    topology.run(bucket.flat, allreduce_mean, True)  # full-precision g for v, this step only
                 momentum[bucket.numel:].zero_()  # padding must not widen a block's min/max
                 topology.run(momentum, average_momentum, True)
                 if self.tracked:
