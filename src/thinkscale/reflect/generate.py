@@ -135,12 +135,10 @@ def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
     row seeds come from torch's global RNG. temperature 0 is greedy; top_p 1.0 disables nucleus filtering.
     Returns one list of k Candidates per prompt; `score=False` skips scoring (scores are then empty/0).
 
-        >>> from thinkscale.tasks.tokenizer import train_tokenizer
-        >>> tokenizer = train_tokenizer(["What is 1 + 2?\\n<think>\\n1 + 2 = 3.\\n\\n</think>\\n\\\\boxed{3}"])
         >>> from thinkscale.reflect import ReflectiveModel
-        >>> from thinkscale.tasks.policy import PolicyConfig, build_policy
-        >>> tiny = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-        >>> rm = ReflectiveModel(build_policy(tiny, tokenizer, seed=0))   # a fresh head on its hidden states
+        >>> from thinkscale.tasks.policy import tiny_policy
+        >>> policy, tokenizer = tiny_policy()                      # 2 layers of width 32, untrained
+        >>> rm = ReflectiveModel(policy)                           # a fresh head on its hidden states
         >>> from thinkscale.reflect import sample, select
         >>> groups = sample(rm, tokenizer, [rm.format_prompt("What is 1 + 2?", tokenizer)], k=4, max_new_tokens=8,
         ...                 seed=0)

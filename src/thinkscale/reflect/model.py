@@ -167,12 +167,10 @@ class ReflectiveModel(nn.Module):
     A pretrained one loads with `ReflectiveModel.from_pretrained(folder)` (or "smollm2", or a `thinkscale
     fit-head` folder); a policy object gets a fresh head:
 
-        >>> from thinkscale.tasks.tokenizer import train_tokenizer
-        >>> tokenizer = train_tokenizer(["What is 1 + 2?\\n<think>\\n1 + 2 = 3.\\n\\n</think>\\n\\\\boxed{3}"])
         >>> from thinkscale.reflect import ReflectiveModel
-        >>> from thinkscale.tasks.policy import PolicyConfig, build_policy
-        >>> tiny = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-        >>> rm = ReflectiveModel(build_policy(tiny, tokenizer, seed=0))   # a fresh head on its hidden states
+        >>> from thinkscale.tasks.policy import tiny_policy
+        >>> policy, tokenizer = tiny_policy()                      # 2 layers of width 32, untrained
+        >>> rm = ReflectiveModel(policy)                           # a fresh head on its hidden states
         >>> import torch
         >>> out = rm(torch.tensor([[1, 2, 3]]))
         >>> out.logits.shape, out.step_logits.shape      # (batch, positions, vocabulary); one step logit a position

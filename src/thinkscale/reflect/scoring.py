@@ -64,12 +64,10 @@ def score_sequences(rm: ReflectiveModel, tokenizer, prompt_ids: list[list[int]],
     """Reference scorer: a full forward over each prompt + completion (right-padded batches), head at
     every position, then the step mask. Returns (step probabilities, trajectory score) per sequence.
 
-        >>> from thinkscale.tasks.tokenizer import train_tokenizer
-        >>> tokenizer = train_tokenizer(["What is 1 + 2?\\n<think>\\n1 + 2 = 3.\\n\\n</think>\\n\\\\boxed{3}"])
         >>> from thinkscale.reflect import ReflectiveModel
-        >>> from thinkscale.tasks.policy import PolicyConfig, build_policy
-        >>> tiny = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-        >>> rm = ReflectiveModel(build_policy(tiny, tokenizer, seed=0))   # a fresh head on its hidden states
+        >>> from thinkscale.tasks.policy import tiny_policy
+        >>> policy, tokenizer = tiny_policy()                      # 2 layers of width 32, untrained
+        >>> rm = ReflectiveModel(policy)                           # a fresh head on its hidden states
         >>> from thinkscale.reflect import score_sequences
         >>> prompt = tokenizer.encode(rm.format_prompt("What is 1 + 2?", tokenizer))
         >>> answers = ["1 + 2 = 3.\\n\\n</think>\\n3", "1 + 2 = 3.\\n\\n3 = 3.\\n\\n</think>\\n3"]
@@ -119,12 +117,10 @@ def score_sequences(rm: ReflectiveModel, tokenizer, prompt_ids: list[list[int]],
 def rescore(rm: ReflectiveModel, tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[float], float]:
     """Reference score of a single prompt + completion (see `score_sequences`).
 
-        >>> from thinkscale.tasks.tokenizer import train_tokenizer
-        >>> tokenizer = train_tokenizer(["What is 1 + 2?\\n<think>\\n1 + 2 = 3.\\n\\n</think>\\n\\\\boxed{3}"])
         >>> from thinkscale.reflect import ReflectiveModel
-        >>> from thinkscale.tasks.policy import PolicyConfig, build_policy
-        >>> tiny = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-        >>> rm = ReflectiveModel(build_policy(tiny, tokenizer, seed=0))   # a fresh head on its hidden states
+        >>> from thinkscale.tasks.policy import tiny_policy
+        >>> policy, tokenizer = tiny_policy()                      # 2 layers of width 32, untrained
+        >>> rm = ReflectiveModel(policy)                           # a fresh head on its hidden states
         >>> from thinkscale.reflect import rescore
         >>> prompt = tokenizer.encode(rm.format_prompt("What is 1 + 2?", tokenizer))
         >>> steps, score = rescore(rm, tokenizer, prompt, tokenizer.encode("1 + 2 = 3.\\n\\n</think>\\n3"))

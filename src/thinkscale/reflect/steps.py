@@ -59,8 +59,8 @@ def delimiter_token_ids(tokenizer, text: str, max_tokens: int = 4) -> Delimiter:
 
     Raises ValueError when no vocabulary token sequence spells the text.
 
-        >>> from thinkscale.tasks.tokenizer import train_tokenizer
-        >>> tokenizer = train_tokenizer(["What is 1 + 2?\\n<think>\\n1 + 2 = 3.\\n\\n</think>\\n\\\\boxed{3}"])
+        >>> from thinkscale.tasks.policy import tiny_policy
+        >>> _, tokenizer = tiny_policy()
         >>> from thinkscale.reflect import delimiter_token_ids
         >>> delimiter = delimiter_token_ids(tokenizer, ".\\n\\n")
         >>> [[tokenizer.decode(ids[0]) for ids in pattern] for pattern in delimiter.patterns]  # 1 or 3 tokens

@@ -83,3 +83,19 @@ def build_policy(config: PolicyConfig, tokenizer, seed: int | None = None) -> Pr
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def tiny_policy(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """(policy, tokenizer) small enough for examples and tests: 2 layers of width 32, a tokenizer trained
+    on one worked arithmetic solution. Untrained: what it writes is noise, but every API runs on it.
+
+        >>> from thinkscale.tasks.policy import tiny_policy
+        >>> policy, tokenizer = tiny_policy()
+        >>> policy.config.num_hidden_layers, policy.config.hidden_size
+        (2, 32)
+    """
+    from .tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["What is 1 + 2?\n<think>\n1 + 2 = 3.\n\n</think>\n\\boxed{3}"])
+    config = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    return build_policy(config, tokenizer, seed=seed), tokenizer
