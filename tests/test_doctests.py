@@ -14,7 +14,8 @@ SHOWN_IN = {"STRATEGIES": "select", "EFFORT_K": "effort_to_k"}
 
 def public_names() -> list[tuple[str, str]]:
     names = [(package, name) for package in PACKAGES for name in importlib.import_module(package).__all__]
-    return names + [("thinkscale.tasks.policy", "tiny_policy")]  # what the examples build on
+    return names + [("thinkscale.tasks.policy", "tiny_policy"),  # what the examples build on
+                    ("thinkscale.spec", "Registry")]
 
 
 def examples(package: str, name: str) -> list[doctest.DocTest]:

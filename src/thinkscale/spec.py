@@ -14,6 +14,10 @@ types from `field_types`): bool ("true"/"false"), int, float, str, `X | None` ("
 lists of those (items separated by spaces). Otherwise inferred: "true"/"false" (any case) become bool,
 then int, then float, else the text. Every error is a one-line `SpecError` (a ValueError) naming the
 spec, the option and the valid ones.
+
+The things those names name live in `Registry`s, one shape for all of them (selection strategies,
+search methods, tasks, relax algorithms): entries added under a name, looked up with an error that
+lists the valid names.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import dataclasses
 import types as _types
 import typing
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
 
 class SpecError(ValueError):
@@ -155,3 +159,54 @@ def field_types(cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
         else:
             found[f.name] = Any
     return found
+
+
+T = TypeVar("T")
+
+
+class Registry(Mapping[str, T], Generic[T]):
+    """Named entries of one kind, in the order they were added.
+
+        >>> from thinkscale.spec import Registry
+        >>> methods = Registry("search method")
+        >>> @methods.register("beam")
+        ... def beam(): ...
+        >>> list(methods), methods.get("beam") is beam
+        (['beam'], True)
+        >>> methods.get("greedy")
+        Traceback (most recent call last):
+        ...
+        thinkscale.spec.SpecError: unknown search method 'greedy'; valid: beam
+    """
+
+    def __init__(self, what: str, entries: Mapping[str, T] | None = None):
+        self.what = what  # how errors name an entry ("selection strategy", "task", ...)
+        self._entries: dict[str, T] = {}
+        for name, entry in (entries or {}).items():
+            self.add(name, entry)
+
+    def add(self, name: str, entry: T) -> T:
+        if name in self._entries:
+            raise ValueError(f"{self.what} {name!r} is already registered")
+        self._entries[name] = entry
+        return entry
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """A decorator that adds what it decorates under `name`."""
+        return lambda entry: self.add(name, entry)
+
+    def get(self, name: str, *, also: str = "") -> T:  # type: ignore[override]
+        """The entry called `name`; a SpecError listing the valid names (and `also`, more of them) if none."""
+        if name not in self._entries:
+            valid = ", ".join(self._entries) + (f", {also}" if also else "")
+            raise SpecError(f"unknown {self.what} {name!r}; valid: {valid}")
+        return self._entries[name]
+
+    def __getitem__(self, name: str) -> T:
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -26,14 +26,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from ..spec import field_types, parse_spec
+from ..spec import Registry, field_types, parse_spec
 from .candidate import Candidate
 from .engine import SAMPLING, Row, RowSpec, decode_rows, row_seed
 from .generate import eos_token_ids, eval_mode, check_sampling, encode_prompts, pad_token_id, to_candidate
 from .model import ReflectiveModel
 from .scoring import scores_from_features
 
-METHODS = ("best_of_n", "prune", "beam", "dvts")
+# name -> how it spends its k rows: (run, rows, ctx) -> the decoded rows, where run(specs, policy) decodes
+# rows under a per-batch policy and rows(first, last, group) gives the specs of rows first..last - 1
+METHODS: Registry[Callable] = Registry("search method")
 SIGNALS = ("sprm", "confidence")
 
 
@@ -51,8 +53,7 @@ class SearchConfig:
     budget: int | None = None  # generated tokens per question
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown search method {self.method!r}; valid: {', '.join(METHODS)}")
+        METHODS.get(self.method)  # an unknown name lists the valid ones
         if not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be an int >= 1, got {self.k!r}")
         if self.signal not in SIGNALS:
@@ -216,19 +217,39 @@ def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
             return decode_rows(rm, specs, eos_ids, pad_id, repetition_penalty, after_token=after_token,
                                feature_tokens=rm.step_feature_tokens(tokenizer))
 
-    if config.method == "best_of_n":
-        decoded = run(rows(0, k), None)
-    elif config.method == "prune":
-        w = config.warmup_rows
-        warm = run(rows(0, w), _record_lowest)
-        thresholds = {q: _percentile([ctx.track(r).lowest for r in warm if ctx.track(r).question == q
-                                      and r.finish in ("eos", "length")], 100.0 - config.keep) for q in questions}
-        decoded = warm + (run(rows(w, k), _pruner(thresholds)) if w < k else [])
-    else:
-        group = k if config.method == "beam" else config.width
-        keep = k // config.width if config.method == "beam" else 1
-        decoded = run(rows(0, k, group), _step_search(group, keep))
+    decoded = METHODS.get(config.method)(run, rows, ctx)
     return _results(rm, tokenizer, encoded, decoded, ctx)
+
+
+@METHODS.register("best_of_n")
+def _best_of_n(run, rows, ctx: _Context) -> list[Row]:
+    return run(rows(0, ctx.config.k), None)
+
+
+@METHODS.register("prune")
+def _prune(run, rows, ctx: _Context) -> list[Row]:
+    """Warm-up rows in full, then the rest cut once their running value falls below the warm-up's."""
+    config = ctx.config
+    w = config.warmup_rows
+    warm = run(rows(0, w), _record_lowest)
+    thresholds = {q: _percentile([ctx.track(r).lowest for r in warm if ctx.track(r).question == q
+                                  and r.finish in ("eos", "length")], 100.0 - config.keep)
+                  for q in range(len(ctx.prompts))}
+    return warm + (run(rows(w, config.k), _pruner(thresholds)) if w < config.k else [])
+
+
+@METHODS.register("beam")
+def _beam(run, rows, ctx: _Context) -> list[Row]:
+    """One group of k rows; at each step end the best k / width survive, `width` continuations each."""
+    k = ctx.config.k
+    return run(rows(0, k, k), _step_search(k, k // ctx.config.width))
+
+
+@METHODS.register("dvts")
+def _dvts(run, rows, ctx: _Context) -> list[Row]:
+    """k / width independent groups of `width` rows, each keeping its best row at each step end."""
+    width = ctx.config.width
+    return run(rows(0, ctx.config.k, width), _step_search(width, 1))
 
 
 def _enforce_budget(batch: list[Row], ctx: _Context) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from . import THINK_END, arithmetic, completion_steps, countdown, gym
+from ..spec import Registry
 from .grading import grade as math_grade
 
 GYM_NAMES = "gym:NAME[:key=value,...]"  # how the help texts write the reasoning-gym task names
@@ -80,7 +81,7 @@ def _countdown_equal(a: str, b: str) -> bool:
     return countdown.normalize_answer(a) == countdown.normalize_answer(b)
 
 
-TASKS: dict[str, Task] = {
+TASKS: Registry[Task] = Registry("task", {
     "arithmetic": Task(
         name="arithmetic",
         description="2-4 additions and subtractions of one-digit numbers (hard: 5-6, longer than any training problem)",
@@ -106,17 +107,15 @@ TASKS: dict[str, Task] = {
         # ~10k distinct puzzles lie in the training pool of the default config: 8000 leaves room to draw
         demo_num_train=8000,
     ),
-}
+})
 
 
 def get_task(name: str) -> Task:
     """The task called `name`: a built-in one, or `gym:NAME[:key=value,...]`; an unknown name lists the
     valid ones (a bad gym name says what is wrong, in one line)."""
-    if name in TASKS:
-        return TASKS[name]
     if isinstance(name, str) and name.strip().startswith(gym.PREFIX):
         return _gym_task(name.strip())
-    raise ValueError(f"unknown task {name!r}; valid: {', '.join(TASKS)}, {GYM_NAMES} (reasoning-gym datasets)")
+    return TASKS.get(name, also=f"{GYM_NAMES} (reasoning-gym datasets)")
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from ...spec import Registry
 from .async_model_average import AsyncModelAverage
 from .base import Algorithm, AlgorithmImpl
 from .bytegrad import ByteGrad
@@ -17,14 +18,9 @@ from .low_precision_decentralized import LowPrecisionDecentralized
 from .qadam import QAdam, QAdamOptimizer
 
 # name -> config class. One registry: the engine, the CLI and error messages all read it.
-REGISTRY: dict[str, type[Algorithm]] = {
-    GradientAllReduce.name: GradientAllReduce,
-    ByteGrad.name: ByteGrad,
-    Decentralized.name: Decentralized,
-    LowPrecisionDecentralized.name: LowPrecisionDecentralized,
-    QAdam.name: QAdam,
-    AsyncModelAverage.name: AsyncModelAverage,
-}
+REGISTRY: Registry[type[Algorithm]] = Registry("algorithm", {
+    cls.name: cls for cls in (GradientAllReduce, ByteGrad, Decentralized, LowPrecisionDecentralized, QAdam,
+                              AsyncModelAverage)})
 
 
 def names() -> list[str]:
@@ -39,13 +35,7 @@ def resolve(algorithm: "str | Algorithm", **options) -> Algorithm:
         return algorithm
     if not isinstance(algorithm, str):
         raise TypeError(f"algorithm must be a name or an Algorithm object, got {type(algorithm).__name__}")
-    try:
-        cls = REGISTRY[algorithm]
-    except KeyError:
-        raise ValueError(
-            f"unknown algorithm {algorithm!r}; choose one of: {', '.join(names())}"
-        ) from None
-    return cls(**options)
+    return REGISTRY.get(algorithm)(**options)
 
 
 __all__ = [
