@@ -137,3 +137,16 @@ def test_pure_helpers():
     assert rw.bytes_per_step(100, 500, 4) == 100.0
     with pytest.raises(rw.WorkerError, match="/sys/class/net/no_such_dev0/statistics/tx_bytes does not exist"):
         rw.read_counters("no_such_dev0")
+
+
+def test_profile_times_bytegrad_through_the_engines_hook(tmp_path):
+    out = tmp_path / "w.json"
+    proc = _run(["--workload", "mlp", "--contender", "bytegrad", "--steps", "4", "--timing-warmup", "1", "--iface",
+                 "lo", "--timeout-s", "60", "--json-out", str(out), "--profile", *TINY_MLP])
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    profile = json.loads(out.read_text())["profile_ms_per_step"]
+    assert len(profile) == 2  # one per rank
+    for rank in profile:
+        assert {"forward", "backward", "step", "comm_wait", "comm_jobs", "quantize_blocks", "reduce_requantize",
+                "decode_blocks", "wait_all_to_all", "wait_all_gather"} <= set(rank)
+        assert rank["comm_jobs"] > 0 and rank["quantize_blocks"] > 0

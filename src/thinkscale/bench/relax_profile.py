@@ -7,8 +7,8 @@ Communication thread (overlaps the main thread; relax only), per step:
     jobs (wall time of every bucket job), and for ByteGrad/QAdam its three fused passes (quantize,
     reduce + re-quantize, decode) and the time it waited for its all-to-alls and all-gathers (the wire
     the passes did not hide).
-Instrumentation wraps functions of this process only (nothing in thinkscale.relax changes), costs two
-clock reads per call, and is off unless --profile is given.
+The communication is timed through the hook the engine offers (`DataParallel.profile`); it costs two
+clock reads per phase and is off unless --profile is given.
 """
 from __future__ import annotations
 
@@ -41,12 +41,6 @@ class StepProfile:
         finally:
             self.add(name, time.perf_counter() - start)
 
-    def timed(self, name: str, fn):
-        def run(*args, **kwargs):
-            with self.phase(name):
-                return fn(*args, **kwargs)
-        return run
-
     def end_step(self) -> None:
         with self._lock:
             step, self._current = dict(self._current), defaultdict(float)
@@ -61,32 +55,9 @@ class StepProfile:
         return {name: statistics.fmean(step.get(name, 0.0) for step in timed) for name in names}
 
 
-class _TimedWork:
-    def __init__(self, work, profile: StepProfile, name: str):
-        self._work, self._profile, self._name = work, profile, name
-
-    def wait(self, *args):
-        with self._profile.phase(self._name):
-            return self._work.wait(*args)
-
-
 def instrument(model, profile: StepProfile) -> None:
     """Time `model`'s communication (a thinkscale DataParallel; torch DDP gets main-thread phases only)."""
     from thinkscale.relax import DataParallel
-    from thinkscale.relax import comm as comm_module
-    from thinkscale.relax.algorithms import bytegrad
 
-    if not isinstance(model, DataParallel):
-        return
-    model.executor.wait = profile.timed("comm_wait", model.executor.wait)
-    submit = model.executor.submit
-    model.executor.submit = lambda what, fn: submit(what, profile.timed("comm_jobs", fn))
-    for name in ("quantize_blocks_", "reduce_requantize_", "decode_blocks_"):
-        setattr(bytegrad, name, profile.timed(name.rstrip("_"), getattr(bytegrad, name)))
-    for method, label in (("all_to_all_async", "wait_all_to_all"), ("all_gather_async", "wait_all_gather")):
-        original = getattr(comm_module.Comm, method)
-
-        def started(self, out, t, _original=original, _label=label):
-            return _TimedWork(_original(self, out, t), profile, _label)
-
-        setattr(comm_module.Comm, method, started)
+    if isinstance(model, DataParallel):
+        model.profile(profile)

@@ -12,6 +12,7 @@ executor runs its jobs on a CUDA stream of its own, ordered against the training
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -20,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, NoReturn
+from typing import Callable, ContextManager, NoReturn, Protocol
 
 import torch
 import torch.distributed as dist
@@ -202,6 +203,22 @@ class Comm:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.group)
+
+
+# ----- the profiling hook -------------------------------------------------------------------------------
+class Profiler(Protocol):
+    """Times named phases; `DataParallel.profile(p)` hands one to the engine and its algorithm, which time
+    their communication jobs, waits and passes through it (`thinkscale bench relax --worker-args=--profile`)."""
+
+    def phase(self, name: str) -> ContextManager[None]: ...
+
+
+class _NoProfile:
+    def phase(self, name: str) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+
+NO_PROFILE: Profiler = _NoProfile()  # the default: nothing timed
 
 
 # ----- ops in the shape `Topology.run` takes: op(tensor, comm), in place ---------------------------------

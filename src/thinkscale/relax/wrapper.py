@@ -58,7 +58,7 @@ from torch import nn
 from . import algorithms
 from .algorithms import Algorithm, AlgorithmImpl
 from .buckets import Bucket, build_buckets, flatten, group_by_dtype, unflatten_into
-from .comm import Comm, CommunicationError, OrderedExecutor, Topology, make_topology
+from .comm import NO_PROFILE, Comm, CommunicationError, OrderedExecutor, Profiler, Topology, make_topology
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class DataParallel(nn.Module):
         self.bucket_bytes = int(bucket_size_mb * 2**20)
         self.broadcast_buffers = bool(broadcast_buffers)
         self.find_unused_parameters = bool(find_unused_parameters)
+        self.profiler: Profiler = NO_PROFILE
         self.steps_taken = 0  # optimizer steps that happened through this wrapper (GradScaler's skips are not)
         self.param_names = {id(p): name for name, p in module.named_parameters()}
         self.params = _trainable_parameters(module)
@@ -167,11 +168,20 @@ class DataParallel(nn.Module):
     # ----- what algorithm runtimes use besides the attributes (algorithms.base.Engine) -------------
     def submit(self, name: str, job) -> None:
         """Queue `job` on the ordered communication thread."""
+        if self.profiler is not NO_PROFILE:
+            job = _timed(job, self.profiler, "comm_jobs")
         self.executor.submit(name, job)
 
     def wait(self) -> None:
         """Block until every submitted job has run."""
-        self.executor.wait()
+        with self.profiler.phase("comm_wait"):
+            self.executor.wait()
+
+    def profile(self, profiler: Profiler) -> None:
+        """Time the communication from now on: jobs ("comm_jobs", on the communication thread), waits
+        for them ("comm_wait", on the training thread) and the algorithm's own phases (ByteGrad's
+        passes and wire waits) through `profiler.phase(name)`."""
+        self.profiler = profiler
 
     # ----- the training loop's entry points -------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -337,7 +347,7 @@ class DataParallel(nn.Module):
     def _launch(self, bucket: Bucket) -> None:
         job = self._impl.on_bucket_ready(bucket)
         if job is not None:
-            self.executor.submit(f"{self.algorithm.name} bucket {bucket.index}", job)
+            self.submit(f"{self.algorithm.name} bucket {bucket.index}", job)
 
     def _end_iteration(self) -> None:
         """End of backward: complete and send the buckets still open, wait for all communication."""
@@ -347,7 +357,7 @@ class DataParallel(nn.Module):
             used = self._used_anywhere(missing) if averaged and self.find_unused_parameters else None
             # one deadline for all of it, from the end of backward (a long backward is not a timeout);
             # on failure the executor drops its queue itself
-            self.executor.wait()
+            self.wait()
         except CommunicationError:
             self._reset_iteration()  # the process can checkpoint and exit; the ranks are out of step
             raise
@@ -387,7 +397,7 @@ class DataParallel(nn.Module):
         for bucket, index in missing:
             flags[self._flag_index[id(bucket.params[index])]] = 0
         result: list[int] = []
-        self.executor.submit("used-parameter bitmap",
+        self.submit("used-parameter bitmap",
                              lambda: result.extend(comm.allreduce_max_(flags).tolist()))
         return result
 
@@ -401,7 +411,7 @@ class DataParallel(nn.Module):
         if self._in_backward:  # the last backward raised before its end callback ran
             logger.warning("the previous backward did not finish; waiting for what it launched")
             try:
-                self.executor.wait()
+                self.wait()
             finally:
                 self._reset_iteration()
         if torch.is_grad_enabled() and self._sync_enabled:
@@ -426,8 +436,8 @@ class DataParallel(nn.Module):
         an earlier forward of this iteration may still be running there)."""
         buffers = list(self.module.buffers())
         if buffers:
-            self.executor.submit("buffer broadcast", lambda: self._broadcast_from_rank0(buffers))
-            self.executor.wait()
+            self.submit("buffer broadcast", lambda: self._broadcast_from_rank0(buffers))
+            self.wait()
 
     def _broadcast_from_rank0(self, tensors: list[torch.Tensor]) -> None:
         """Overwrite `tensors` with rank 0's values (one broadcast per dtype)."""
@@ -473,3 +483,10 @@ def _topology(process_group, algorithm: Algorithm, timeout_s: float, local_world
         return Topology(world=Comm(None))
     return make_topology(process_group, algorithm.hierarchical_requested, timedelta(seconds=timeout_s),
                          local_world_size)
+
+
+def _timed(job, profiler: Profiler, name: str):
+    def run() -> None:
+        with profiler.phase(name):
+            job()
+    return run

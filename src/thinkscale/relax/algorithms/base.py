@@ -31,7 +31,7 @@ from typing import Callable, ClassVar, Iterable, Protocol
 import torch
 
 from ..buckets import Bucket
-from ..comm import Topology
+from ..comm import Profiler, Topology
 
 
 class Engine(Protocol):
@@ -45,6 +45,7 @@ class Engine(Protocol):
     world_size: int
     timeout_s: float  # the limit of every collective
     steps_taken: int  # optimizer steps that happened through the engine (a step GradScaler skips is not one)
+    profiler: Profiler  # times named phases (comm.NO_PROFILE unless DataParallel.profile was called)
 
     def submit(self, name: str, job: Callable[[], None]) -> None:
         """Queue `job` on the ordered communication thread (jobs run one at a time, in submission order)."""

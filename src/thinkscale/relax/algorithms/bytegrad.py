@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comm import Comm, allreduce_mean, allreduce_sum
+from ..comm import NO_PROFILE, Comm, Profiler, allreduce_mean, allreduce_sum
 from ..quantize import MINMAX_BYTES, decode_blocks_, quantize_blocks_, reduce_requantize_
 from .base import Algorithm, AlgorithmImpl
 
@@ -98,6 +98,7 @@ class ByteGradExchange:
         self._layout: tuple | None = None
         self.residual_sent: torch.Tensor | None = None  # (numel,), values x as this rank sends them
         self.residual_owned: torch.Tensor | None = None  # (numel / n,), this rank's chunks after the mean
+        self.profiler: Profiler = NO_PROFILE  # the engine's (DataParallel.profile), set by the runtime
 
     def average_(self, t: torch.Tensor, comm: Comm, average: bool = True) -> None:
         """Replace 1-D `t` (length a multiple of comm.size * block_size) in place by the quantized mean
@@ -147,11 +148,13 @@ class ByteGradExchange:
         residual = None
         if self.residual_sent is not None:
             residual = self.residual_sent[piece.start:piece.start + piece.length].view(values.shape)
-        quantize_blocks_(values, piece.to_owners.minmax, piece.to_owners.codes, residual,
-                         self._salt_for(piece.index, 0), whole_numel=t.numel())
+        with self.profiler.phase("quantize_blocks"):
+            quantize_blocks_(values, piece.to_owners.minmax, piece.to_owners.codes, residual,
+                             self._salt_for(piece.index, 0), whole_numel=t.numel())
 
     def _reduce_and_gather(self, piece: _Piece, arrived, comm: Comm, average: bool):
-        arrived.wait()
+        with self.profiler.phase("wait_all_to_all"):
+            arrived.wait()
         self._reduce(piece, comm.size, average)
         return piece, comm.all_gather_async(piece.gathered.raw, piece.reduced.raw)
 
@@ -160,14 +163,17 @@ class ByteGradExchange:
         if self.residual_owned is not None:
             start = piece.start // n
             residual = self.residual_owned[start:start + piece.length // n].view(piece.reduced.codes.shape)
-        reduce_requantize_(piece.from_ranks.minmax, piece.from_ranks.codes, piece.reduced.minmax,
-                           piece.reduced.codes, average, residual, self._salt_for(piece.index, 1),
-                           whole_numel=self._layout[0])
+        with self.profiler.phase("reduce_requantize"):
+            reduce_requantize_(piece.from_ranks.minmax, piece.from_ranks.codes, piece.reduced.minmax,
+                               piece.reduced.codes, average, residual, self._salt_for(piece.index, 1),
+                               whole_numel=self._layout[0])
 
     def _decode(self, t: torch.Tensor, piece: _Piece, gathered, n: int) -> None:
-        gathered.wait()
+        with self.profiler.phase("wait_all_gather"):
+            gathered.wait()
         out = t[piece.start:piece.start + piece.length].view(n, -1, self.block)
-        decode_blocks_(piece.gathered.minmax, piece.gathered.codes, out, whole_numel=t.numel())
+        with self.profiler.phase("decode_blocks"):
+            decode_blocks_(piece.gathered.minmax, piece.gathered.codes, out, whole_numel=t.numel())
 
     # ----- buffers and state --------------------------------------------------------------------------
     def _prepare(self, t: torch.Tensor, n: int) -> None:
@@ -260,6 +266,7 @@ class _ByteGradImpl(AlgorithmImpl):
         if bucket.kind:  # full precision
             return lambda: topology.run(bucket.flat, allreduce_mean if average else allreduce_sum, average)
         exchange = self.exchanges[bucket.index]
+        exchange.profiler = self.engine.profiler
 
         def job():
             bucket.flat[bucket.numel:].zero_()  # padding must not widen a block's min/max

@@ -317,6 +317,8 @@ class _QAdamImpl(AlgorithmImpl):
             return lambda: topology.run(bucket.flat, allreduce_mean, True)
         init_second_moment = optimizer.initialises_frozen_second_moment
         groups = [self.group_of[id(p)] for p in bucket.params]
+        if not bucket.kind:
+            self.exchanges[bucket.index].profiler = self.engine.profiler
         average_momentum = allreduce_mean if bucket.kind else self.exchanges[bucket.index].average_
 
         def job():
