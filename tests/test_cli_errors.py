@@ -71,7 +71,7 @@ BAD_DATA = [
     ("missing_field", "missing_field.jsonl:2: missing field 'answer'"),
     ("wrong_type", "wrong_type.jsonl:3: field 'question' must be a non-empty string, got 5"),
     ("not_a_list", "not_a_list.jsonl:1: expected a JSON object"),
-    ("nowhere", "No such file or directory: "),
+    ("nowhere", "error: No such file or directory: "),  # not "[Errno 2] ..."
 ]
 
 

