@@ -107,3 +107,11 @@ def test_report_of_a_search(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "## Search: 2 test questions, k = 32, 96 tokens at most per row" in printed
     assert "Fewest tokens within 1 point of it: prune k=32, 400 tokens = 40% of best_of_n's (target <= 50%)." in printed
+
+
+def test_probe_lines_by_hand():
+    probe = {"steps": 10, "train_steps": 5, "feature_layer": 2, "layers": [1, 2, 3],
+             "auc": {"scored": [0.6, 0.7, None], "delimiter": [0.8, 0.5, 0.9]}}
+    lines = rmod.probe_lines(probe)
+    assert lines[2] == "| position | best layer | its AUC | AUC at the head's layer (2) |"
+    assert lines[4:6] == ["| scored | 2 | 0.700 | 0.700 |", "| delimiter | 3 | 0.900 | 0.500 |"]

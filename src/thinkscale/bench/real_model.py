@@ -378,6 +378,21 @@ def grpo_table(metrics: Sequence[dict], window: int = 5) -> list[str]:
     return lines
 
 
+def probe_lines(probe: dict) -> list[str]:
+    """The probe in a few lines: per position, the best layer's held-out AUC, and the head's own cell."""
+    layers = probe.get("layers") or list(range(1, len(probe["auc"]["scored"]) + 1))
+    head_layer = probe["feature_layer"]
+    lines = [f"## Probe: linear probes of the step checker's labels, {probe['steps']} labelled steps "
+             f"({probe['train_steps']} on training questions)", "",
+             "| position | best layer | its AUC | AUC at the head's layer " + f"({head_layer}) |", "|---|---:|---:|---:|"]
+    for position, row in probe["auc"].items():
+        scored = [(auc, layer) for auc, layer in zip(row, layers) if auc is not None]
+        best = max(scored, default=(None, None))
+        at_head = dict((layer, auc) for auc, layer in scored).get(head_layer)
+        lines.append(f"| {position} | {best[1] if best[1] is not None else 'n/a'} | {fmt3(best[0])} | {fmt3(at_head)} |")
+    return lines + [""]
+
+
 def write_gzipped_records(path: str, records: Sequence[dict]) -> None:
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -445,6 +460,9 @@ def format_report(results: Path) -> str:
                              else f"| {name} | n/a | ")
                 lines[-1] += f"{fmt3(step.get('step_auc'))} | {fmt3(step.get('first_error'))} |"
             lines.append("")
+    probe = results / "probe" / "probe.json"
+    if probe.is_file():
+        lines += probe_lines(json.loads(probe.read_text()))
     for name, title in (("grpo-spec-loss", "the spec's SPR loss"), ("grpo", "the SPR loss with its class guard")):
         metrics = results / name / "metrics.jsonl"
         if metrics.is_file():
