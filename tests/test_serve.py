@@ -354,3 +354,40 @@ def test_a_search_request_answers_as_offline_search_and_select(server, model):
     bad = httpx.post(server.url + "/v1/chat/completions", timeout=10, json={
         "model": NAME, "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low", "search": "beam:width=3"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "search"
+
+
+def scrape(server) -> dict[tuple, float]:
+    """/metrics as {(sample name, sorted labels): value}, read with prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(server.url + "/metrics", timeout=5)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def test_metrics_count_requests_tokens_and_first_tokens(server):
+    before = scrape(server)
+    out = chat(server.client(), "First we add the numbers.", reasoning_effort="low", seed=3)
+    chunks = list(chat(server.client(), "First we add the numbers.", reasoning_effort="none", seed=3, stream=True))
+    assert chunks
+    with pytest.raises(openai.BadRequestError):
+        chat(server.client(), "Hi", reasoning_effort="extreme")
+    after = scrape(server)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    chat_path = "/v1/chat/completions"
+    assert delta("thinkscale_requests_total", endpoint=chat_path, status="200", effort="low") == 1
+    assert delta("thinkscale_requests_total", endpoint=chat_path, status="200", effort="none") == 1
+    assert delta("thinkscale_requests_total", endpoint=chat_path, status="400", effort="-") == 1
+    # the low request's usage, plus the streamed one's (one sample of the same prompt)
+    assert delta("thinkscale_prompt_tokens_total") == out.usage.prompt_tokens * 3 / 2
+    assert delta("thinkscale_generated_tokens_total") >= out.usage.completion_tokens
+    assert delta("thinkscale_time_to_first_token_seconds_count") == 1
+    assert delta("thinkscale_request_seconds_count", endpoint=chat_path) == 3
+    for gauge in ("thinkscale_queue_requests", "thinkscale_running_rows", "thinkscale_batch_occupancy"):
+        assert after[(gauge, ())] == 0  # nothing in flight between requests
+    assert after[("thinkscale_decoded_rows_total", ())] >= 3

@@ -73,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         from thinkscale.serve.app import ServeOptions, Served, create_app
-
+    except ImportError as error:  # fastapi, uvicorn or prometheus-client
+        print(f"thinkscale serve: error: needs the serve extra (pip install 'thinkscale[serve]'): {error}",
+              file=sys.stderr)
+        return 2
+    try:
         options = ServeOptions(default_effort=args.default_effort, default_selection=args.selection,
                                default_search=args.search,
                                temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,

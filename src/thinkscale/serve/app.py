@@ -3,7 +3,8 @@
     app = create_app(Served.load("runs/demo/grpo"), ServeOptions())
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health. A request is
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics
+(Prometheus, `serve.metrics`). A request is
 checked (`protocol`), its n x k candidate rows go to the scheduler with their seeds, and each answer is
 the candidate `select()` keeps among its k. The app holds no model logic: decoding, scoring and selection
 all live in `reflect`.
@@ -14,6 +15,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from thinkscale.reflect.engine import SAMPLING, RowSpec, row_seed
@@ -30,6 +32,7 @@ from thinkscale.reflect.search import SearchConfig, search
 from thinkscale.reflect.select import select
 
 from . import protocol
+from .metrics import UNKNOWN_EFFORT, ServeMetrics
 from .protocol import Answer, ApiError, Generation, Settings
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from .text import DeltaStream, cut_at_stop, opens_think, split_reasoning
@@ -121,6 +124,23 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
             await asyncio.to_thread(state["scheduler"].close)
 
     app = FastAPI(title="thinkscale", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = ServeMetrics(lambda: state["scheduler"].stats(), options.max_batch)
+    endpoints = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        start = request.state.started = time.perf_counter()
+        endpoint = request.url.path if request.url.path in endpoints else "other"
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            effort = getattr(request.state, "effort", UNKNOWN_EFFORT)
+            metrics.requests.labels(endpoint, str(status), effort).inc()
+            if not getattr(request.state, "streamed", False):  # a stream's latency is observed at its end
+                metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, error: ApiError):
@@ -143,6 +163,11 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
     async def health() -> dict:
         return {"status": "ok", "model": served.name, **state["scheduler"].stats()}
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
@@ -155,6 +180,7 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         text = served.render_chat(protocol.chat_messages(body))
         ids = encode_prompt(served.tokenizer, text)
         gen = protocol.parse_generation(body, "chat", settings, [ids], [text])
+        request.state.effort = gen.effort
         return await _answer(request, gen)
 
     @app.post("/v1/completions")
@@ -167,6 +193,7 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
             raise ApiError(400, "'prompt': a prompt is empty after tokenization", param="prompt", code="invalid_value")
         texts = [p if isinstance(p, str) else served.tokenizer.decode(p) for p in prompts]
         gen = protocol.parse_generation(body, "completion", settings, ids, texts, vocab)
+        request.state.effort = gen.effort
         return await _answer(request, gen)
 
     # -- answering -------------------------------------------------------------------------------
@@ -218,12 +245,15 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
             finish = "stop" if chosen.finished or stopped else "length"
             answers.append(Answer(text, reasoning, content, finish, selected))
         prompt_tokens = sum(len(gen.prompts[q // gen.n]) * gen.k for q in range(len(gen.prompts) * gen.n))
+        metrics.prompt_tokens.inc(prompt_tokens)
+        metrics.generated_tokens.inc(completion_tokens)
         return answers, protocol.usage(prompt_tokens, completion_tokens, answer_tokens)
 
     async def _answer(request, gen: Generation):
         if gen.stream:
-            return StreamingResponse(_stream(gen), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            request.state.streamed = True
+            events = _stream(gen, request.url.path, request.state.started)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         job = _job(gen)
         future = _submit(job)
         try:
@@ -247,7 +277,19 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         except ShuttingDown as error:
             raise ApiError(503, f"the request was not completed: {error}", code="shutting_down") from None
 
-    async def _stream(gen: Generation) -> AsyncIterator[str]:
+    async def _stream(gen: Generation, endpoint: str, start: float) -> AsyncIterator[str]:
+        try:
+            first = True
+            async for event, carries_text in _stream_events(gen):
+                if first and carries_text:
+                    metrics.first_token.observe(time.perf_counter() - start)
+                    first = False
+                yield event
+        finally:
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    async def _stream_events(gen: Generation) -> AsyncIterator[tuple[str, bool]]:
+        """The stream's server-sent events, each with whether it carries answer text."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         listener = None
@@ -257,8 +299,8 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         try:
             future = _submit(job)
         except ApiError as error:
-            yield _sse(error.body())
-            yield "data: [DONE]\n\n"
+            yield _sse(error.body()), False
+            yield "data: [DONE]\n\n", False
             return
         try:
             streams = {q: DeltaStream(served.think_tags if gen.kind == "chat" else None,
@@ -279,15 +321,16 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
                     text = served.tokenizer.decode(tokens, skip_special_tokens=True)
                     reasoning, content = streams[q].feed(text, final=last)
                     if reasoning or content or q not in started:
-                        yield _sse(protocol.chunk_body(gen, settings, q, reasoning, content, first=q not in started))
+                        chunk = protocol.chunk_body(gen, settings, q, reasoning, content, first=q not in started)
+                        yield _sse(chunk), bool(reasoning or content)
                         started.add(q)
                     ended += last
             try:
                 await asyncio.wait({future})
                 result = _result(future)
             except ApiError as error:
-                yield _sse(error.body())
-                yield "data: [DONE]\n\n"
+                yield _sse(error.body()), False
+                yield "data: [DONE]\n\n", False
                 return
             answers, usage = await asyncio.to_thread(_answers, gen, result)
             for q, answer in enumerate(answers):
@@ -297,12 +340,13 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
                         reasoning, content = answer.reasoning or "", answer.content
                     else:
                         reasoning, content = "", text
-                    yield _sse(protocol.chunk_body(gen, settings, q, reasoning, content, first=True))
+                    chunk = protocol.chunk_body(gen, settings, q, reasoning, content, first=True)
+                    yield _sse(chunk), bool(reasoning or content)
                 yield _sse(protocol.chunk_body(gen, settings, q, finish_reason=answer.finish_reason,
-                                               selected=answer.selected))
+                                               selected=answer.selected)), False
             if gen.include_usage:
-                yield _sse(protocol.usage_chunk(gen, settings, usage))
-            yield "data: [DONE]\n\n"
+                yield _sse(protocol.usage_chunk(gen, settings, usage)), False
+            yield "data: [DONE]\n\n", False
         finally:
             job.cancel()  # a no-op when done; frees the rows when the client went away mid-stream
 

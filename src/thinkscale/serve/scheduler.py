@@ -72,6 +72,7 @@ class Scheduler:
         self._closing = False
         self.decoded_rows = 0
         self.cancelled_rows = 0
+        self.running_rows = 0  # rows of the wave decoding now (a search's own rows are not counted)
         self.waves = 0
         self._thread = threading.Thread(target=self._loop, name="thinkscale-decode", daemon=True)
         self._thread.start()
@@ -94,7 +95,8 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {"waiting_requests": self._waiting_jobs, "waiting_rows": len(self._pending),
-                    "waves": self.waves, "decoded_rows": self.decoded_rows, "cancelled_rows": self.cancelled_rows}
+                    "running_rows": self.running_rows, "waves": self.waves, "decoded_rows": self.decoded_rows,
+                    "cancelled_rows": self.cancelled_rows}
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Refuse new jobs, fail the waiting ones, stop the running rows, and join the worker."""
@@ -142,6 +144,7 @@ class Scheduler:
                 self._run_call(wave[0][0])
                 continue
             specs = [replace(job.rows[i], tag=(job, i)) for job, i in wave]
+            self.running_rows = len(specs)
             try:
                 with eval_mode(self.rm):
                     decode_rows(self.rm, specs, self.eos_ids, self.pad_id, after_token=self._after_token,
@@ -150,6 +153,7 @@ class Scheduler:
                 logger.exception("decoding a wave of %d rows failed", len(specs))
                 for job, _ in wave:
                     _fail(job, error)
+            self.running_rows = 0
             self.waves += 1
             self.decoded_rows += len(specs)
 
@@ -192,6 +196,7 @@ class Scheduler:
                 job.listener(i, list(row.tokens), not row.running)
             if not row.running:
                 self._finish_row(job, i, row)
+        self.running_rows = sum(row.running for row in rows)
 
     def _finish_row(self, job: Job, i: int, row: Row) -> None:
         candidate = to_candidate(self.rm, self.tokenizer, list(row.spec.prompt), row.tokens, row.finish == "eos",
