@@ -249,7 +249,10 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, model):
     _error(post({**ok, "selection": "oracle"}), 400, "selection")
     _error(post({**ok, "stop": [""]}), 400, "stop")
     _error(post({**ok, "max_tokens": 0}), 400, "max_tokens")
-    _error(post({**ok, "logprobs": True}), 400, "logprobs")
+    _error(post({**ok, "logprobs": True, "stream": True}), 400, "logprobs")  # streamed: not yet
+    _error(post({**ok, "top_logprobs": 2}), 400, "top_logprobs")  # needs logprobs: true
+    _error(post({**ok, "logprobs": True, "top_logprobs": 21}), 400, "top_logprobs")
+    _error(post({**ok, "logprobs": True, "reasoning_effort": "low", "search": "beam:width=2"}), 400, "logprobs")
     long_question = " we" * 300  # > 256 positions
     assert _error(post({**ok, "messages": [{"role": "user", "content": long_question}]}), 400)["code"] == \
         "context_length_exceeded"
@@ -391,3 +394,29 @@ def test_metrics_count_requests_tokens_and_first_tokens(server):
     for gauge in ("thinkscale_queue_requests", "thinkscale_running_rows", "thinkscale_batch_occupancy"):
         assert after[(gauge, ())] == 0  # nothing in flight between requests
     assert after[("thinkscale_decoded_rows_total", ())] >= 3
+
+
+def test_logprobs_are_the_chosen_candidates(server, model):
+    _, rm, tok = model
+    question = "First we add the numbers."
+    out = chat(server.client(), question, reasoning_effort="low", seed=5, logprobs=True, top_logprobs=3)
+    _, chosen = offline(model, question, k=2, seed=5)
+    eos = tok.eos_token_id
+    expected = [t for t in chosen[0].token_ids if t != eos]
+    content = out.choices[0].logprobs.content
+    assert [tok.decode([t]) for t in expected] == [c.token for c in content]
+    assert [c.logprob for c in content] == chosen[0].token_logprobs[:len(expected)]
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode("utf-8"))
+        values = [t.logprob for t in c.top_logprobs]
+        assert values == sorted(values, reverse=True) and c.logprob <= values[0] + 1e-4
+    # greedy: each token is its position's most likely one
+    greedy = chat(server.client(), question, reasoning_effort="none", temperature=0, logprobs=True, top_logprobs=1)
+    assert all(c.token == c.top_logprobs[0].token for c in greedy.choices[0].logprobs.content)
+    # legacy completions: tokens, their log-probs, the top tokens as a dict, offsets into the text
+    done = server.client().completions.create(model=NAME, prompt=rm.format_prompt(question, tok), max_tokens=8,
+                                              logprobs=2, seed=5, extra_body={"reasoning_effort": "none"})
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text and len(lp.token_logprobs) == len(lp.tokens)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(len(top) == 2 for top in lp.top_logprobs)

@@ -210,7 +210,7 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         # sample([prompt p repeated n times...], k, seed) - a seeded request answers as that would
         rows = [RowSpec(gen.prompts[q // gen.n], gen.max_tokens, gen.temperature, gen.top_p, row_seed(seed, q, j))
                 for q in range(answers) for j in range(gen.k)]
-        return Job(rows, gen.stop, listener)
+        return Job(rows, gen.stop, listener, top_logprobs=gen.top_logprobs if gen.logprobs else 0)
 
     def _submit(job: Job) -> asyncio.Future:
         try:
@@ -243,7 +243,8 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
                         "candidate": chosen.sample_index, "score": chosen.score, "step_scores": chosen.step_scores,
                         "candidate_scores": [c.score for c in group]}
             finish = "stop" if chosen.finished or stopped else "length"
-            answers.append(Answer(text, reasoning, content, finish, selected))
+            logprobs = token_logprobs(chosen, text, gen, served.tokenizer, eos_ids) if gen.logprobs else None
+            answers.append(Answer(text, reasoning, content, finish, selected, logprobs))
         prompt_tokens = sum(len(gen.prompts[q // gen.n]) * gen.k for q in range(len(gen.prompts) * gen.n))
         metrics.prompt_tokens.inc(prompt_tokens)
         metrics.generated_tokens.inc(completion_tokens)
@@ -351,6 +352,32 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
             job.cancel()  # a no-op when done; frees the rows when the client went away mid-stream
 
     return app
+
+
+def token_logprobs(chosen, text: str, gen: Generation, tokenizer, eos_ids: set[int]) -> dict:
+    """The choice's `logprobs` object: every generated token of the chosen candidate up to its returned
+    text (a stop string cut, EOS left out), with its log-prob under the model (before temperature and
+    top-p) and, with `top_logprobs`, the most likely tokens at its position. The reasoning part is
+    included: these are the tokens the model generated, in order."""
+    ids = chosen.token_ids
+    count = len(ids) - (1 if ids and chosen.finished and ids[-1] in eos_ids else 0)
+    while count and len(tokenizer.decode(ids[:count - 1], skip_special_tokens=True)) >= len(text):
+        count -= 1  # tokens wholly after a stop-string cut
+    pieces = [tokenizer.decode([t]) for t in ids[:count]]
+    values = chosen.token_logprobs[:count]
+    tops = [[(tokenizer.decode([t]), lp) for t, lp in zip(*top)] for top in chosen.extra.get("top_logprobs", [])]
+    if gen.kind == "chat":
+        def entry(piece: str, lp: float) -> dict:
+            return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+        content = [{**entry(piece, lp), "top_logprobs": [entry(*t) for t in (tops[i] if i < len(tops) else [])]}
+                   for i, (piece, lp) in enumerate(zip(pieces, values))]
+        return {"content": content, "refusal": None}
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    top = [dict(tops[i]) if i < len(tops) else None for i in range(len(pieces))] if gen.top_logprobs else None
+    return {"tokens": pieces, "token_logprobs": list(values), "top_logprobs": top, "text_offset": offsets}
 
 
 def _sse(obj: dict) -> str:

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from thinkscale.reflect.engine import SAMPLING
+from thinkscale.reflect.engine import MAX_TOP_LOGPROBS, SAMPLING
 from thinkscale.reflect.search import SearchConfig
 from thinkscale.reflect.select import EFFORT_K, parse_strategy
 
@@ -78,6 +78,8 @@ class Generation:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    logprobs: bool = False  # return the chosen candidate's token log-probs
+    top_logprobs: int = 0  # and its this many most likely tokens at each position
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -128,8 +130,6 @@ def _stop(body: dict) -> tuple[str, ...]:
 
 
 def _unsupported(body: dict, kind: str) -> None:
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") is not None:
-        raise ApiError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported")
     if body.get("tools") or body.get("functions") or body.get("tool_choice") not in (None, "none"):
         raise ApiError(400, "tool calls are not supported by this server", param="tools", code="unsupported")
     fmt = body.get("response_format")
@@ -240,6 +240,13 @@ def parse_generation(body: Any, kind: str, settings: Settings, prompts: list[lis
     options = _optional(body, "stream_options", lambda v: isinstance(v, dict), "an object")
     include_usage = bool((options or {}).get("include_usage", False))
 
+    logprobs, top_logprobs = _logprobs(body, kind)
+    if logprobs and stream:
+        raise ApiError(400, "logprobs are returned for non-streamed requests only", param="logprobs",
+                       code="unsupported")
+    if logprobs and k > 1 and search != "best_of_n":
+        raise ApiError(400, "logprobs are not returned for a searched request (search other than best_of_n)",
+                       param="logprobs", code="unsupported")
     limit = _max_tokens(body, settings, max(len(p) for p in prompts))
     if vocab_size is not None:
         for i, ids in enumerate(prompts):
@@ -248,7 +255,21 @@ def parse_generation(body: Any, kind: str, settings: Settings, prompts: list[lis
     return Generation(kind, prompts, prompt_texts, n, k, effort, selection, search if k > 1 else "best_of_n",
                       settings.temperature if temperature is None else float(temperature),
                       settings.top_p if top_p is None else float(top_p), limit, seed, _stop(body),
-                      bool(stream), include_usage)
+                      bool(stream), include_usage, logprobs, top_logprobs)
+
+
+def _logprobs(body: dict, kind: str) -> tuple[bool, int]:
+    """(return log-probs, how many top tokens each): chat's `logprobs` (bool) + `top_logprobs` (0-20);
+    the legacy completions' `logprobs` (an integer 0-5: the top tokens; given at all: on)."""
+    if kind == "chat":
+        on = _optional(body, "logprobs", lambda v: isinstance(v, bool), "true or false")
+        top = _optional(body, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
+                        f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if top is not None and not on:
+            raise _bad("top_logprobs", "needs 'logprobs': true")
+        return bool(on), top or 0
+    top = _optional(body, "logprobs", lambda v: _is_int(v) and 0 <= v <= 5, "an integer in [0, 5]")
+    return top is not None, top or 0
 
 
 def _max_tokens(body: dict, settings: Settings, prompt_tokens: int) -> int:
@@ -281,6 +302,7 @@ class Answer:
     content: str
     finish_reason: str  # "stop" or "length"
     selected: dict[str, Any]
+    logprobs: dict[str, Any] | None = None  # the choice's `logprobs` object, when asked for
 
 
 def usage(prompt_tokens: int, completion_tokens: int, answer_tokens: int) -> dict[str, Any]:
@@ -293,12 +315,12 @@ def usage(prompt_tokens: int, completion_tokens: int, answer_tokens: int) -> dic
 def response_body(gen: Generation, settings: Settings, answers: list[Answer], usage_body: dict) -> dict[str, Any]:
     if gen.kind == "chat":
         choices = [{"index": i, "message": {"role": "assistant", "content": a.content, "reasoning_content": a.reasoning},
-                    "finish_reason": a.finish_reason, "logprobs": None, "selected": a.selected}
+                    "finish_reason": a.finish_reason, "logprobs": a.logprobs, "selected": a.selected}
                    for i, a in enumerate(answers)]
         return {"id": f"chatcmpl-{gen.id}", "object": "chat.completion", "created": gen.created,
                 "model": settings.model_name, "choices": choices, "usage": usage_body}
-    choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None, "selected": a.selected}
-               for i, a in enumerate(answers)]
+    choices = [{"index": i, "text": a.text, "finish_reason": a.finish_reason, "logprobs": a.logprobs,
+                "selected": a.selected} for i, a in enumerate(answers)]
     return {"id": f"cmpl-{gen.id}", "object": "text_completion", "created": gen.created,
             "model": settings.model_name, "choices": choices, "usage": usage_body}
 

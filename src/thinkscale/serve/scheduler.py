@@ -48,6 +48,7 @@ class Job:
     listener: TokenListener | None = None
     # a job that is one call on the engine of its own (a search): run alone, its return value resolves `future`
     call: Callable[[Callable[[], bool]], object] | None = None
+    top_logprobs: int = 0  # most likely tokens kept per position, in each candidate's extra["top_logprobs"]
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     _done: dict[int, Candidate] = field(default_factory=dict)
@@ -148,7 +149,8 @@ class Scheduler:
             try:
                 with eval_mode(self.rm):
                     decode_rows(self.rm, specs, self.eos_ids, self.pad_id, after_token=self._after_token,
-                                feature_tokens=self.rm.step_feature_tokens(self.tokenizer))
+                                feature_tokens=self.rm.step_feature_tokens(self.tokenizer),
+                                top_logprobs=max(job.top_logprobs for job, _ in wave))
             except Exception as error:  # a failed wave fails its requests, never the server
                 logger.exception("decoding a wave of %d rows failed", len(specs))
                 for job, _ in wave:
@@ -204,6 +206,10 @@ class Scheduler:
         if row.finish == "stop":
             candidate.text, _ = cut_at_stop(candidate.text, job.stop)
             candidate.finished, candidate.truncated = True, False
+        if job.top_logprobs:  # (ids, log-probs) of the most likely tokens at each generated position
+            candidate.extra["top_logprobs"] = [(ids[:job.top_logprobs].tolist(),
+                                                [round(v, 4) for v in lps[:job.top_logprobs].tolist()])
+                                               for ids, lps in row.top]
         job._done[i] = candidate
         if len(job._done) == len(job.rows) and not job.future.done():
             job.future.set_result([job._done[j] for j in range(len(job.rows))])
