@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from thinkscale.commands.argtypes import positive_float, positive_int
-from thinkscale.commands.model_args import (MODEL_HELP, add_model_arguments, add_sampling_arguments, device, instruction,
-                                             step_delimiter)
+from thinkscale.commands.model_args import (MODEL_HELP, add_model_arguments, add_sampling_arguments, device,
+                                             instruction, step_delimiter)
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ EFFORT_HELP = "none/minimal = one sample; low/medium/high = best of 2/8/32"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from thinkscale.serve.protocol import DEFAULTS as d
     from thinkscale.serve.protocol import EFFORTS
 
     add_model_arguments(parser, required=False,
@@ -32,25 +33,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="the model id clients send as `model` (default: the --model folder's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--default-effort", choices=list(EFFORTS), default="medium",
-                        help=f"reasoning_effort of requests that give none ({EFFORT_HELP}; default medium)")
-    parser.add_argument("--selection", default="sprm",
+    parser.add_argument("--default-effort", choices=list(EFFORTS), default=d.default_effort,
+                        help=f"reasoning_effort of requests that give none ({EFFORT_HELP}; default %(default)s)")
+    parser.add_argument("--selection", default=d.default_selection,
                         help="how the best of k is chosen when a request does not say (any `select()` strategy, "
-                             "e.g. sprm, majority, weighted, deepconf; default sprm)")
-    parser.add_argument("--search", default="best_of_n", metavar="METHOD[:OPTIONS]",
+                             "e.g. sprm, majority, weighted, deepconf; default %(default)s)")
+    parser.add_argument("--search", default=d.default_search, metavar="METHOD[:OPTIONS]",
                         help="how low/medium/high spend their k candidates when a request does not say (its "
                              "`search` field): best_of_n (k independent samples, packed with other requests), or a "
                              "search of `thinkscale eval --search` such as prune:signal=confidence or beam:width=4 "
-                             "(decoded per request, fewer tokens; default best_of_n)")
-    add_sampling_arguments(parser, what="default sampling")
-    parser.add_argument("--max-tokens", type=positive_int, default=512,
-                        help="completion length when a request gives none, capped by the context (default 512)")
-    parser.add_argument("--max-candidates", type=positive_int, default=64,
-                        help="most rows one request may ask for: prompts x n x k (default 64)")
-    parser.add_argument("--max-batch", type=positive_int, default=32,
-                        help="most rows decoded together; the candidates of waiting requests share it (default 32)")
-    parser.add_argument("--max-queue", type=positive_int, default=64,
-                        help="requests that may wait; more get 429 with Retry-After (default 64)")
+                             "(decoded per request, fewer tokens; default %(default)s)")
+    add_sampling_arguments(parser, what="default sampling", temperature=d.temperature, top_p=d.top_p)
+    parser.add_argument("--max-tokens", type=positive_int, default=d.max_tokens,
+                        help="completion length when a request gives none, capped by the context (default %(default)s)")
+    parser.add_argument("--max-candidates", type=positive_int, default=d.max_candidates,
+                        help="most rows one request may ask for: prompts x n x k (default %(default)s)")
+    parser.add_argument("--max-batch", type=positive_int, default=d.max_batch,
+                        help="most rows decoded together; the candidates of waiting requests share it "
+                             "(default %(default)s)")
+    parser.add_argument("--max-queue", type=positive_int, default=d.max_queue,
+                        help="requests that may wait; more get 429 with Retry-After (default %(default)s)")
     parser.add_argument("--no-batching", action="store_true",
                         help="decode one request at a time (the baseline `thinkscale bench serve` compares against)")
     parser.add_argument("--shutdown-timeout", type=positive_float, default=30.0,
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"thinkscale serve: error: {error}", file=sys.stderr)
         return 2
     try:
-        from thinkscale.serve.app import ServeOptions, Served, create_app
+        from thinkscale.serve.app import Served, create_app
+        from thinkscale.serve.protocol import ServeOptions, Settings
     except ImportError as error:  # fastapi, uvicorn or prometheus-client
         print(f"thinkscale serve: error: needs the serve extra (pip install 'thinkscale[serve]'): {error}",
               file=sys.stderr)
@@ -83,9 +86,7 @@ def run(args: argparse.Namespace) -> int:
                                temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                                max_candidates=args.max_candidates, max_batch=args.max_batch,
                                max_queue=args.max_queue, pack=not args.no_batching)
-        from thinkscale.serve.protocol import Settings
-
-        Settings("check", options.default_effort, options.default_selection, options.default_search)  # fail early
+        Settings.from_options("check", options)  # a bad default effort, selection or search fails here, in one line
     except ValueError as error:
         print(f"thinkscale serve: error: {error}", file=sys.stderr)
         return 2

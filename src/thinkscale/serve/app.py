@@ -26,14 +26,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from thinkscale.reflect.engine import SAMPLING, RowSpec, row_seed
+from thinkscale.reflect.engine import RowSpec, row_seed
 from thinkscale.reflect.generate import encode_prompt, eos_token_ids, pad_token_id
 from thinkscale.reflect.search import SearchConfig, search
 from thinkscale.reflect.select import select
 
 from . import protocol
 from .metrics import UNKNOWN_EFFORT, ServeMetrics
-from .protocol import Answer, ApiError, Generation, Settings
+from .protocol import Answer, ApiError, Generation, ServeOptions, Settings
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from .text import DeltaStream, cut_at_stop, opens_think, split_reasoning
 
@@ -88,27 +88,8 @@ class Served:
         return turns + self.rm.format_prompt(last["content"], self.tokenizer)
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    """Everything `thinkscale serve` sets besides the model (see its --help)."""
-
-    default_effort: str = "medium"
-    default_selection: str = "sprm"
-    default_search: str = "best_of_n"
-    temperature: float = SAMPLING.temperature
-    top_p: float = SAMPLING.top_p
-    max_tokens: int = 512
-    max_candidates: int = 64
-    max_batch: int = 32
-    max_queue: int = 64
-    max_body_bytes: int = 1 << 20
-    pack: bool = True
-    grade_timeout_s: float = 5.0
-
-
 def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAPI:
-    settings = Settings(served.name, options.default_effort, options.default_selection, options.default_search,
-                        options.temperature, options.top_p, options.max_tokens, options.max_candidates, served.context)
+    settings = Settings.from_options(served.name, options, served.context)
     eos_ids = eos_token_ids(served.rm, served.tokenizer)
     vocab = served.rm.policy.get_output_embeddings().weight.shape[0]
     state: dict[str, Scheduler] = {}

@@ -37,10 +37,9 @@ class ApiError(Exception):
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Server-wide defaults and limits a request is checked against."""
+class ServeOptions:
+    """Everything `thinkscale serve` sets besides the model (see its --help): the one home of its defaults."""
 
-    model_name: str
     default_effort: str = "medium"
     default_selection: str = "sprm"
     default_search: str = "best_of_n"  # how low/medium/high spend their k rows (reflect.search)
@@ -48,7 +47,35 @@ class Settings:
     top_p: float = SAMPLING.top_p
     max_tokens: int = 512  # when a request gives none (capped by the context)
     max_candidates: int = 64  # n * k of one request
+    max_batch: int = 32
+    max_queue: int = 64
+    max_body_bytes: int = 1 << 20
+    pack: bool = True
+    grade_timeout_s: float = 5.0
+
+
+DEFAULTS = ServeOptions()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server-wide defaults and limits a request is checked against (the request-facing part of
+    ServeOptions, with the model's name and context)."""
+
+    model_name: str
+    default_effort: str = DEFAULTS.default_effort
+    default_selection: str = DEFAULTS.default_selection
+    default_search: str = DEFAULTS.default_search
+    temperature: float = DEFAULTS.temperature
+    top_p: float = DEFAULTS.top_p
+    max_tokens: int = DEFAULTS.max_tokens
+    max_candidates: int = DEFAULTS.max_candidates
     context: int | None = None  # the model's positions; None = unknown
+
+    @classmethod
+    def from_options(cls, model_name: str, options: ServeOptions, context: int | None = None) -> "Settings":
+        return cls(model_name, options.default_effort, options.default_selection, options.default_search,
+                   options.temperature, options.top_p, options.max_tokens, options.max_candidates, context)
 
     def __post_init__(self) -> None:
         if self.default_effort not in EFFORTS:
