@@ -293,6 +293,24 @@ def test_a_client_that_goes_away_frees_its_rows(server):
     assert server.health()["cancelled_rows"] > before
 
 
+
+def test_a_client_that_stops_waiting_for_an_answer_frees_its_rows(server):
+    before = server.health()["cancelled_rows"]
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Two"}], "max_tokens": 230, "n": 2,
+            "reasoning_effort": "high", "seed": 2, "temperature": 1.5}
+    start = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):  # the client gives up long before 2 x best of 32 are decoded
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.3)
+    # the same request, waited for, takes this long: the server had seconds to notice the hang-up
+    answered = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert answered.status_code == 200 and time.monotonic() - start > 1.0
+    deadline = time.monotonic() + 20
+    while server.health()["cancelled_rows"] == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.health()["cancelled_rows"] > before
+
+
+
 # ----------------------------------------------------------------------------- queue and shutdown
 
 

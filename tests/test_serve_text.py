@@ -57,3 +57,15 @@ def test_request_checks_by_hand():
         [{"role": "user", "content": "ab"}]
     assert completion_prompts({"prompt": [[1, 2], [3]]}) == [[1, 2], [3]]
     assert completion_prompts({"prompt": "x\ud800"}) == ["x\ufffd"]
+
+
+def test_token_bytes_keep_the_pieces_of_a_character():
+    from thinkscale.reflect.loading import check_model_arg, load_tokenizer
+    from thinkscale.serve.text import token_bytes
+
+    tokenizer = load_tokenizer(check_model_arg("smollm2"))  # byte-level BPE that splits 日 over two tokens
+    text = "café — naïve 日本"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [token_bytes(tokenizer, t) for t in ids]
+    assert b"".join(pieces) == text.encode("utf-8")
+    assert any(not p.decode("utf-8", errors="ignore") for p in pieces)  # a piece that is no character alone

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from thinkscale.cli import main
-from thinkscale.reflect import ReflectConfig, ReflectiveModel
-from thinkscale.tasks import format_prompt, reflect_config
+from thinkscale.reflect import ReflectiveModel
+from thinkscale.tasks import format_prompt
 from thinkscale.tasks.arithmetic import ArithmeticConfig, generate
 from thinkscale.tasks.jsonl import write_jsonl
 from thinkscale.tasks.policy import PolicyConfig, build_policy
@@ -91,11 +91,10 @@ def test_single_process_run_writes_a_loadable_reflect_ready_directory(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.hidden_size == 32
-    saved = json.loads((out / "reflect_config.json").read_text())  # written by ReflectConfig.save, every field
-    assert {k: saved[k] for k in ("prompt_template", "step_delimiter", "think_tags")} == {
+    # the task format only (ReflectConfig.save with fields): a release head put on this folder keeps its rules
+    assert json.loads((out / "reflect_config.json").read_text()) == {
         "prompt_template": "{question}\n<think>\n", "step_delimiter": ".\n\n", "think_tags": ["<think>", "</think>"],
     }
-    assert ReflectConfig(**saved) == ReflectConfig(**reflect_config())
     reflective = ReflectiveModel.from_pretrained(out)
     assert reflective.format_prompt("What is 1 + 1?", tokenizer) == "What is 1 + 1?\n<think>\n"
     state = checkpoint.load_state(out)

@@ -79,3 +79,15 @@ def test_stale_temporaries_of_an_interrupted_save_are_cleaned(tmp_path):
     (stale / "model.safetensors").write_text("half written")
     save_stage(tmp_path / "stage", state={})
     assert sorted(os.listdir(tmp_path)) == ["stage"]
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_with_its_old_value(tmp_path):
+    from thinkscale.train.checkpoint import STATE_FILE, check_resumable
+
+    path = tmp_path / "step-00000002"
+    path.mkdir()
+    (path / STATE_FILE).write_text(json.dumps({"world_size": 1, "step": 2, "options": {"lr": 0.1}}))
+    (path / DONE_MARKER).write_text("{}")
+    assert check_resumable(path, {"lr": 0.1, "spr_min_class_share": 0.0}, 1)["step"] == 2  # how it trained
+    with pytest.raises(ValueError, match="spr_min_class_share 0.0 -> 0.1"):
+        check_resumable(path, {"lr": 0.1, "spr_min_class_share": 0.1}, 1)

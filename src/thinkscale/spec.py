@@ -171,9 +171,9 @@ class Registry(Mapping[str, T], Generic[T]):
         >>> methods = Registry("search method")
         >>> @methods.register("beam")
         ... def beam(): ...
-        >>> list(methods), methods.get("beam") is beam
+        >>> list(methods), methods.lookup("beam") is beam
         (['beam'], True)
-        >>> methods.get("greedy")
+        >>> methods.lookup("greedy")
         Traceback (most recent call last):
         ...
         thinkscale.spec.SpecError: unknown search method 'greedy'; valid: beam
@@ -195,8 +195,9 @@ class Registry(Mapping[str, T], Generic[T]):
         """A decorator that adds what it decorates under `name`."""
         return lambda entry: self.add(name, entry)
 
-    def get(self, name: str, *, also: str = "") -> T:  # type: ignore[override]
-        """The entry called `name`; a SpecError listing the valid names (and `also`, more of them) if none."""
+    def lookup(self, name: str, *, also: str = "") -> T:
+        """The entry called `name`; a SpecError listing the valid names (and `also`, more of them) if none.
+        (`get` is Mapping's: None for an unknown name.)"""
         if name not in self._entries:
             valid = ", ".join(self._entries) + (f", {also}" if also else "")
             raise SpecError(f"unknown {self.what} {name!r}; valid: {valid}")

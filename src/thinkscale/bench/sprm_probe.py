@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 POSITIONS = ("scored", "delimiter", "equals", "mean")
 L2 = 1e-3
-FEATURE_DTYPE = torch.float16  # kept features; the probes are fitted in fp32
+FEATURE_DTYPE = torch.float16  # kept features (float32 once a value exceeds its range); probes fit in fp32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +106,7 @@ def step_features(rm, tokenizer, records: list[tuple[str, object]], batch_size: 
     equals_ids = {i for t, i in tokenizer.get_vocab().items() if "=" in tokenizer.convert_tokens_to_string([t])}
     feats = {p: [] for p in POSITIONS}
     labels, sides = [], []
+    dtype = FEATURE_DTYPE
     for lo in tqdm(range(0, len(records), batch_size), desc="probe features", unit="batch", disable=not progress):
         batch = records[lo:lo + batch_size]
         seqs = [encode_prompt(tokenizer, rm.format_prompt(q, tokenizer)) + c.token_ids for q, c in batch]
@@ -129,9 +130,14 @@ def step_features(rm, tokenizer, records: list[tuple[str, object]], batch_size: 
                 rows["mean"].append(hidden[b, :, P + start:P + end + 1].mean(dim=1))
                 labels.append(float(truth))
                 sides.append(question_side(question))
-        if labels and rows["scored"]:
-            for p in POSITIONS:  # a copy: the batch's hidden states are freed, not held by views
-                feats[p].append(torch.stack(rows[p]).to(FEATURE_DTYPE))
+        if rows["scored"]:
+            stacked = {p: torch.stack(rows[p]) for p in POSITIONS}  # copies: the batch's hidden states are freed
+            if dtype == FEATURE_DTYPE and any(v.abs().max() > torch.finfo(dtype).max for v in stacked.values()):
+                dtype = torch.float32  # a massive activation past float16's range: keep everything in fp32
+                logger.info("hidden states beyond float16's range: keeping the probe's features in float32")
+                feats = {p: [v.float() for v in kept] for p, kept in feats.items()}
+            for p in POSITIONS:
+                feats[p].append(stacked[p].to(dtype))
     return {p: torch.cat(v) for p, v in feats.items()}, torch.tensor(labels), torch.tensor(sides)
 
 

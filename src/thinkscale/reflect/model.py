@@ -87,10 +87,14 @@ class ReflectConfig:
         if self.step_rules not in STEP_RULES:
             raise ValueError(f"step_rules must be one of {', '.join(STEP_RULES)}, got {self.step_rules!r}")
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write reflect_config.json into `directory` (atomically): the one writer of that file."""
-        write_text_atomic(os.path.join(os.fspath(directory), CONFIG_NAME),
-                          json.dumps(dataclasses.asdict(self), indent=2))
+    def save(self, directory: str | os.PathLike, fields: tuple[str, ...] | None = None) -> None:
+        """Write reflect_config.json into `directory` (atomically): the one writer of that file. With
+        `fields`, only those: what a folder fixes, leaving the rest to the loader's other sources (a
+        fine-tuned policy fixes its prompt format, not a release head's step rules)."""
+        values = dataclasses.asdict(self)
+        if fields is not None:
+            values = {name: values[name] for name in fields}
+        write_text_atomic(os.path.join(os.fspath(directory), CONFIG_NAME), json.dumps(values, indent=2))
 
 
 @dataclass
@@ -333,7 +337,7 @@ class ReflectiveModel(nn.Module):
         A head with a record is trained or not as the record says, and is refused (ValueError) on a policy
         whose weights differ from the ones it was fitted to, unless `force_head`. A head without a record
         (saved before records existed, or a release head) counts as trained and its policy is not checked.
-        Config, later ones winning: the model's defaults (`loading`), a release head's rules, the policy
+        Config, later ones winning: the model's defaults (`sources`), a release head's rules, the policy
         folder's reflect_config.json, the head folder's (what the head was fitted with), the keyword arguments.
         """
         policy_dir, head_dir, saved = None, None, {}

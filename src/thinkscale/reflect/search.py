@@ -53,7 +53,7 @@ class SearchConfig:
     budget: int | None = None  # generated tokens per question
 
     def __post_init__(self) -> None:
-        METHODS.get(self.method)  # an unknown name lists the valid ones
+        METHODS.lookup(self.method)  # an unknown name lists the valid ones
         if not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be an int >= 1, got {self.k!r}")
         if self.signal not in SIGNALS:
@@ -217,7 +217,7 @@ def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
             return decode_rows(rm, specs, eos_ids, pad_id, repetition_penalty, after_token=after_token,
                                feature_tokens=rm.step_feature_tokens(tokenizer))
 
-    decoded = METHODS.get(config.method)(run, rows, ctx)
+    decoded = METHODS.lookup(config.method)(run, rows, ctx)
     return _results(rm, tokenizer, encoded, decoded, ctx)
 
 

@@ -35,13 +35,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
-
 from ..spec import Registry, split_spec, typed_options
 from ..tasks.grading import DEFAULT_TIMEOUT_S, answers_equivalent, extract_answer, reference_to_answer
 from .candidate import Candidate
 from .confidence import DEEPCONF_WINDOW, mean, trace_confidence
-from .loss import SCORE_AGGREGATIONS, trajectory_score
+from .loss import SCORE_AGGREGATIONS
 
 EFFORT_K: dict[str, int] = {"low": 2, "medium": 8, "high": 32}
 
@@ -88,7 +86,7 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, object]]:
     """ "name:key=value,..." -> (name, options), read by `thinkscale.spec` (values inferred: int, float,
     bool or text). Unknown names and options are errors that list the valid ones."""
     name, items = split_spec(spec, what="selection strategy")
-    allowed = [p for p in inspect.signature(STRATEGIES.get(name)).parameters.values()
+    allowed = [p for p in inspect.signature(STRATEGIES.lookup(name)).parameters.values()
                if p.kind == inspect.Parameter.KEYWORD_ONLY]
     options = typed_options(name, items, what="strategy", types={p.name: Any for p in allowed},
                             defaults={p.name: p.default for p in allowed})
@@ -193,17 +191,16 @@ def _require_signals(candidates: Sequence[Candidate], strategy: str) -> None:
 
 
 def step_aggregate(candidate: Candidate, agg: str = "geomean") -> float:
-    """A trajectory score from step scores: "geomean" is the score recorded while decoding (the model's
-    own aggregation: geomean unless its head was fitted with another); "min" and "last" are computed from
-    the step scores by `loss.trajectory_score`, the one home of that math; 0 with no step."""
+    """A trajectory score from step scores, as `loss.trajectory_score` defines the aggregations: "geomean"
+    is the score recorded while decoding (the model's own aggregation, geomean unless its head was fitted
+    with another); "min" and "last" are read off the recorded step probabilities exactly; 0 with no step."""
     if agg == "geomean":
         return candidate.score
     if agg not in SCORE_AGGREGATIONS:
         raise ValueError(f"unknown step aggregation {agg!r}; valid: {', '.join(SCORE_AGGREGATIONS)}")
     if not candidate.step_scores:
         return 0.0
-    logits = torch.logit(torch.tensor(candidate.step_scores, dtype=torch.float64))
-    return float(trajectory_score(logits, torch.ones_like(logits, dtype=torch.bool), agg))
+    return min(candidate.step_scores) if agg == "min" else candidate.step_scores[-1]
 
 
 @register("sprm")

@@ -32,10 +32,10 @@ from thinkscale.reflect.search import SearchConfig, search
 from thinkscale.reflect.select import select
 
 from . import protocol
-from .metrics import UNKNOWN_EFFORT, ServeMetrics
+from .metrics import MetricsMiddleware, ServeMetrics
 from .protocol import Answer, ApiError, Generation, ServeOptions, Settings
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
-from .text import DeltaStream, cut_at_stop, opens_think, split_reasoning
+from .text import DeltaStream, cut_at_stop, opens_think, split_reasoning, token_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -106,22 +106,8 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
 
     app = FastAPI(title="thinkscale", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServeMetrics(lambda: state["scheduler"].stats(), options.max_batch)
-    endpoints = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        start = request.state.started = time.perf_counter()
-        endpoint = request.url.path if request.url.path in endpoints else "other"
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            effort = getattr(request.state, "effort", UNKNOWN_EFFORT)
-            metrics.requests.labels(endpoint, str(status), effort).inc()
-            if not getattr(request.state, "streamed", False):  # a stream's latency is observed at its end
-                metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+    app.add_middleware(MetricsMiddleware, metrics=metrics,
+                       endpoints={"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
 
     @app.exception_handler(ApiError)
     async def api_error(_request, error: ApiError):
@@ -233,8 +219,7 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
 
     async def _answer(request, gen: Generation):
         if gen.stream:
-            request.state.streamed = True
-            events = _stream(gen, request.url.path, request.state.started)
+            events = _stream(gen, request.state.started)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         job = _job(gen)
         future = _submit(job)
@@ -259,16 +244,13 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         except ShuttingDown as error:
             raise ApiError(503, f"the request was not completed: {error}", code="shutting_down") from None
 
-    async def _stream(gen: Generation, endpoint: str, start: float) -> AsyncIterator[str]:
-        try:
-            first = True
-            async for event, carries_text in _stream_events(gen):
-                if first and carries_text:
-                    metrics.first_token.observe(time.perf_counter() - start)
-                    first = False
-                yield event
-        finally:
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+    async def _stream(gen: Generation, start: float) -> AsyncIterator[str]:
+        first = True
+        async for event, carries_text in _stream_events(gen):
+            if first and carries_text:
+                metrics.first_token.observe(time.perf_counter() - start)
+                first = False
+            yield event
 
     async def _stream_events(gen: Generation) -> AsyncIterator[tuple[str, bool]]:
         """The stream's server-sent events, each with whether it carries answer text."""
@@ -344,20 +326,22 @@ def token_logprobs(chosen, text: str, gen: Generation, tokenizer, eos_ids: set[i
     count = len(ids) - (1 if ids and chosen.finished and ids[-1] in eos_ids else 0)
     while count and len(tokenizer.decode(ids[:count - 1], skip_special_tokens=True)) >= len(text):
         count -= 1  # tokens wholly after a stop-string cut
-    pieces = [tokenizer.decode([t]) for t in ids[:count]]
+    raw = [token_bytes(tokenizer, t) for t in ids[:count]]  # a piece of a character keeps its own bytes
+    pieces = [b.decode("utf-8", errors="replace") for b in raw]
     values = chosen.token_logprobs[:count]
-    tops = [[(tokenizer.decode([t]), lp) for t, lp in zip(*top)] for top in chosen.extra.get("top_logprobs", [])]
+    tops = [[(token_bytes(tokenizer, t), lp) for t, lp in zip(*top)] for top in chosen.extra.get("top_logprobs", [])]
     if gen.kind == "chat":
-        def entry(piece: str, lp: float) -> dict:
-            return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
-        content = [{**entry(piece, lp), "top_logprobs": [entry(*t) for t in (tops[i] if i < len(tops) else [])]}
-                   for i, (piece, lp) in enumerate(zip(pieces, values))]
+        def entry(data: bytes, lp: float) -> dict:
+            return {"token": data.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(data)}
+        content = [{**entry(data, lp), "top_logprobs": [entry(*t) for t in (tops[i] if i < len(tops) else [])]}
+                   for i, (data, lp) in enumerate(zip(raw, values))]
         return {"content": content, "refusal": None}
     offsets, at = [], 0
     for piece in pieces:
         offsets.append(at)
         at += len(piece)
-    top = [dict(tops[i]) if i < len(tops) else None for i in range(len(pieces))] if gen.top_logprobs else None
+    top = ([{data.decode("utf-8", errors="replace"): lp for data, lp in tops[i]} if i < len(tops) else None
+            for i in range(len(pieces))] if gen.top_logprobs else None)
     return {"tokens": pieces, "token_logprobs": list(values), "top_logprobs": top, "text_offset": offsets}
 
 

@@ -14,6 +14,7 @@ counters); nothing is written by hand in the exposition format.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -44,6 +45,44 @@ class ServeMetrics:
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of a scrape."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by endpoint, status and effort (`request.state.effort`, set by the route),
+    and observes its latency when the response's last byte is sent (a stream: at its end). Plain ASGI that
+    wraps `send` only: the routes still see a client that goes away (Starlette's BaseHTTPMiddleware would
+    hide the disconnect from `request.is_disconnected()`). Sets `request.state.started` (the arrival)."""
+
+    def __init__(self, app, metrics: ServeMetrics, endpoints: set[str]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        start = state["started"] = time.perf_counter()
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        status, recorded = 500, False
+
+        def record() -> None:
+            nonlocal recorded
+            recorded = True
+            self.metrics.requests.labels(endpoint, str(status), state.get("effort", UNKNOWN_EFFORT)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+        async def counted_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body") and not recorded:
+                record()
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            if not recorded:  # an error raised past us (a 500), or a response cut short
+                record()
 
 
 class _SchedulerCollector:

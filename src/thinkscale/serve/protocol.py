@@ -295,6 +295,8 @@ def _logprobs(body: dict, kind: str) -> tuple[bool, int]:
         if top is not None and not on:
             raise _bad("top_logprobs", "needs 'logprobs': true")
         return bool(on), top or 0
+    if body.get("logprobs") is False:  # what clients of the old `logprobs: bool` send
+        return False, 0
     top = _optional(body, "logprobs", lambda v: _is_int(v) and 0 <= v <= 5, "an integer in [0, 5]")
     return top is not None, top or 0
 

@@ -77,3 +77,35 @@ class DeltaStream:
         self._sent_reasoning += new_reasoning
         self._sent_content += new_content
         return new_reasoning, new_content
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's character for each byte (GPT-2's scheme: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes for the characters 256, 257, ... in byte order), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for, even when it holds part of a multi-byte character (where decoding it
+    alone gives U+FFFD): read off a byte-level BPE token or a <0xNN> byte-fallback token; otherwise its
+    decoded text."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if isinstance(piece, str):
+        if "ByteLevel" in repr(decoder) and all(c in BYTE_LEVEL for c in piece):
+            return bytes(BYTE_LEVEL[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+    return tokenizer.decode([token_id]).encode("utf-8")

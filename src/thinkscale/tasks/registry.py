@@ -115,7 +115,7 @@ def get_task(name: str) -> Task:
     valid ones (a bad gym name says what is wrong, in one line)."""
     if isinstance(name, str) and name.strip().startswith(gym.PREFIX):
         return _gym_task(name.strip())
-    return TASKS.get(name, also=f"{GYM_NAMES} (reasoning-gym datasets)")
+    return TASKS.lookup(name, also=f"{GYM_NAMES} (reasoning-gym datasets)")
 
 
 @functools.lru_cache(maxsize=64)

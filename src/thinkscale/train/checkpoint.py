@@ -1,6 +1,6 @@
 """Atomic checkpoints of a training stage: a directory that is either complete or absent.
 
-    save_stage(out, model, tokenizer, state={"step": 500, "loss": 0.21}, extra_json={"reflect_config.json": {...}})
+    save_stage(out, model, tokenizer, state={"step": 500, "loss": 0.21}, extra_json={"notes.json": {...}})
     if is_done(out): ...                                 # a rerun can skip the finished stage
     state = load_state(out)                              # the model: AutoModelForCausalLM.from_pretrained(out)
 
@@ -46,6 +46,9 @@ SHARED_FILE = "shared.pt"
 # Options that may change between a run and its resumption: checkpointing, and paths (a moved folder
 # resumes; the weights, optimizer and reference policy come from the checkpoint, not from `model`).
 RESUMABLE_CHANGES = frozenset({"resume", "save_every", "keep_checkpoints", "out", "data", "eval_data", "model"})
+# options added after checkpoints were written without them: the value that reproduces how those runs
+# trained (a checkpoint without the key resumes with exactly this value, and no other)
+ADDED_OPTIONS = {"spr_min_class_share": 0.0}
 
 
 def jsonable(value: Any) -> Any:
@@ -246,7 +249,7 @@ def check_resumable(path: str | os.PathLike, options: dict, world_size: int | No
     if world_size is not None and info["world_size"] != world_size:
         raise ValueError(f"{path}: written by {info['world_size']} workers, this run has {world_size}; "
                          f"resume with --nproc {info['world_size']}")
-    saved = info["options"]
+    saved = {**{k: v for k, v in ADDED_OPTIONS.items() if k in options}, **info["options"]}
     changed = sorted(k for k in set(saved) | set(options)
                      if k not in RESUMABLE_CHANGES and saved.get(k) != options.get(k))
     if changed:

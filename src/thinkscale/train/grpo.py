@@ -433,7 +433,7 @@ def evaluate(rm, tokenizer, examples: list[Example], options: GRPOOptions) -> di
     start = time.perf_counter()
     _, greedy = sample_graded(rm, tokenizer, examples, is_right, k=1, temperature=0.0, top_p=1.0,
                               max_new_tokens=options.max_new_tokens, score=False)
-    pass_at_1 = float(greedy.float().mean())
+    pass_at_1 = sum(greedy[:, 0].tolist()) / len(examples)
     k = options.eval_samples
     groups, correct = sample_graded(rm, tokenizer, examples, is_right, k=k, temperature=options.eval_temperature,
                                     top_p=options.eval_top_p, max_new_tokens=options.max_new_tokens,

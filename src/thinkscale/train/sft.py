@@ -329,7 +329,8 @@ def run_sft(options: SFTOptions) -> dict | None:
                     summary["eval"]["pass@1"], summary["eval"]["time_s"])
 
     def write_extra(stage_dir: Path) -> None:
-        ReflectConfig(**reflect_config()).save(stage_dir)  # the task format's prompt, delimiter and think tags
+        format_ = reflect_config()  # the task format's prompt template, step delimiter and think tags
+        ReflectConfig(**format_).save(stage_dir, fields=tuple(format_))
         for name, examples in splits.items():
             write_jsonl(stage_dir / "data" / f"{name}.jsonl", (e.to_record() for e in examples))
         checkpoint.carry_checkpoints(options.out, stage_dir)

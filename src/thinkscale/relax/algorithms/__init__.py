@@ -35,7 +35,7 @@ def resolve(algorithm: "str | Algorithm", **options) -> Algorithm:
         return algorithm
     if not isinstance(algorithm, str):
         raise TypeError(f"algorithm must be a name or an Algorithm object, got {type(algorithm).__name__}")
-    return REGISTRY.get(algorithm)(**options)
+    return REGISTRY.lookup(algorithm)(**options)
 
 
 __all__ = [

@@ -114,7 +114,7 @@ class _DecentralizedImpl(AlgorithmImpl):
         self.communications = 0  # k: communications launched so far (drives the shift_one schedule)
         self._groups = group_by_dtype(engine.params)
         self._averaged: list[torch.Tensor] | None = None  # copies being averaged this iteration
-        self._launched_at: int | None = None  # engine.iteration of the launched communication
+        self._launched_at: int | None = None  # engine.steps_taken when the communication was launched
 
     def before_forward(self) -> None:
         if not torch.is_grad_enabled():
