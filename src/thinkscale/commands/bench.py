@@ -5,7 +5,7 @@ reflect: tokens/s of sampling with fused SPRM scoring vs plain sampling, rescori
 serve:   requests/s, tokens/s and latency of the server, batched scheduler vs one request at a time.
 search:  seconds and tokens per question of each search method against best_of_n at the same k.
 probe:   linear probes of the true step labels on every layer's hidden states (the ceiling of a head).
-real-model: the SPRM on SmolLM2: screen, fine-tune, fit heads, evaluate with bootstrap intervals (hours; resumable).
+real-model: the SPRM on SmolLM2: screen, fine-tune, fit heads, evaluate, probe, search, GRPO (hours; resumable).
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ BENCHMARKS = {
     "search": ("thinkscale.bench.search_wall", "wall time of each test-time search against best_of_n at the same k"),
     "probe": ("thinkscale.bench.sprm_probe", "linear probes of the true step labels on the policy's hidden states"),
     "real-model": ("thinkscale.bench.real_model", "the SPRM on a pretrained model (SmolLM2): screen, fine-tune, fit "
-                                                  "heads, evaluate with bootstrap intervals; hours, resumable"),
+                                                  "heads, evaluate with bootstrap intervals, probe, search, GRPO + "
+                                                  "SPR; hours, resumable"),
 }
 
 
