@@ -198,3 +198,17 @@ def test_an_instruction_line_travels_in_the_head_folders_config(fitted, policy_d
     assert load_model(str(fitted))[0].config.instruction is None
     assert one_line_error(fit_args(policy_dir, tmp_path / "x", "--instruction", " "), capsys) == \
         "--instruction must not be empty"
+
+
+def test_a_head_on_another_layer_is_saved_with_it_and_its_rollouts_are_its_own(policy_dir, tmp_path, capsys):
+    out = tmp_path / "layer1"
+    assert main(fit_args(policy_dir, out, "--feature-layer", "1")) == 0
+    assert json.loads((out / "reflect_config.json").read_text())["feature_layer"] == 0  # an index: the first layer
+    from thinkscale.reflect.loading import load_model
+
+    rm, _ = load_model(str(out))
+    assert rm.config.feature_layer == 0 and rm.feature_layer is rm.policy.model.layers[0]
+    capsys.readouterr()
+    # its cached features are layer 1's: a fit of the default layer into the same folder is refused
+    assert main(fit_args(policy_dir, out)) == 2
+    assert "feature_layer 0 -> None" in capsys.readouterr().err

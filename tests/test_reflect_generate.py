@@ -20,9 +20,9 @@ def make_rm(kind="llama", **kw):
     return ReflectiveModel.from_pretrained(policy, step_delimiter="\n", think_tags=None, **kw), tok
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
-def test_fused_scores_match_full_forward_reference(kind):
-    rm, tok = make_rm(kind)
+@pytest.mark.parametrize("kind,layer", [("llama", -2), ("qwen2", -2), ("gpt2", -2), ("llama", 0)])
+def test_fused_scores_match_full_forward_reference(kind, layer):
+    rm, tok = make_rm(kind, feature_layer=layer)  # layer 0: a head on another layer than the spec's
     cands = sample(rm, tok, PROMPTS, k=3, temperature=1.0, top_p=0.95, max_new_tokens=30, seed=1, batch_size=4)
     flat = [c for per_prompt in cands for c in per_prompt]
     assert [len(p) for p in cands] == [3, 3, 3] and [c.sample_index for c in cands[1]] == [0, 1, 2]
@@ -283,3 +283,15 @@ def rm_scores(rm, tok, prompt, tokens, features):
 
     ends, steps, _ = scores_from_features(rm, tok, prompt, tokens, features)
     return ends, steps
+
+
+def test_the_head_reads_the_configured_layer():
+    rm, tok = make_rm("llama")
+    ids = torch.tensor([tok.encode(PROMPTS[0])])
+    hidden = rm.policy(input_ids=ids, output_hidden_states=True).hidden_states  # embeddings, then each layer
+    assert torch.equal(rm(ids, return_features=True).features, hidden[-2])  # the spec's: the second-to-last
+    first, _ = make_rm("llama", feature_layer=0)
+    hidden = first.policy(input_ids=ids, output_hidden_states=True).hidden_states
+    assert torch.equal(first(ids, return_features=True).features, hidden[1])  # the first layer's output
+    with pytest.raises(ValueError, match="feature_layer 5 is outside the policy's 2 decoder layers"):
+        make_rm("llama", feature_layer=5)

@@ -170,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
                  for i in range(len(layers))] for p in tqdm(POSITIONS, desc="probe fits", unit="position")}
     result = {"model": args.model, "candidates": str(path), "steps": len(labels),
               "train_steps": int(sides.sum()), "positive_share": float(labels.mean()),
-              "max_candidates": args.max_candidates, "feature_layer": total - 1, "layers": list(layers),
+              "max_candidates": args.max_candidates, "feature_layer": rm.config.feature_layer % total + 1,
+              "layers": list(layers),
               "auc": table}
     out = Path(args.out) if args.out else path.parent
     out.mkdir(parents=True, exist_ok=True)

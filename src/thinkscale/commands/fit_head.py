@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inputs", choices=list(HEAD_INPUTS), default="features",
                         help="what the head reads at each step: the policy's hidden state (the spec's head, "
                              "default), + the step's 4 free confidences, or those alone")
+    parser.add_argument("--feature-layer", type=positive_int, default=None, metavar="N",
+                        help="the decoder layer the head reads, counted from 1 as `thinkscale bench probe` prints "
+                             "them (default: the second-to-last, the spec's; saved with the head)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256,
                         help="longest rollout; a longer one is cut, and a cut wrong one is not trained on (default 256)")
     add_sampling_arguments(parser, what="rollout sampling", temperature=d.temperature, top_p=d.top_p)
@@ -129,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite and (out / ROLLOUT_DIR).exists():
         shutil.rmtree(out / ROLLOUT_DIR)
 
-    rm, tokenizer = load_model(args.model, step_delimiter=delimiter, device=device(args), instruction=line)
+    layer = None if args.feature_layer is None else args.feature_layer - 1  # an index into the layer stack
+    rm, tokenizer = load_model(args.model, step_delimiter=delimiter, device=device(args), instruction=line,
+                               feature_layer=layer)
     task_label = args.task if args.data is None else f"{args.task or 'math'} ({args.data})"
     logger.info("fitting an SPRM head to %s: %d questions x %d rollouts of %s, up to %d tokens each",
                 describe_model(args.model), len(examples), options.samples, task_label, options.max_new_tokens)

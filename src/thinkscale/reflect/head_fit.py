@@ -34,6 +34,7 @@ from .atomic import write_atomic, write_text_atomic
 from .confidence import step_confidence_inputs
 from .head import HEAD_INPUTS, SPRMHead
 from .loss import SCORE_AGGREGATIONS, spr_loss, trajectory_score
+from .model import DEFAULT_FEATURE_LAYER
 from .scorers import pair_accuracy
 
 logger = logging.getLogger(__name__)
@@ -198,6 +199,8 @@ def _plan(rm, tokenizer, examples: Sequence, ids: list[int], options: HeadFitOpt
                                                  "seed")}
     fmt = {k: getattr(rm.config, k) for k in ("step_delimiter", "think_tags", "prompt_template", "instruction",
                                               "step_rules")}
+    if rm.config.feature_layer != DEFAULT_FEATURE_LAYER:  # (the default unrecorded: older caches stay valid)
+        fmt["feature_layer"] = rm.config.feature_layer
     return {"policy_fingerprint": policy_fingerprint(rm.policy), "questions": len(ids), "questions_sha256": questions,
             **sampling, **{k: list(v) if isinstance(v, tuple) else v for k, v in fmt.items()}, **(note or {})}
 

@@ -39,7 +39,9 @@ _UNSET: Any = object()  # "argument not given", so that think_tags=None can mean
 # (the ids the delimiter text encodes to, the region between the single think tags; `steps.step_mask`)
 STEP_RULES = ("thinkscale", "release")
 # what a release head (score_module.pt) implies when its folder carries no reflect_config.json
-RELEASE_CONFIG = {"step_rules": "release", "head_inputs": "features", "score_aggregation": "geomean"}
+RELEASE_CONFIG = {"step_rules": "release", "head_inputs": "features", "score_aggregation": "geomean",
+                  "feature_layer": -2}
+DEFAULT_FEATURE_LAYER = -2  # the second-to-last decoder layer (MetaStone-S1's hidden_states[-2])
 
 
 @dataclass
@@ -65,6 +67,9 @@ class ReflectConfig:
     head_inputs: str = "features"
     score_aggregation: str = "geomean"
     step_rules: str = "thinkscale"  # see STEP_RULES; "release" for a MetaStone-S1 release model
+    # the decoder layer whose output the head reads, an index into the layer stack: -2 = the second-to-last
+    # (the spec's and the release's); `bench probe` finds where step correctness is most readable
+    feature_layer: int = DEFAULT_FEATURE_LAYER
 
     def __post_init__(self) -> None:
         if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
@@ -86,6 +91,8 @@ class ReflectConfig:
                              f"got {self.score_aggregation!r}")
         if self.step_rules not in STEP_RULES:
             raise ValueError(f"step_rules must be one of {', '.join(STEP_RULES)}, got {self.step_rules!r}")
+        if isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, int):
+            raise ValueError(f"feature_layer must be an integer layer index, got {self.feature_layer!r}")
 
     def save(self, directory: str | os.PathLike, fields: tuple[str, ...] | None = None) -> None:
         """Write reflect_config.json into `directory` (atomically): the one writer of that file. With
@@ -189,6 +196,9 @@ class ReflectiveModel(nn.Module):
         if len(layers) < 2:
             raise ValueError(f"the policy has {len(layers)} decoder layer(s); the SPRM head reads the "
                              "second-to-last one, so at least 2 are needed")
+        if not -len(layers) <= self.config.feature_layer < len(layers):
+            raise ValueError(f"feature_layer {self.config.feature_layer} is outside the policy's {len(layers)} "
+                             f"decoder layers (valid: -{len(layers)} to {len(layers) - 1})")
         self.policy = policy
         hidden = _hidden_size(policy)
         if head is None:
@@ -208,7 +218,8 @@ class ReflectiveModel(nn.Module):
 
     @property
     def feature_layer(self) -> nn.Module:
-        return find_decoder_layers(self.policy)[-2]
+        """The decoder block whose output the head reads (`config.feature_layer`)."""
+        return find_decoder_layers(self.policy)[self.config.feature_layer]
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None, cache: Any = None,
@@ -325,7 +336,7 @@ class ReflectiveModel(nn.Module):
     def from_pretrained(cls, policy: str | os.PathLike | nn.Module, head: str | os.PathLike | SPRMHead | None = None,
                         step_delimiter: str | None = None, think_tags: Any = _UNSET, prompt_template: str | None = None,
                         backbone_grad_scale: float | None = None, force_head: bool = False, instruction: str | None = None,
-                        **hf_kwargs: Any) -> "ReflectiveModel":
+                        feature_layer: int | None = None, **hf_kwargs: Any) -> "ReflectiveModel":
         """Load a policy and attach a head.
 
         policy: a model object, or what `sources.resolve_model` takes: a Hugging Face folder (with any HF
@@ -362,7 +373,8 @@ class ReflectiveModel(nn.Module):
             if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
                 saved.update(_read_json(os.path.join(folder, CONFIG_NAME)))
         overrides = {"step_delimiter": step_delimiter, "prompt_template": prompt_template,
-                     "backbone_grad_scale": backbone_grad_scale, "instruction": instruction}
+                     "backbone_grad_scale": backbone_grad_scale, "instruction": instruction,
+                     "feature_layer": feature_layer}
         saved.update({k: v for k, v in overrides.items() if v is not None})
         if think_tags is not _UNSET:
             saved["think_tags"] = think_tags
