@@ -66,6 +66,6 @@ def test_token_bytes_keep_the_pieces_of_a_character():
     tokenizer = load_tokenizer(check_model_arg("smollm2"))  # byte-level BPE that splits 日 over two tokens
     text = "café — naïve 日本"
     ids = tokenizer.encode(text, add_special_tokens=False)
-    pieces = [token_bytes(tokenizer, t) for t in ids]
+    pieces = token_bytes(tokenizer, ids)
     assert b"".join(pieces) == text.encode("utf-8")
     assert any(not p.decode("utf-8", errors="ignore") for p in pieces)  # a piece that is no character alone

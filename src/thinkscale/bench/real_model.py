@@ -293,7 +293,8 @@ def stage_eval(paths: Paths) -> dict:
     questions = {main: [[Candidate.from_dict(c) for c in r["candidates"]] for r in records]}
     # the other head scores the same candidates (a forward over each prompt + completion), once
     rescored_file = paths.results / f"eval-{other}" / "candidates.jsonl.gz"
-    if not rescored_file.is_file() or len(read_records(rescored_file)) != len(records):
+    rescored = read_records(rescored_file) if rescored_file.is_file() else []
+    if len(rescored) != len(records):
         rm, tokenizer = load_model(str(paths.fit(other)))
         for r in tqdm(records, desc=f"rescoring with the {other} head", unit="q"):
             prompt = tokenizer.encode(rm.format_prompt(r["question"], tokenizer), add_special_tokens=False)
@@ -304,7 +305,8 @@ def stage_eval(paths: Paths) -> dict:
             r["candidates"] = [c.to_dict() for c in cands]
         rescored_file.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(rescored_file, lambda tmp: write_gzipped_records(tmp, records))
-    questions[other] = [[Candidate.from_dict(c) for c in r["candidates"]] for r in read_records(rescored_file)]
+        rescored = records
+    questions[other] = [[Candidate.from_dict(c) for c in r["candidates"]] for r in rescored]
 
     results: dict[str, Any] = {}
     for inputs, qs in questions.items():

@@ -64,11 +64,10 @@ def score_sequences(rm: ReflectiveModel, tokenizer, prompt_ids: list[list[int]],
     """Reference scorer: a full forward over each prompt + completion (right-padded batches), head at
     every position, then the step mask. Returns (step probabilities, trajectory score) per sequence.
 
-        >>> from thinkscale.reflect import ReflectiveModel
+        >>> from thinkscale.reflect import ReflectiveModel, score_sequences
         >>> from thinkscale.tasks.policy import tiny_policy
         >>> policy, tokenizer = tiny_policy()                      # 2 layers of width 32, untrained
         >>> rm = ReflectiveModel(policy)                           # a fresh head on its hidden states
-        >>> from thinkscale.reflect import score_sequences
         >>> prompt = tokenizer.encode(rm.format_prompt("What is 1 + 2?", tokenizer))
         >>> answers = ["1 + 2 = 3.\\n\\n</think>\\n3", "1 + 2 = 3.\\n\\n3 = 3.\\n\\n</think>\\n3"]
         >>> scored = score_sequences(rm, tokenizer, [prompt] * 2, [tokenizer.encode(a) for a in answers])
@@ -117,11 +116,10 @@ def score_sequences(rm: ReflectiveModel, tokenizer, prompt_ids: list[list[int]],
 def rescore(rm: ReflectiveModel, tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[float], float]:
     """Reference score of a single prompt + completion (see `score_sequences`).
 
-        >>> from thinkscale.reflect import ReflectiveModel
+        >>> from thinkscale.reflect import ReflectiveModel, rescore
         >>> from thinkscale.tasks.policy import tiny_policy
         >>> policy, tokenizer = tiny_policy()                      # 2 layers of width 32, untrained
         >>> rm = ReflectiveModel(policy)                           # a fresh head on its hidden states
-        >>> from thinkscale.reflect import rescore
         >>> prompt = tokenizer.encode(rm.format_prompt("What is 1 + 2?", tokenizer))
         >>> steps, score = rescore(rm, tokenizer, prompt, tokenizer.encode("1 + 2 = 3.\\n\\n</think>\\n3"))
         >>> len(steps), round(score, 4) == round(steps[0], 4)     # one step: its probability is the score

@@ -326,10 +326,10 @@ def token_logprobs(chosen, text: str, gen: Generation, tokenizer, eos_ids: set[i
     count = len(ids) - (1 if ids and chosen.finished and ids[-1] in eos_ids else 0)
     while count and len(tokenizer.decode(ids[:count - 1], skip_special_tokens=True)) >= len(text):
         count -= 1  # tokens wholly after a stop-string cut
-    raw = [token_bytes(tokenizer, t) for t in ids[:count]]  # a piece of a character keeps its own bytes
+    raw = token_bytes(tokenizer, ids[:count])  # a piece of a character keeps its own bytes
     pieces = [b.decode("utf-8", errors="replace") for b in raw]
     values = chosen.token_logprobs[:count]
-    tops = [[(token_bytes(tokenizer, t), lp) for t, lp in zip(*top)] for top in chosen.extra.get("top_logprobs", [])]
+    tops = [list(zip(token_bytes(tokenizer, top_ids), lps)) for top_ids, lps in chosen.extra.get("top_logprobs", [])]
     if gen.kind == "chat":
         def entry(data: bytes, lp: float) -> dict:
             return {"token": data.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(data)}

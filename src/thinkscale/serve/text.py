@@ -97,15 +97,18 @@ def _byte_level_alphabet() -> dict[str, int]:
 BYTE_LEVEL = _byte_level_alphabet()
 
 
-def token_bytes(tokenizer, token_id: int) -> bytes:
-    """The bytes a token stands for, even when it holds part of a multi-byte character (where decoding it
-    alone gives U+FFFD): read off a byte-level BPE token or a <0xNN> byte-fallback token; otherwise its
+def token_bytes(tokenizer, token_ids: list[int]) -> list[bytes]:
+    """The bytes each token stands for, even when it holds part of a multi-byte character (where decoding
+    it alone gives U+FFFD): read off a byte-level BPE token or a <0xNN> byte-fallback token; otherwise its
     decoded text."""
-    piece = tokenizer.convert_ids_to_tokens(token_id)
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    if isinstance(piece, str):
-        if "ByteLevel" in repr(decoder) and all(c in BYTE_LEVEL for c in piece):
-            return bytes(BYTE_LEVEL[c] for c in piece)
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            return bytes([int(piece[3:5], 16)])
-    return tokenizer.decode([token_id]).encode("utf-8")
+    byte_level = "ByteLevel" in repr(decoder)  # once per call, not per token
+    out = []
+    for token_id, piece in zip(token_ids, tokenizer.convert_ids_to_tokens(list(token_ids))):
+        if isinstance(piece, str) and byte_level and all(c in BYTE_LEVEL for c in piece):
+            out.append(bytes(BYTE_LEVEL[c] for c in piece))
+        elif isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:
+            out.append(tokenizer.decode([token_id]).encode("utf-8"))
+    return out
