@@ -53,7 +53,7 @@ def mlp_run(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("contender", ["ddp", "ddp_fp16", "ddp_powersgd", "bytegrad", SHIFT_ONE])
+@pytest.mark.parametrize("contender", ["ddp", "ddp_fp16", "ddp_powersgd", "ddp_bytegrad", "bytegrad", SHIFT_ONE])
 def test_mlp_contender_summary(mlp_run, contender):
     s = mlp_run(contender)
     assert FIELDS <= set(s)
@@ -113,6 +113,14 @@ def test_bad_contender_spec_fails_before_training():
             "full_precision_1d, hierarchical, piece_size_mb, stochastic_rounding") in proc.stderr
 
 
+def test_bytegrad_as_ddp_hook_trains_like_bytegrad(mlp_run):
+    """Different buckets (DDP's vs relax's), so not bit for bit (tests/test_relax_hooks.py pins that)."""
+    hook, ours = mlp_run("ddp_bytegrad"), mlp_run("bytegrad")
+    assert hook["comm_config"]["block_size"] == 1024
+    for a, b in zip(hook["losses_per_rank"], ours["losses_per_rank"]):
+        assert a == pytest.approx(b, abs=2e-2)
+
+
 def test_parse_contender():
     c = rw.parse_contender(SHIFT_ONE)
     assert (c.name, c.options, c.is_ddp) == ("decentralized",
@@ -127,6 +135,11 @@ def test_parse_contender():
         rw.parse_contender("bytegrad:hierarchical")
     with pytest.raises(ValueError, match="peer_selection_mode must be one of"):
         rw.parse_contender("decentralized:peer_selection_mode=ring")
+    assert rw.parse_contender("ddp_bytegrad:error_feedback=true").options == {"error_feedback": True}
+    with pytest.raises(ValueError, match="'ddp_bytegrad:block_size=12': block_size must be a positive multiple of 8"):
+        rw.parse_contender("ddp_bytegrad:block_size=12")
+    with pytest.raises(ValueError, match="wire_dtype must be one of bf16, fp16, got 'int8'"):
+        rw.parse_contender("ddp_wire16:wire_dtype=int8")
 
 
 def test_pure_helpers():

@@ -16,6 +16,8 @@ Workloads (batches are made up front, so data generation is never timed; each ra
 Contenders (`--contender SPEC`, SPEC = `name` or `name:key=value,key=value`):
 - ddp, ddp_fp16 (fp16_compress_hook), ddp_powersgd (powerSGD_hook; options matrix_approximation_rank=1,
   start_powerSGD_iter=2, min_compression_rate=2, use_error_feedback=true, warm_start=true);
+- ddp_bytegrad, ddp_wire16: DDP with relax's own hooks (relax/hooks.py; options as ByteGradHookState's,
+  wire_dtype=bf16|fp16);
 - every relax algorithm by registry name, options = fields of its config, e.g.
   `decentralized:peer_selection_mode=shift_one,communication_interval=2`, `qadam:warmup_steps=10`.
 Optimizer, identical for all contenders of a workload except qadam (QAdamOptimizer):
@@ -63,9 +65,10 @@ from torch import nn
 
 from thinkscale.bench import relax_profile
 from thinkscale.relax import DataParallel, algorithms, quantize
-from thinkscale.relax.algorithms.bytegrad import ByteGradExchange
+from thinkscale.relax.algorithms.bytegrad import ByteGradExchange, check_quantization_options
 from thinkscale.relax.algorithms.low_precision_decentralized import dcd_step_
 from thinkscale.relax.comm import Comm, end_process_group, exit_process
+from thinkscale.relax.hooks import WIRE_DTYPES, ByteGradHookState, Wire16HookState, bytegrad_hook, wire16_hook
 from thinkscale.spec import field_types, parse_value, split_spec, typed_options  # noqa: F401 (parse_value: this module's API)
 
 DDP_OPTIONS = {  # contender -> its options and their defaults
@@ -75,7 +78,12 @@ DDP_OPTIONS = {  # contender -> its options and their defaults
     # plain allreduce.
     "ddp_powersgd": {"matrix_approximation_rank": 1, "start_powerSGD_iter": 2, "min_compression_rate": 2.0,
                      "use_error_feedback": True, "warm_start": True},
+    # relax's own exchanges as DDP comm hooks (relax/hooks.py)
+    "ddp_bytegrad": {"block_size": 1024, "piece_size_mb": 4.0, "error_feedback": False,
+                     "stochastic_rounding": False, "full_precision_1d": True},
+    "ddp_wire16": {"wire_dtype": "bf16"},
 }
+QUANTIZING_DDP = {"ddp_bytegrad"}
 WORKLOADS = ("mlp", "policy")
 FINAL_LOSS_STEPS = 3
 MLP_CLASSES = 10
@@ -118,11 +126,16 @@ def parse_contender(spec: str) -> Contender:
     if name not in contender_names():
         raise ValueError(f"unknown contender {name!r}; valid: {', '.join(contender_names())}")
     options = typed_options(name, items, what="contender", types=option_types(name))
-    if name not in DDP_OPTIONS:
-        try:  # bad values fail here, on every rank, before any rendezvous
+    try:  # bad values fail here, on every rank, before any rendezvous
+        if name not in DDP_OPTIONS:
             algorithms.resolve(name, **options)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"contender {spec!r}: {exc}") from None
+        elif name == "ddp_bytegrad":
+            merged = {**DDP_OPTIONS[name], **options}
+            check_quantization_options(merged["block_size"], merged["piece_size_mb"])
+        elif name == "ddp_wire16" and options.get("wire_dtype", "bf16") not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {options['wire_dtype']!r}")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"contender {spec!r}: {exc}") from None
     return Contender(spec, name, options)
 
 
@@ -292,6 +305,10 @@ def wrap(args, module: nn.Module, optimizer, contender: Contender) -> tuple[nn.M
     config = {**DDP_OPTIONS[contender.name], **contender.options}
     if contender.name == "ddp_fp16":
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif contender.name == "ddp_bytegrad":
+        model.register_comm_hook(ByteGradHookState(model, timeout_s=args.timeout_s, **config), bytegrad_hook)
+    elif contender.name == "ddp_wire16":
+        model.register_comm_hook(Wire16HookState(timeout_s=args.timeout_s, **config), wire16_hook)
     elif contender.name == "ddp_powersgd":
         try:
             state = powerSGD_hook.PowerSGDState(process_group=None, random_seed=args.seed, **config)
@@ -317,13 +334,15 @@ def warm_quantizer(contender: Contender, n_params: int, world_size: int) -> floa
     """Compile the 8-bit quantizer before training (seconds spent), so its one-off compile time (several
     seconds) does not land in a timed step (for qadam: the first step after its warm-up). A no-op for
     contenders that do not quantize and for models too small to reach the compiled path."""
-    if contender.is_ddp or not algorithms.REGISTRY[contender.name].quantizes or n_params < quantize.COMPILE_MIN_NUMEL:
+    quantizes = contender.name in QUANTIZING_DDP or (
+        not contender.is_ddp and algorithms.REGISTRY[contender.name].quantizes)
+    if not quantizes or n_params < quantize.COMPILE_MIN_NUMEL:
         return 0.0
     start = time.perf_counter()
     if contender.name == "low_precision_decentralized":  # one ring step of one process, on zeros
         x, w, l, r = (torch.zeros(quantize.COMPILE_MIN_NUMEL) for _ in range(4))
         dcd_step_(x, w, l, r, Comm(None))
-    else:  # bytegrad, qadam: the block kernels, with the contender's quantization options
+    else:  # bytegrad (and its hook), qadam: the block kernels, with the contender's quantization options
         o = contender.options
         exchange = ByteGradExchange(
             o.get("block_size", 1024), o.get("piece_size_mb", 4.0), o.get("error_feedback", False),

@@ -15,9 +15,12 @@ Future` of the averaged bucket buffer):
 
 How DDP and the exchange meet:
 - DDP's buckets are not padded and are rebuilt after the first iteration (in the order gradients
-  arrived). The exchange needs a length divisible by ranks x block, so each bucket layout gets a padded
-  staging buffer (fp32, whatever the gradients' dtype), allocated once; the padding is zeroed at every
-  call so it never widens a block's (min, max).
+  arrived). The exchange needs a length divisible by ranks x block: it runs in place on the longest
+  prefix of DDP's buffer that divides, and on the rest (less than ranks x block elements) copied into a
+  zero-padded buffer allocated once, so the blocks are those of a padded bucket without copying the
+  gradients. 1-D parameters (full precision) are staged out, zeroed in the buffer for the 8-bit
+  exchange (so they never widen a block's min/max) and written back averaged. A bucket of another
+  dtype than fp32 is averaged in an fp32 copy.
 - Error-feedback residuals are kept per bucket layout. When DDP changes its layout (the rebuild, or a
   resumed run's first iterations), the residuals of the old layout are folded into per-parameter
   residuals - the owner's part scaled by the number of ranks, which adds the same amount to the next
@@ -106,51 +109,64 @@ def layout_salt(rank: int, quantized: list[str]) -> int:
 
 
 class _Layout:
-    """One DDP bucket layout: which parameters are quantized and which go in full precision, with the
-    staging buffers and the exchange that are reused at every call."""
+    """One DDP bucket layout and what is reused at every call: the exchange of the bucket's longest prefix
+    that divides into ranks x block (run in place, on DDP's own buffer: no copy of the gradients), the
+    exchange of the rest (staged and padded with zeros, as relax pads its buckets), and the staging of
+    the 1-D parameters averaged in full precision (their slots in the buffer are zeroed before the 8-bit
+    exchange, so they never widen a block's min/max, and written back after)."""
 
-    def __init__(self, state: "ByteGradHookState", names: list[str], grads: list[torch.Tensor]):
+    def __init__(self, state: "ByteGradHookState", names: list[str], device: torch.device):
         self.names = names
-        full = [state.full_precision_1d and g.dim() <= 1 for g in grads]
-        self.quantized = [i for i, f in enumerate(full) if not f]
-        self.full = [i for i, f in enumerate(full) if f]
-        device = grads[0].device
-        q_numel = sum(grads[i].numel() for i in self.quantized)
-        unit = state.comm.size * state.block_size
-        self.q_numel = q_numel
-        self.q_stage = torch.zeros(-(-q_numel // unit) * unit, dtype=torch.float32, device=device)
-        self.f_stage = torch.zeros(sum(grads[i].numel() for i in self.full), dtype=torch.float32, device=device)
-        self.exchange = ByteGradExchange(state.block_size, state.piece_size_mb, state.error_feedback,
-                                         state.stochastic_rounding, layout_salt(state.comm.rank, self.q_names()))
+        self.numels, self.full, self.prefix, tail = state.geometry(names)
+        self.offsets = [sum(self.numels[:i]) for i in range(len(names))]
+        self.numel = sum(self.numels)
+        self.tail = torch.zeros(tail, dtype=torch.float32, device=device)
+        self.f_stage = torch.zeros(sum(self.numels[i] for i in self.full), dtype=torch.float32, device=device)
+        self.work: torch.Tensor | None = None  # fp32 copy of a bucket of another dtype, made on first use
+        self.exchanges = [ByteGradExchange(state.block_size, state.piece_size_mb, state.error_feedback,
+                                           state.stochastic_rounding, layout_salt(state.comm.rank, names + [part]))
+                          for part in ("prefix", "tail")]
 
-    def q_names(self) -> list[str]:
-        return [self.names[i] for i in self.quantized]
+    def slot(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        return flat[self.offsets[i]:self.offsets[i] + self.numels[i]]
 
-    def run(self, grads: list[torch.Tensor], comm: Comm) -> None:
-        """Average the bucket's gradients in place: 1-D ones in fp32, the rest through the exchange."""
-        _pack(self.f_stage, [grads[i] for i in self.full])
-        _pack(self.q_stage, [grads[i] for i in self.quantized])
-        self.q_stage[self.q_numel:].zero_()  # padding must not widen a block's min/max
-        if self.f_stage.numel():
+    def run(self, buffer: torch.Tensor, comm: Comm) -> None:
+        """Average the bucket's buffer in place: 1-D parameters in fp32, the rest through the exchanges."""
+        if buffer.numel() != self.numel:
+            raise RuntimeError(f"DDP's bucket holds {buffer.numel()} elements, its gradients {self.numel}")
+        flat = buffer.view(-1)
+        if flat.dtype != torch.float32:
+            if self.work is None:
+                self.work = torch.empty(self.numel, dtype=torch.float32, device=flat.device)
+            flat = self.work.copy_(flat)
+        offset = 0
+        for i in self.full:
+            self.f_stage[offset:offset + self.numels[i]].copy_(self.slot(flat, i))
+            self.slot(flat, i).zero_()  # must not widen a block's min/max
+            offset += self.numels[i]
+        if self.prefix:
+            self.exchanges[0].average_(flat[:self.prefix], comm)
+        if self.tail.numel():
+            rest = flat[self.prefix:]
+            self.tail[:rest.numel()].copy_(rest)
+            self.tail[rest.numel():].zero_()
+            self.exchanges[1].average_(self.tail, comm)
+            rest.copy_(self.tail[:rest.numel()])
+        if self.full:
             comm.allreduce_mean_(self.f_stage)
-        if self.q_numel:
-            self.exchange.average_(self.q_stage, comm)
-        _unpack(self.f_stage, [grads[i] for i in self.full])
-        _unpack(self.q_stage, [grads[i] for i in self.quantized])
+            offset = 0
+            for i in self.full:
+                self.slot(flat, i).copy_(self.f_stage[offset:offset + self.numels[i]])
+                offset += self.numels[i]
+        if flat is not buffer.view(-1):
+            buffer.view(-1).copy_(flat)
 
+    def state_dict(self) -> dict:
+        return {"names": list(self.names), "exchanges": [ex.state_dict() for ex in self.exchanges]}
 
-def _pack(stage: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        stage[offset:offset + t.numel()].copy_(t.reshape(-1))
-        offset += t.numel()
-
-
-def _unpack(stage: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        t.copy_(stage[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+    def load_state_dict(self, state: dict) -> None:
+        for exchange, saved in zip(self.exchanges, state["exchanges"]):
+            exchange.load_state_dict(saved)
 
 
 class ByteGradHookState:
@@ -181,7 +197,7 @@ class ByteGradHookState:
         self.comm = _own_group(process_group, self.timeout_s)
         self.layouts: dict[tuple[str, ...], _Layout] = {}
         self.residuals: dict[str, torch.Tensor] = {}  # per parameter, waiting for a layout to take them
-        self._released: dict[tuple[str, ...], dict] = {}  # layouts DDP dropped or a checkpoint holds
+        self._released: dict[tuple[str, ...], dict] = {}  # layouts' state_dicts: DDP dropped them or a checkpoint holds them
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relax-ddp-hook")
 
     def options(self) -> dict:
@@ -189,9 +205,20 @@ class ByteGradHookState:
                 "error_feedback": self.error_feedback, "stochastic_rounding": self.stochastic_rounding,
                 "full_precision_1d": self.full_precision_1d}
 
+    def geometry(self, names: list[str]) -> tuple[list[int], list[int], int, int]:
+        """(numel of each parameter, indices of those averaged in full precision, length of the in-place
+        prefix, length of the padded tail) of a bucket holding `names` in this order."""
+        numels = [self.shapes[name].numel() for name in names]
+        full = [i for i, name in enumerate(names) if self.full_precision_1d and len(self.shapes[name]) <= 1]
+        if len(full) == len(names):
+            return numels, full, 0, 0
+        unit, numel = self.comm.size * self.block_size, sum(numels)
+        prefix = numel // unit * unit
+        return numels, full, prefix, unit if numel > prefix else 0
+
     # ----- the hook's work ------------------------------------------------------------------------------
     def launch(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        buffer, grads, params, index = bucket.buffer(), bucket.gradients(), bucket.parameters(), bucket.index()
+        buffer, params, index = bucket.buffer(), bucket.parameters(), bucket.index()
         try:
             names = [self.names[id(p)] for p in params]
         except KeyError:
@@ -199,7 +226,7 @@ class ByteGradHookState:
                                "build ByteGradHookState from the DDP model the hook is registered on") from None
 
         def work() -> torch.Tensor:
-            self._layout_for(names, grads).run(grads, self.comm)
+            self._layout_for(names, buffer.device).run(buffer, self.comm)
             return buffer
 
         if buffer.is_cuda:  # kernels and NCCL calls queue on streams: running here does not block the host
@@ -222,72 +249,69 @@ class ByteGradHookState:
         self._pool.submit(run)
         return future
 
-    def _layout_for(self, names: list[str], grads: list[torch.Tensor]) -> _Layout:
+    def _layout_for(self, names: list[str], device: torch.device) -> _Layout:
         """The layout of this bucket, made on first sight. Known layouts that share parameters with it
-        are released (DDP changed its buckets). A released layout whose quantized parameters come back
-        in the same order resumes exactly (the rebuild often keeps the order; a checkpoint's layouts are
-        released ones); the others fold their residuals into per-parameter ones, which the new layout
-        takes up."""
+        are released (DDP changed its buckets). A released layout that comes back with the same
+        parameters in the same order resumes exactly (a checkpoint's layouts are released ones); the
+        others fold their residuals into per-parameter ones, which the new layout takes up."""
         key = tuple(names)
         layout = self.layouts.get(key)
         if layout is not None:
             return layout
         for old_key in [k for k in self.layouts if set(k) & set(names)]:
-            old = self.layouts.pop(old_key)
-            self._released[tuple(old.q_names())] = old.exchange.state_dict()
-        layout = _Layout(self, names, grads)
-        q_key = tuple(layout.q_names())
-        saved = self._released.pop(q_key, None)
+            self._released[old_key] = self.layouts.pop(old_key).state_dict()
+        layout = _Layout(self, names, device)
+        saved = self._released.pop(key, None)
         if saved is not None:
-            layout.exchange.load_state_dict(saved)
-        else:
-            for old_key in [k for k in self._released if set(k) & set(q_key)]:
-                self._fold(old_key, self._released.pop(old_key))
-            sent = self._take(layout.q_names(), layout.q_stage) if self.error_feedback else None
-            if sent is not None:
-                owned = torch.zeros(sent.numel() // self.comm.size, dtype=torch.float32, device=sent.device)
-                layout.exchange.load_state_dict({"calls": 0, "residual_sent": sent, "residual_owned": owned})
+            layout.load_state_dict(saved)
+        elif self.error_feedback:
+            for old_key in [k for k in self._released if set(k) & set(key)]:
+                self._fold(self._released.pop(old_key))
+            self._take(layout)
         self.layouts[key] = layout
         return layout
 
-    def _fold(self, q_names: tuple[str, ...], exchange_state: dict) -> None:
-        """One released layout's residuals (its exchange's state_dict) into per-parameter ones."""
-        sent, owned = exchange_state.get("residual_sent"), exchange_state.get("residual_owned")
-        if sent is None or owned is None:
-            return
-        folded = fold_residuals(sent, owned, self.comm.size, self.comm.rank, self.block_size,
-                                int(self.piece_size_mb * 2**20) // 4)
-        offset = 0
-        for name in q_names:
-            shape = self.shapes[name]
-            part = folded[offset:offset + shape.numel()].view(shape)
-            self.residuals[name] = self.residuals[name] + part if name in self.residuals else part.clone()
-            offset += shape.numel()
-
-    def _take(self, names: list[str], like: torch.Tensor) -> torch.Tensor | None:
-        """A layout's sent residual built from the per-parameter ones it covers (taken out of the store)."""
-        if not any(name in self.residuals for name in names):
-            return None
-        sent, offset = torch.zeros_like(like), 0
-        for name in names:
-            numel = self.shapes[name].numel()
-            if name in self.residuals:
-                sent[offset:offset + numel] = self.residuals.pop(name).to(sent.device).reshape(-1)
+    def _fold(self, layout_state: dict) -> None:
+        """One released layout's residuals into per-parameter ones."""
+        names = layout_state["names"]
+        numels, full, prefix, tail = self.geometry(names)
+        block, piece = self.block_size, int(self.piece_size_mb * 2**20) // 4
+        parts = []
+        for saved, length in zip(layout_state["exchanges"], (prefix, tail)):
+            sent, owned = saved.get("residual_sent"), saved.get("residual_owned")
+            if sent is None or owned is None or sent.numel() != length:
+                parts.append(torch.zeros(length))
+            else:
+                parts.append(fold_residuals(sent.cpu(), owned.cpu(), self.comm.size, self.comm.rank, block, piece))
+        folded, offset = torch.cat(parts), 0
+        for i, (name, numel) in enumerate(zip(names, numels)):
+            if i not in full:
+                part = folded[offset:offset + numel].view(self.shapes[name])
+                self.residuals[name] = self.residuals[name] + part if name in self.residuals else part.clone()
             offset += numel
-        return sent
+
+    def _take(self, layout: _Layout) -> None:
+        """Start a new layout's residuals from the per-parameter ones it covers (taken out of the store)."""
+        if not any(name in self.residuals for name in layout.names):
+            return
+        sent = torch.zeros(layout.prefix + layout.tail.numel())
+        for i, name in enumerate(layout.names):
+            if name in self.residuals:
+                layout.slot(sent, i).copy_(self.residuals.pop(name).reshape(-1))
+        device = layout.tail.device
+        for exchange, part in zip(layout.exchanges, (sent[:layout.prefix], sent[layout.prefix:])):
+            if part.numel():
+                exchange.load_state_dict({"calls": 0, "residual_sent": part.to(device),
+                                          "residual_owned": torch.zeros(part.numel() // self.comm.size, device=device)})
 
     # ----- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """This rank's state: each layout's exchange (calls, residuals), keyed by its quantized parameters
-        in order, and the per-parameter residuals not yet taken up. Call between iterations."""
-        layouts = {tuple(layout.q_names()): layout.exchange.state_dict() for layout in self.layouts.values()}
+        """This rank's state: each layout's exchanges (calls, residuals) with its parameter names in
+        order, and the per-parameter residuals not yet taken up. Call between iterations."""
+        layouts = {key: layout.state_dict() for key, layout in self.layouts.items()}
         layouts.update({key: saved for key, saved in self._released.items() if key not in layouts})
-        return {
-            "version": STATE_VERSION, "rank": self.comm.rank, "world_size": self.comm.size,
-            "options": self.options(),
-            "layouts": [{"quantized": list(key), "exchange": exchange} for key, exchange in layouts.items()],
-            "residuals": dict(self.residuals),
-        }
+        return {"version": STATE_VERSION, "rank": self.comm.rank, "world_size": self.comm.size,
+                "options": self.options(), "layouts": list(layouts.values()), "residuals": dict(self.residuals)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` saved, before the first iteration that should use it. Residuals saved
@@ -300,8 +324,7 @@ class ByteGradHookState:
             raise ValueError(f"the saved hook state has options {state.get('options')}; this state has "
                              f"{self.options()}")
         unknown = [name for name in state.get("residuals", {}) if name not in self.shapes]
-        unknown += [name for entry in state.get("layouts", []) for name in entry["quantized"]
-                    if name not in self.shapes]
+        unknown += [name for entry in state.get("layouts", []) for name in entry["names"] if name not in self.shapes]
         if unknown:
             raise ValueError(f"the saved hook state names parameters this model does not have: {unknown[:3]}")
         self.layouts.clear()
@@ -313,7 +336,7 @@ class ByteGradHookState:
                                self.comm.rank, self.comm.size)
             return
         self.residuals = {name: t.clone() for name, t in state.get("residuals", {}).items()}
-        self._released = {tuple(entry["quantized"]): entry["exchange"] for entry in state.get("layouts", [])}
+        self._released = {tuple(entry["names"]): entry for entry in state.get("layouts", [])}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
