@@ -277,3 +277,12 @@ def _other_rank_state(rank, world):
 
 def test_residuals_of_another_rank_start_at_zero():
     assert run_ranks(_other_rank_state, 2) == [0, 0]
+
+
+def test_the_module_examples_run():
+    import doctest
+
+    from thinkscale.relax import hooks
+
+    result = doctest.testmod(hooks, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0
