@@ -119,6 +119,59 @@ def test_default_layout_within_one_quantization_step(stochastic_rounding):
         assert quantized_somewhere
 
 
+def _rebuild_with_error_feedback(rank, world):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 8))
+    ddp = DDP(module, bucket_cap_mb=0.2)
+    state = ByteGradHookState(ddp, block_size=256, error_feedback=True)
+    ddp.register_comm_hook(state, bytegrad_hook)
+    g = torch.Generator().manual_seed(rank)
+    seen = []
+    for _ in range(3):
+        module.zero_grad()
+        x, y = torch.randn(16, 64, generator=g), torch.randn(16, 8, generator=g)
+        nn.functional.mse_loss(ddp(x), y).backward()
+        saved = state.state_dict()
+        sent = sum(float(e["residual_sent"].abs().sum()) for layout in saved["layouts"] for e in layout["exchanges"]
+                   if e["residual_sent"] is not None)
+        seen.append((len(saved["layouts"]), sent, len(state.residuals), len(state._released),
+                     [layout["exchanges"][0]["calls"] for layout in saved["layouts"]]))
+    return seen
+
+
+def test_error_feedback_residuals_follow_ddps_rebuild():
+    """Iteration 1: one bucket; iteration 2: DDP's two rebuilt ones take every residual of the first
+    (nothing left waiting), and carry them on."""
+    for seen in run_ranks(_rebuild_with_error_feedback, 2):
+        assert [s[0] for s in seen] == [1, 2, 2]
+        assert all(s[1] > 0 for s in seen)
+        assert all(s[2] == 0 and s[3] == 0 for s in seen)  # no residual dropped or left behind
+        assert seen[1][4] == [1, 1] and seen[2][4] == [2, 2]  # the new layouts' exchanges, called on
+
+
+def _bf16_bucket(rank, world):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4)).to(torch.bfloat16)
+    reference = copy.deepcopy(module)
+    ddp = DDP(module)
+    ddp.register_comm_hook(ByteGradHookState(ddp, block_size=64), bytegrad_hook)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
+    ddp(x).float().square().mean().backward()
+    reference(x).float().square().mean().backward()
+    return [p.grad.clone() for p in module.parameters()], [p.grad.clone() for p in reference.parameters()]
+
+
+def test_bf16_gradients_are_averaged_in_an_fp32_copy():
+    (hooked0, local0), (hooked1, local1) = run_ranks(_bf16_bucket, 2)
+    values = torch.cat([t.float().reshape(-1) for t in local0 + local1 if t.dim() > 1])  # one bucket's blocks
+    step = (values.max() - values.min()) / 255
+    for hooked, other, l0, l1 in zip(hooked0, hooked1, local0, local1):
+        assert hooked.dtype == torch.bfloat16 and torch.equal(hooked, other)
+        exact = (l0.float() + l1.float()) / 2
+        allowed = step + exact.abs().max() / 128  # a quantization step, and bf16's rounding
+        assert (hooked.float() - exact).abs().max() <= allowed
+
+
 def _unused_parameters(rank, world):
     torch.manual_seed(0)
     base = Branchy()

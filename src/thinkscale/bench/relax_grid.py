@@ -52,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", nargs="+", default=["none", "10gbit", "1gbit", "100mbit"],
                    help="link bandwidths in tc units; 'none' = unshaped")
     p.add_argument("--latencies-ms", type=float, nargs="+", default=[0.0, 1.0, 5.0], help="one-way latency")
-    p.add_argument("--workloads", nargs="+", default=["mlp"], choices=["mlp", "policy"])
+    p.add_argument("--workloads", nargs="+", default=["mlp"], choices=list(relax_worker.WORKLOADS),
+                   help="mlp: a wide MLP; policy: the demo's policy on its SFT data; smollm2: SmolLM2-135M on "
+                        "the same data (pass its sizes with --worker-args, e.g. '--seq-len 64 --accumulate 1')")
     p.add_argument("--contenders", nargs="+", default=DEFAULT_CONTENDERS,
                    help="ddp, ddp_fp16, ddp_powersgd or a relax algorithm, optionally name:key=value,...")
     p.add_argument("--repeats", type=int, default=3,

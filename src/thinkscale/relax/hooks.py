@@ -134,8 +134,9 @@ class _Layout:
         """Average the bucket's buffer in place: 1-D parameters in fp32, the rest through the exchanges."""
         if buffer.numel() != self.numel:
             raise RuntimeError(f"DDP's bucket holds {buffer.numel()} elements, its gradients {self.numel}")
+        cast = buffer.dtype != torch.float32
         flat = buffer.view(-1)
-        if flat.dtype != torch.float32:
+        if cast:
             if self.work is None:
                 self.work = torch.empty(self.numel, dtype=torch.float32, device=flat.device)
             flat = self.work.copy_(flat)
@@ -158,7 +159,7 @@ class _Layout:
             for i in self.full:
                 self.slot(flat, i).copy_(self.f_stage[offset:offset + self.numels[i]])
                 offset += self.numels[i]
-        if flat is not buffer.view(-1):
+        if cast:
             buffer.view(-1).copy_(flat)
 
     def state_dict(self) -> dict:
