@@ -3,7 +3,7 @@ relax algorithm, or with torch DDP and one of relax's comm hooks.
 
     torchrun --nproc_per_node 2 examples/finetune_smollm2.py --algorithm bytegrad --steps 100
     torchrun --nproc_per_node 2 examples/finetune_smollm2.py --ddp-hook bytegrad --steps 100
-    python examples/finetune_smollm2.py --steps 5          # one process: the wrapper passes gradients through
+    python examples/finetune_smollm2.py --steps 5          # one process: plain training, nothing to average
 
 135M parameters make 540 MB of fp32 gradients per step: on a slow link they, not the compute, set the step
 time, which is what ByteGrad's 8-bit exchange cuts (numbers: docs/benchmarks.md, "Issue 27").

@@ -149,6 +149,63 @@ def test_error_feedback_residuals_follow_ddps_rebuild():
         assert seen[1][4] == [1, 1] and seen[2][4] == [2, 2]  # the new layouts' exchanges, called on
 
 
+def _release_and_take(rank, world):
+    """After an iteration with error feedback in DDP's first single bucket, a new layout of some of its
+    parameters (as DDP's rebuild makes) starts from exactly the folded residuals of those parameters."""
+    from thinkscale.relax.hooks import fold_residuals
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 8))
+    ddp = DDP(module)
+    state = ByteGradHookState(ddp, block_size=256, error_feedback=True, piece_size_mb=0.25)
+    ddp.register_comm_hook(state, bytegrad_hook)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(rank))
+    ddp(x).square().mean().backward()
+    (layout,) = state.state_dict()["layouts"]
+    numels, full, prefix, tail = state.geometry(layout["names"])
+    parts = [fold_residuals(e["residual_sent"], e["residual_owned"], world, rank, 256, 2**16)
+             for e in layout["exchanges"] if e["residual_sent"] is not None]
+    folded, expected, offset = torch.cat(parts), {}, 0
+    for i, (name, numel) in enumerate(zip(layout["names"], numels)):
+        if i not in full:
+            expected[name] = folded[offset:offset + numel]
+        offset += numel
+    new = state._layout_for(["2.weight", "0.weight"], torch.device("cpu"))  # what a rebuild would bring
+    sent = torch.cat([e.residual_sent for e in new.exchanges if e.residual_sent is not None])
+    taken = {"2.weight": sent[:8 * 300], "0.weight": sent[8 * 300:8 * 300 + 300 * 64]}
+    return ({name: torch.equal(taken[name], expected[name]) for name in taken}, sorted(state.residuals),
+            float(expected["0.weight"].abs().sum()))
+
+
+def test_release_folds_and_a_new_layout_takes_every_residual():
+    for same, waiting, magnitude in run_ranks(_release_and_take, 2):
+        assert same == {"2.weight": True, "0.weight": True} and magnitude > 0
+        assert waiting == []  # biases are averaged in fp32: no residual; the weights were taken up
+
+
+def _failing_exchange(rank, world):
+    from thinkscale.relax import hooks
+
+    def broken(self, buffer, comm):
+        raise RuntimeError("boom")
+
+    hooks._Layout.run = broken
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 8))
+    ddp = DDP(module, bucket_cap_mb_list=[0.2])  # several buckets from the first iteration
+    ddp.register_comm_hook(ByteGradHookState(ddp, timeout_s=30), bytegrad_hook)
+    try:
+        ddp(torch.randn(4, 64)).sum().backward()
+    except Exception as exc:  # noqa: BLE001
+        return str(exc)
+    return "no error"
+
+
+def test_a_failed_exchange_fails_the_backward_and_the_queued_buckets_run_nothing():
+    for message in run_ranks(_failing_exchange, 2, timeout=60):
+        assert "bytegrad_hook, bucket" in message and "boom" in message
+
+
 def _bf16_bucket(rank, world):
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4)).to(torch.bfloat16)
@@ -261,11 +318,11 @@ def test_fold_moves_the_owners_residual_to_what_it_sends():
     assert fold_residuals(torch.zeros(8), owned, 2, 1, 2, 4).tolist() == [0, 0, 2, -2, 0, 0, 1, 0]
 
 
-def _wire16(rank, world, wire):
+def _wire16(rank, world, wire, cap_mb):
     base = small_mlp(seed=0)
     ours_module, ddp_module = copy.deepcopy(base), copy.deepcopy(base)
-    ours = DataParallel(ours_module, algorithm="gradient_allreduce", wire_dtype=wire, bucket_size_mb=BIG_BUCKET_MB)
-    ddp = DDP(ddp_module, bucket_cap_mb=BIG_BUCKET_MB)
+    ours = DataParallel(ours_module, algorithm="gradient_allreduce", wire_dtype=wire, bucket_size_mb=cap_mb)
+    ddp = DDP(ddp_module, bucket_cap_mb_list=[cap_mb])
     state = Wire16HookState(wire_dtype=wire)
     ddp.register_comm_hook(state, wire16_hook)
     out = []
@@ -280,9 +337,12 @@ def _wire16(rank, world, wire):
     return out
 
 
-@pytest.mark.parametrize("wire", ["bf16", "fp16"])
-def test_wire16_hook_equals_dataparallel_16bit_wire(wire):
-    for steps in run_ranks(_wire16, 2, args=(wire,)):
+@pytest.mark.parametrize("wire, cap_mb", [("bf16", BIG_BUCKET_MB), ("fp16", BIG_BUCKET_MB), ("bf16", TENSOR_BUCKET_MB)],
+                         ids=["bf16", "fp16", "bf16-tensor-buckets"])
+def test_wire16_hook_equals_dataparallel_16bit_wire(wire, cap_mb):
+    """One bucket, and a bucket per tensor: small_mlp's two 16-element biases are then buckets of one size
+    in flight together, each with its own message."""
+    for steps in run_ranks(_wire16, 2, args=(wire, cap_mb)):
         for ours, theirs in steps:
             for a, b in zip(ours, theirs):
                 assert torch.equal(a, b)
@@ -298,6 +358,12 @@ def _bad_state(rank, world):
             make()
         except ValueError as exc:
             errors.append(str(exc))
+    subgroup = torch.distributed.new_group([0])  # collective: every rank makes it
+    if rank == 0:
+        try:
+            ByteGradHookState(module, subgroup)
+        except ValueError as exc:
+            errors.append(str(exc))
     state = ByteGradHookState(module, error_feedback=True)
     for bad in ({"version": 99}, {**state.state_dict(), "options": {**state.options(), "block_size": 8}},
                 {**state.state_dict(), "residuals": {"nope.weight": torch.zeros(1)}}):
@@ -310,11 +376,12 @@ def _bad_state(rank, world):
 
 def test_bad_options_and_states_are_refused_in_one_line(caplog):
     errors = run_ranks(_bad_state, 2)[0]
-    assert len(errors) == 6
+    assert len(errors) == 7
     assert "block_size must be a positive multiple of 8, got 12" in errors[0]
     assert "wire_dtype must be one of bf16, fp16, got 'int8'" in errors[1]
     assert "timeout_s must be > 0" in errors[2]
-    assert "version 1" in errors[3] and "block_size" in errors[4] and "nope.weight" in errors[5]
+    assert "a hook state over a subgroup (1 of 2 ranks) is not supported" in errors[3]
+    assert "version 1" in errors[4] and "block_size" in errors[5] and "nope.weight" in errors[6]
     with pytest.raises(RuntimeError, match="needs an initialized process group"):
         ByteGradHookState(small_mlp())
 

@@ -30,9 +30,10 @@ How DDP and the exchange meet:
 - On CPU the exchange runs on one background thread per state, in bucket order (the same on every
   rank), so it overlaps the rest of backward; on CUDA it runs in the hook, its kernels and NCCL
   collectives queued on streams (not yet run on a GPU).
-- The state makes its own process group (with a timeout) over the DDP group's ranks, so the hook's
-  collectives never interleave with DDP's or the user's; a dead peer fails the step with
-  `CommunicationError` instead of hanging.
+- The state makes its own process group (with a timeout) over the DDP group's ranks (the whole world;
+  subgroups are refused), so the hook's collectives never interleave with DDP's or the user's; a dead
+  peer fails the step with `CommunicationError` once the timeout passes, and the buckets queued behind a
+  failure fail at once, without a collective.
 
 Weight-space algorithms (decentralized, low_precision_decentralized, async) are not gradient hooks: they
 exchange weights around the optimizer step, which DDP's hook never sees; QAdam exchanges optimizer
@@ -73,6 +74,11 @@ def _own_group(process_group: dist.ProcessGroup | None, timeout_s: float) -> Com
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
     ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
+    if len(ranks) != dist.get_world_size():
+        # new_group must be called by every rank of the world with the same ranks: ranks of different
+        # DDP subgroups would each pass their own and wait for each other until the timeout
+        raise ValueError(f"a hook state over a subgroup ({len(ranks)} of {dist.get_world_size()} ranks) is not "
+                         "supported: the state makes its own group over DDP's ranks, which needs the whole world")
     return Comm(dist.new_group(ranks=ranks, timeout=timedelta(seconds=timeout_s)))
 
 
@@ -166,8 +172,10 @@ class _Layout:
         return {"names": list(self.names), "exchanges": [ex.state_dict() for ex in self.exchanges]}
 
     def load_state_dict(self, state: dict) -> None:
+        device = self.tail.device
         for exchange, saved in zip(self.exchanges, state["exchanges"]):
-            exchange.load_state_dict(saved)
+            exchange.load_state_dict({key: value.to(device) if isinstance(value, torch.Tensor) else value
+                                      for key, value in saved.items()})
 
 
 class ByteGradHookState:
@@ -200,6 +208,7 @@ class ByteGradHookState:
         self.residuals: dict[str, torch.Tensor] = {}  # per parameter, waiting for a layout to take them
         self._released: dict[tuple[str, ...], dict] = {}  # layouts' state_dicts: DDP dropped them or a checkpoint holds them
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relax-ddp-hook")
+        self.failed: str | None = None  # the first failure: every later bucket fails at once, no collective
 
     def options(self) -> dict:
         return {"block_size": self.block_size, "piece_size_mb": self.piece_size_mb,
@@ -232,7 +241,10 @@ class ByteGradHookState:
 
         if buffer.is_cuda:  # kernels and NCCL calls queue on streams: running here does not block the host
             future = torch.futures.Future(devices=[buffer.device])
-            future.set_result(work())
+            try:
+                future.set_result(work())
+            except Exception as exc:  # noqa: BLE001 - to DDP through the future, as on CPU
+                future.set_exception(CommunicationError(f"bytegrad_hook, bucket {index} failed: {exc}"))
             return future
         return self._in_background(work, index)
 
@@ -240,12 +252,18 @@ class ByteGradHookState:
         future = torch.futures.Future()
 
         def run() -> None:
+            if self.failed is not None:  # the buckets queued behind a failure run no collective
+                future.set_exception(CommunicationError(
+                    f"bytegrad_hook, bucket {index}: not run, an earlier exchange failed ({self.failed}); "
+                    "save what you need and restart the job"))
+                return
             try:
                 future.set_result(work())
             except Exception as exc:  # noqa: BLE001 - every failure goes to DDP through the future
+                self.failed = f"{type(exc).__name__}: {exc}"
                 future.set_exception(CommunicationError(
-                    f"bytegrad_hook, bucket {index}: {type(exc).__name__}: {exc} (a peer rank may have died "
-                    f"or stopped calling in; collectives time out after {self.timeout_s:.0f} s)"))
+                    f"bytegrad_hook, bucket {index} failed: {self.failed} (if a peer rank died or stopped "
+                    f"calling in, its collectives time out after {self.timeout_s:.0f} s)"))
 
         self._pool.submit(run)
         return future
@@ -324,6 +342,10 @@ class ByteGradHookState:
         if state.get("options") != self.options():
             raise ValueError(f"the saved hook state has options {state.get('options')}; this state has "
                              f"{self.options()}")
+        wrong = [name for name, t in state.get("residuals", {}).items()
+                 if name in self.shapes and t.numel() != self.shapes[name].numel()]
+        if wrong:
+            raise ValueError(f"the saved hook state has residuals of another size than the parameters: {wrong[:3]}")
         unknown = [name for name in state.get("residuals", {}) if name not in self.shapes]
         unknown += [name for entry in state.get("layouts", []) for name in entry["names"] if name not in self.shapes]
         if unknown:
@@ -351,7 +373,7 @@ def bytegrad_hook(state: ByteGradHookState, bucket: dist.GradBucket) -> torch.fu
 
 class Wire16HookState:
     """The state of `wire16_hook`: the 16-bit dtype, its own process group and one message buffer per
-    bucket layout (allocated once, where DDP's compress hooks allocate one per call).
+    bucket (allocated once, where DDP's compress hooks allocate one per call).
 
     Args:
         process_group: DDP's group (default: the world); the state makes its own over the same ranks
@@ -368,8 +390,9 @@ class Wire16HookState:
         self.comm = _own_group(process_group, self.timeout_s)
         self.messages: dict[tuple, torch.Tensor] = {}
 
-    def message_for(self, buffer: torch.Tensor) -> torch.Tensor:
-        key = (buffer.numel(), buffer.device)
+    def message_for(self, index: int, buffer: torch.Tensor) -> torch.Tensor:
+        """The message of bucket `index` (buckets of one size are in flight together: one buffer each)."""
+        key = (index, buffer.numel(), buffer.device)
         if key not in self.messages:
             self.messages[key] = torch.empty(buffer.numel(), dtype=WIRE_DTYPES[self.wire_dtype], device=buffer.device)
         return self.messages[key]
@@ -389,7 +412,7 @@ def wire16_hook(state: Wire16HookState, bucket: dist.GradBucket) -> torch.future
     `fp16_compress_hook` / `bf16_compress_hook`, and of `DataParallel(algorithm="gradient_allreduce",
     wire_dtype=...)`, on gloo too."""
     buffer = bucket.buffer()
-    message = state.message_for(buffer)
+    message = state.message_for(bucket.index(), buffer)
     message.copy_(buffer.view(-1)).div_(state.comm.size)
     future = dist.all_reduce(message, group=state.comm.group, async_op=True).get_future()
 

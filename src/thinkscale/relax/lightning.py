@@ -26,6 +26,7 @@ Needs the `lightning` extra (`pip install 'thinkscale[lightning]'`, Lightning 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from datetime import timedelta
@@ -63,17 +64,12 @@ class RelaxStrategy(DDPStrategy):
         **algorithm_options: the algorithm's options, e.g. `error_feedback=True` for bytegrad.
     """
 
-    strategy_name = "relax"
-
     def __init__(self, algorithm: str | Algorithm = "gradient_allreduce", *, bucket_size_mb: float = 10,
                  timeout_s: float = DEFAULT_TIMEOUT_S, find_unused_parameters: bool = True,
                  broadcast_buffers: bool = True, accelerator=None, parallel_devices=None,
                  cluster_environment=None, checkpoint_io=None, precision_plugin=None,
                  process_group_backend: str | None = None, start_method: str = "popen", **algorithm_options):
         self.algorithm = algorithms.resolve(algorithm, **algorithm_options)  # bad names fail here, before launch
-        if isinstance(algorithm, Algorithm) and algorithm_options:
-            raise ValueError("pass options either inside the Algorithm object or as keywords, not both")
-        self._algorithm_options = algorithm_options
         self._wrapper_options = {"bucket_size_mb": bucket_size_mb, "timeout_s": timeout_s,
                                  "find_unused_parameters": find_unused_parameters,
                                  "broadcast_buffers": broadcast_buffers}
@@ -112,28 +108,34 @@ class RelaxStrategy(DDPStrategy):
             raise ValueError(f"RelaxStrategy drives exactly one optimizer; configure_optimizers returned "
                              f"{len(self.optimizers)}")
         given = self.optimizers[0]
-        settings = given.defaults
-        own_options = {k: v for k, v in self._algorithm_options.items() if k in OWN_OPTIMIZER_OPTIONS}
-        total = trainer.estimated_stepping_batches
-        own = type(self.algorithm).make_optimizer(
-            self.lightning_module.parameters(), lr=settings["lr"], betas=tuple(settings.get("betas", (0.9, 0.999))),
-            weight_decay=settings.get("weight_decay", 0.0), total_steps=int(total) if math.isfinite(total) else 1,
-            **own_options)
-        if own is None:
+        if isinstance(given, torch.optim.LBFGS):  # it re-evaluates the closure, which runs before the step here
+            raise ValueError("RelaxStrategy does not support LBFGS (it re-evaluates the closure inside its step)")
+        if not builds_own_optimizer(self.algorithm):
             return
-        if "betas" not in settings:
+        # the algorithm's configured values (None: not given) with the options passed as keywords
+        configured = {k: v for k, v in dataclasses.asdict(self.algorithm).items() if v is not None}
+        own_options = {k: v for k, v in configured.items() if k in OWN_OPTIMIZER_OPTIONS}
+        settings, total = given.defaults, trainer.estimated_stepping_batches
+        if "betas" not in settings or "lr" not in settings:
             raise ValueError(f"algorithm {self.algorithm.name!r} builds its own optimizer from an Adam-like one "
                              f"(lr, betas, weight_decay); configure_optimizers returned {type(given).__name__}")
+        if len(given.param_groups) > 1:
+            raise ValueError(f"algorithm {self.algorithm.name!r} builds its own optimizer from one parameter group; "
+                             f"configure_optimizers returned {len(given.param_groups)}")
         if not math.isfinite(total) and "warmup_steps" not in own_options:
             raise ValueError(f"algorithm {self.algorithm.name!r}: the run's length is unknown (no max_steps or "
                              "max_epochs), so give warmup_steps= to RelaxStrategy")
         if self.lr_scheduler_configs:
-            raise ValueError(f"algorithm {self.algorithm.name!r} replaces the optimizer with its own "
-                             f"({type(own).__name__}); an LR scheduler would drive the replaced one: remove it")
+            raise ValueError(f"algorithm {self.algorithm.name!r} replaces the optimizer with its own; an LR "
+                             "scheduler would drive the replaced one: remove it")
+        group = given.param_groups[0]
+        own = type(self.algorithm).make_optimizer(
+            group["params"], lr=group["lr"], betas=tuple(group["betas"]), weight_decay=group.get("weight_decay", 0.0),
+            total_steps=int(total) if math.isfinite(total) else 1, **own_options)
         logger.info("RelaxStrategy: %s replaced by %s for algorithm %r", type(given).__name__,
                     type(own).__name__, self.algorithm.name)
         self.optimizers = [own]
-        self.algorithm = type(self.algorithm).for_optimizer(own, **self._algorithm_options)
+        self.algorithm = type(self.algorithm).for_optimizer(own, **configured)
 
     def _wrap(self, module: torch.nn.Module) -> DataParallel:
         return DataParallel(module, self.optimizers[0], algorithm=self.algorithm, **self._wrapper_options)
@@ -159,6 +161,7 @@ class RelaxStrategy(DDPStrategy):
         return super().block_backward_sync()
 
     def teardown(self) -> None:
+        self._restored_state = None  # a validate/test checkpoint's state must not reach a later fit
         if isinstance(self.model, DataParallel):
             self.model.close()
             self.model = self.lightning_module
@@ -202,6 +205,15 @@ class RelaxStrategy(DDPStrategy):
             mine = per_rank[0] if per_rank else None
         if mine is not None:
             self.model.load_algorithm_state_dict(mine)
+
+
+def builds_own_optimizer(algorithm: Algorithm) -> bool:
+    """Whether `algorithm` needs an optimizer of its own in place of the one the user configured.
+
+        >>> builds_own_optimizer(algorithms.resolve("qadam")), builds_own_optimizer(algorithms.resolve("bytegrad"))
+        (True, False)
+    """
+    return type(algorithm).make_optimizer.__func__ is not Algorithm.make_optimizer.__func__
 
 
 def check_accumulation(algorithm: Algorithm, accumulate_grad_batches: int) -> None:
