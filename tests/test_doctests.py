@@ -9,7 +9,8 @@ import pytest
 
 PACKAGES = ("thinkscale.relax", "thinkscale.reflect")
 # tables cannot carry a docstring: their example lives in the function that reads them
-SHOWN_IN = {"STRATEGIES": "select", "EFFORT_K": "effort_to_k"}
+SHOWN_IN = {"STRATEGIES": "select", "EFFORT_K": "effort_to_k", "HEAD_STRATEGIES": "choosing_strategy",
+            "HEAD_FALLBACK": "choosing_strategy"}
 
 
 def public_names() -> list[tuple[str, str]]:

@@ -27,11 +27,14 @@ TEMPLATE = "{question}\n<think>\n"  # the built-in tasks' prompt format: the com
 MAX_TOKENS = 24
 
 
-def build_model(path):
+def build_model(path, head_trained: bool = True):
+    """The served model. Its head is random; its record says "trained" (so that the SPRM path is what the
+    exactness tests check) unless `head_trained=False`."""
     tok = bpe_tokenizer(plain_think_tags=True)
     policy = favor_tokens(tiny_policy("llama", vocab_size=len(tok)), tok, texts=(".", "\n", " we", " is", "</think>"),
                           eos_scale=10.0, scale=80.0)
     rm = ReflectiveModel.from_pretrained(policy, step_delimiter="\n", prompt_template=TEMPLATE)
+    rm.head_is_trained = head_trained
     rm.save_pretrained(path, tokenizer=tok)
     return rm, tok
 
@@ -132,6 +135,7 @@ def test_each_effort_answers_as_offline_sample_and_select(server, model, effort,
     reasoning, content = split_reasoning(chosen[0].text, ("<think>", "</think>"), True)
     assert choice.message.content == content
     assert getattr(choice.message, "reasoning_content", None) == reasoning
+    assert getattr(choice.message, "reasoning", None) == reasoning  # the name newer vLLM clients read
     assert choice.finish_reason == ("stop" if chosen[0].finished else "length")
     selected = choice.selected
     assert selected["k"] == k and selected["candidate"] == chosen[0].sample_index
@@ -357,6 +361,31 @@ def test_cli_errors_are_one_line(tmp_path, model):
     assert out.returncode == 2 and f"no model in {tmp_path}" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     out = run("--model", str(model[0]), "--selection", "bogus")
     assert out.returncode == 2 and "unknown selection strategy 'bogus'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_untrained_head_selects_by_a_named_fallback(tmp_path):
+    """Its record says untrained: requests naming no selection are chosen by logprob (and say so), sprm asked
+    for explicitly is refused naming the fallbacks, and the start-up log says it once."""
+    rm, tok = build_model(tmp_path, head_trained=False)
+    rm = ReflectiveModel.from_pretrained(str(tmp_path)).eval()
+    assert rm.head_is_trained is False
+    untrained = Server(tmp_path)
+    try:
+        out = chat(untrained.client(), "Two", reasoning_effort="low", seed=3)
+        groups, chosen = offline((tmp_path, rm, tok), "Two", 2, seed=3, selection="logprob")
+        assert out.choices[0].selected["strategy"] == "logprob"
+        assert out.choices[0].selected["candidate"] == chosen[0].sample_index
+        bad = httpx.post(untrained.url + "/v1/chat/completions", timeout=10, json={
+            "model": NAME, "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low",
+            "selection": "sprm"})
+        error = bad.json()["error"]
+        assert bad.status_code == 400 and error["param"] == "selection"
+        assert "untrained" in error["message"] and "logprob" in error["message"]
+        majority = chat(untrained.client(), "Two", reasoning_effort="low", seed=3, extra_body={"selection": "majority"})
+        assert majority.choices[0].selected["strategy"] == "majority"
+    finally:
+        log = untrained.stop()
+    assert log.count("the SPRM head is untrained") == 1
 
 
 def test_a_search_request_answers_as_offline_search_and_select(server, model):

@@ -94,8 +94,6 @@ def run(args: argparse.Namespace) -> int:
 
     served = Served.load(model, head=args.head, device=device(args), name=args.name, gguf_file=args.gguf,
                          step_delimiter=delimiter, force_head=args.force_head, instruction=line)
-    if not served.rm.head_is_trained:
-        logger.warning("the SPRM head is untrained: best-of-k by sprm picks at random")
     app = create_app(served, options)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout)

@@ -8,11 +8,11 @@ from .steps import Delimiter, delimiter_token_ids, step_mask
 from .model import ReflectConfig, ReflectiveModel
 from .generate import sample
 from .scoring import rescore, score_sequences
-from .select import EFFORT_K, STRATEGIES, effort_to_k, select
+from .select import EFFORT_K, HEAD_FALLBACK, HEAD_STRATEGIES, STRATEGIES, choosing_strategy, effort_to_k, select
 from .evaluate import EvalConfig  # evaluate() itself: thinkscale.reflect.evaluate.evaluate
 
 __all__ = ["Candidate"]
-__all__ += ["select", "STRATEGIES", "EFFORT_K", "effort_to_k"]
+__all__ += ["select", "STRATEGIES", "EFFORT_K", "effort_to_k", "choosing_strategy", "HEAD_STRATEGIES", "HEAD_FALLBACK"]
 __all__ += ["EvalConfig"]
 __all__ += ["SPRMHead", "spr_loss", "trajectory_score", "step_mask", "delimiter_token_ids", "Delimiter"]
 __all__ += ["ReflectiveModel", "ReflectConfig", "sample", "rescore", "score_sequences"]

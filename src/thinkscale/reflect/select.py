@@ -93,6 +93,33 @@ def parse_strategy(spec: str) -> tuple[str, dict[str, object]]:
     return name, options
 
 
+HEAD_STRATEGIES = ("sprm", "weighted")  # the ones that rank by the SPRM head's scores
+HEAD_FALLBACK = "logprob"  # free: recorded while decoding, and no head needed
+
+
+def choosing_strategy(strategy: str, head_trained: bool, candidates: Sequence[Candidate]) -> str:
+    """The strategy that really chooses: `strategy`, unless it ranks by the SPRM head's scores (sprm,
+    weighted) and the head is untrained or no candidate has a scored step - its scores would then be a coin
+    flip - in which case "logprob" (a sample's mean token log-prob, free from decoding).
+
+        >>> from thinkscale.reflect import HEAD_FALLBACK, HEAD_STRATEGIES, Candidate, choosing_strategy
+        >>> HEAD_STRATEGIES, HEAD_FALLBACK
+        (('sprm', 'weighted'), 'logprob')
+        >>> scored = [Candidate(0, 0, "", [], [0.8], 0.8, True, False, 0, 0)]
+        >>> unscored = [Candidate(0, 0, "", [], [], 0.0, True, False, 0, 0)]
+        >>> choosing_strategy("sprm", True, scored), choosing_strategy("sprm", False, scored)
+        ('sprm', 'logprob')
+        >>> choosing_strategy("weighted", True, unscored), choosing_strategy("majority", False, unscored)
+        ('logprob', 'majority')
+    """
+    name, _ = parse_strategy(strategy)
+    if name not in HEAD_STRATEGIES:
+        return strategy
+    if head_trained and any(c.step_scores for c in candidates):
+        return strategy
+    return HEAD_FALLBACK
+
+
 def select(
     candidates: Sequence[Candidate],
     strategy: str = "sprm",

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from thinkscale.reflect.engine import RowSpec, row_seed
 from thinkscale.reflect.generate import encode_prompt, eos_token_ids, pad_token_id
 from thinkscale.reflect.search import SearchConfig, search
-from thinkscale.reflect.select import select
+from thinkscale.reflect.select import HEAD_FALLBACK, HEAD_STRATEGIES, choosing_strategy, parse_strategy, select
 
 from . import protocol
 from .metrics import MetricsMiddleware, ServeMetrics
@@ -89,7 +89,8 @@ class Served:
 
 
 def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAPI:
-    settings = Settings.from_options(served.name, options, served.context)
+    head_trained = bool(served.rm.head_is_trained)
+    settings = Settings.from_options(served.name, options, served.context, head_trained)
     eos_ids = eos_token_ids(served.rm, served.tokenizer)
     vocab = served.rm.policy.get_output_embeddings().weight.shape[0]
     state: dict[str, Scheduler] = {}
@@ -99,6 +100,10 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         state["scheduler"] = Scheduler(served.rm, served.tokenizer, eos_ids, pad_token_id(served.tokenizer, eos_ids),
                                        options.max_batch, options.max_queue, options.pack)
         logger.info("serving %s (context %s, max batch %d rows)", served.name, served.context, options.max_batch)
+        if not head_trained and parse_strategy(options.default_selection)[0] in HEAD_STRATEGIES:
+            logger.warning("the SPRM head is untrained (its saved record says so): requests that name no selection "
+                           "are chosen by %s, not by the default %s; asking for %s explicitly is refused",
+                           HEAD_FALLBACK, options.default_selection, " or ".join(HEAD_STRATEGIES))
         try:
             yield
         finally:
@@ -199,14 +204,16 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         answers, answer_tokens = [], 0
         think_end = served.think_tags[1] if served.think_tags is not None else None
         for q, group in enumerate(groups):
-            chosen = group[0] if len(group) == 1 else select(group, gen.selection, think_end=think_end,
+            # an untrained head, or no scored step, cannot choose: the named fallback does, and says so
+            strategy = choosing_strategy(gen.selection, head_trained, group)
+            chosen = group[0] if len(group) == 1 else select(group, strategy, think_end=think_end,
                                                              timeout_s=options.grade_timeout_s)
             text, stopped = cut_at_stop(chosen.text, gen.stop)
             in_think = opens_think(gen.prompt_texts[q // gen.n], served.think_tags)
             tags = served.think_tags if gen.kind == "chat" else None
             reasoning, content = split_reasoning(text, tags, in_think)
             answer_tokens += len(served.tokenizer.encode(content, add_special_tokens=False)) if content else 0
-            selected = {"strategy": gen.selection if gen.k > 1 else "single", "k": gen.k, "search": gen.search,
+            selected = {"strategy": strategy if gen.k > 1 else "single", "k": gen.k, "search": gen.search,
                         "candidate": chosen.sample_index, "score": chosen.score, "step_scores": chosen.step_scores,
                         "candidate_scores": [c.score for c in group]}
             finish = "stop" if chosen.finished or stopped else "length"

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from thinkscale.reflect.engine import MAX_TOP_LOGPROBS, SAMPLING
 from thinkscale.reflect.search import SearchConfig
-from thinkscale.reflect.select import EFFORT_K, parse_strategy
+from thinkscale.reflect.select import EFFORT_K, HEAD_FALLBACK, HEAD_STRATEGIES, parse_strategy
 
 # reasoning_effort -> candidates per answer; "none" and "minimal" are a single sample
 EFFORTS: dict[str, int] = {"none": 1, "minimal": 1, **EFFORT_K}
@@ -71,11 +71,14 @@ class Settings:
     max_tokens: int = DEFAULTS.max_tokens
     max_candidates: int = DEFAULTS.max_candidates
     context: int | None = None  # the model's positions; None = unknown
+    head_trained: bool = True  # what the SPRM head's saved record says: False refuses sprm/weighted asked for
 
     @classmethod
-    def from_options(cls, model_name: str, options: ServeOptions, context: int | None = None) -> "Settings":
+    def from_options(cls, model_name: str, options: ServeOptions, context: int | None = None,
+                     head_trained: bool = True) -> "Settings":
         return cls(model_name, options.default_effort, options.default_selection, options.default_search,
-                   options.temperature, options.top_p, options.max_tokens, options.max_candidates, context)
+                   options.temperature, options.top_p, options.max_tokens, options.max_candidates, context,
+                   head_trained)
 
     def __post_init__(self) -> None:
         if self.default_effort not in EFFORTS:
@@ -238,14 +241,18 @@ def parse_generation(body: Any, kind: str, settings: Settings, prompts: list[lis
     if effort not in EFFORTS:
         raise ApiError(400, f"'reasoning_effort': unknown value {effort!r}; valid: {', '.join(EFFORTS)}",
                        param="reasoning_effort", code="invalid_value")
-    selection = _optional(body, "selection", lambda v: isinstance(v, str), "a strategy name such as 'sprm'")
-    selection = settings.default_selection if selection is None else selection
+    asked = _optional(body, "selection", lambda v: isinstance(v, str), "a strategy name such as 'sprm'")
+    selection = settings.default_selection if asked is None else asked
     try:
         name, _ = parse_strategy(selection)
     except ValueError as error:
         raise _bad("selection", str(error)) from None
     if name == "oracle":
         raise _bad("selection", "'oracle' needs the right answer, which a server does not have")
+    if name in HEAD_STRATEGIES and asked is not None and not settings.head_trained:
+        raise _bad("selection", f"{name!r} ranks by the SPRM head's scores, and this server's head is untrained "
+                                f"(its saved record says so); ask for {HEAD_FALLBACK}, confidence, deepconf, "
+                                "self_certainty or majority")
 
     search = _optional(body, "search", lambda v: isinstance(v, str), "a search spec such as 'prune:signal=sprm'")
     search = settings.default_search if search is None else search
@@ -343,7 +350,9 @@ def usage(prompt_tokens: int, completion_tokens: int, answer_tokens: int) -> dic
 
 def response_body(gen: Generation, settings: Settings, answers: list[Answer], usage_body: dict) -> dict[str, Any]:
     if gen.kind == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": a.content, "reasoning_content": a.reasoning},
+        # the think part twice: `reasoning_content` (DeepSeek's name) and `reasoning` (newer vLLM clients')
+        choices = [{"index": i, "message": {"role": "assistant", "content": a.content, "reasoning_content": a.reasoning,
+                                            "reasoning": a.reasoning},
                     "finish_reason": a.finish_reason, "logprobs": a.logprobs, "selected": a.selected}
                    for i, a in enumerate(answers)]
         return {"id": f"chatcmpl-{gen.id}", "object": "chat.completion", "created": gen.created,
@@ -360,7 +369,7 @@ def chunk_body(gen: Generation, settings: Settings, index: int, reasoning: str =
     if gen.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         if reasoning:
-            delta["reasoning_content"] = reasoning
+            delta["reasoning_content"] = delta["reasoning"] = reasoning
         if content or (first and not reasoning):
             delta["content"] = content
         choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
