@@ -189,7 +189,7 @@ def _failing_exchange(rank, world):
     def broken(self, buffer, comm):
         raise RuntimeError("boom")
 
-    hooks._Layout.run = broken
+    hooks._Layout.exchange = broken
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 8))
     ddp = DDP(module, bucket_cap_mb_list=[0.2])  # several buckets from the first iteration
