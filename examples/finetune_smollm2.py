@@ -26,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from thinkscale.reflect.loading import check_model_arg, load_policy, load_tokenizer
 from thinkscale.relax import DataParallel, algorithms, end_process_group, exit_process
 from thinkscale.relax.hooks import ByteGradHookState, Wire16HookState, bytegrad_hook, wire16_hook
-from thinkscale.tasks import completion_from_solution
 from thinkscale.train import sft
 
 DDP_HOOKS = ("none", "bytegrad", "bf16", "fp16")
@@ -69,10 +68,8 @@ def data(args, tokenizer, rank: int, world_size: int):
                              seed=args.seed, batch_size=args.batch_size)
     train, test, _ = sft.load_data(options)
 
-    def encode(examples):
-        pairs = (sft.encode_example(tokenizer, e.question, completion_from_solution(e.solution, e.answer))
-                 for e in examples)
-        return [(ids[:args.seq_len], labels[:args.seq_len]) for ids, labels in pairs]
+    def encode(examples):  # every example cut to --seq-len tokens
+        return [(ids[:args.seq_len], labels[:args.seq_len]) for ids, labels in sft.encode_examples(tokenizer, examples)]
 
     stream = sft.batches(sft.shard(encode(train), rank, world_size), args.batch_size, args.seed, rank)
     micro_batches = (sft.collate(next(stream), tokenizer.pad_token_id) for _ in range(args.steps * args.accumulate))

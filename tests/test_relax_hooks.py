@@ -73,14 +73,21 @@ def test_pinned_layout_equals_dataparallel_bytegrad(options, micro_batches):
     assert torch.equal(results[0][1][1][0], results[1][1][1][0])  # the ranks agree
 
 
-def _default_layout(rank, world, stochastic_rounding):
-    """Two iterations under DDP's own buckets: the first iteration's single bucket, then the rebuilt ones."""
+def _wide_mlp_under_ddp(**options):
+    """A model of ~110k parameters in DDP's own buckets (0.2 MB: one bucket in the first iteration, two
+    after the rebuild), with the ByteGrad hook."""
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 8))
     reference = copy.deepcopy(module)
     ddp = DDP(module, bucket_cap_mb=0.2)
-    state = ByteGradHookState(ddp, block_size=256, stochastic_rounding=stochastic_rounding)
+    state = ByteGradHookState(ddp, block_size=256, **options)
     ddp.register_comm_hook(state, bytegrad_hook)
+    return module, reference, ddp, state
+
+
+def _default_layout(rank, world, stochastic_rounding):
+    """Two iterations under DDP's own buckets: the first iteration's single bucket, then the rebuilt ones."""
+    module, reference, ddp, state = _wide_mlp_under_ddp(stochastic_rounding=stochastic_rounding)
     g = torch.Generator().manual_seed(rank)
     out = []
     for _ in range(2):
@@ -120,11 +127,7 @@ def test_default_layout_within_one_quantization_step(stochastic_rounding):
 
 
 def _rebuild_with_error_feedback(rank, world):
-    torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 8))
-    ddp = DDP(module, bucket_cap_mb=0.2)
-    state = ByteGradHookState(ddp, block_size=256, error_feedback=True)
-    ddp.register_comm_hook(state, bytegrad_hook)
+    module, _, ddp, state = _wide_mlp_under_ddp(error_feedback=True)
     g = torch.Generator().manual_seed(rank)
     seen = []
     for _ in range(3):

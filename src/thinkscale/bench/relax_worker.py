@@ -241,7 +241,6 @@ def mlp_workload(args, rank: int) -> Workload:
 def policy_workload(args, rank: int, world_size: int) -> Workload:
     """The demo's SFT data and policy, through thinkscale.train.sft's own functions."""
     from thinkscale.pipeline.demo import DemoConfig
-    from thinkscale.tasks import completion_from_solution
     from thinkscale.train import sft
 
     demo = DemoConfig()
@@ -253,9 +252,7 @@ def policy_workload(args, rank: int, world_size: int) -> Workload:
     sft.check_same_tokenizer_everywhere(tokenizer)  # at setup only: every rank trained its own tokenizer
 
     def encode(examples):
-        pairs = (sft.encode_example(tokenizer, e.question, completion_from_solution(e.solution, e.answer))
-                 for e in examples)
-        return [p for p in pairs if len(p[0]) <= options.max_len]
+        return [p for p in sft.encode_examples(tokenizer, examples) if len(p[0]) <= options.max_len]
 
     local = sft.shard(encode(train), rank, world_size)
     if len(local) < options.batch_size:
@@ -273,7 +270,6 @@ def policy_workload(args, rank: int, world_size: int) -> Workload:
 def smollm2_workload(args, rank: int, world_size: int) -> Workload:
     """SmolLM2-135M on the demo task's SFT data, through thinkscale.train.sft's own functions."""
     from thinkscale.pipeline.demo import DemoConfig
-    from thinkscale.tasks import completion_from_solution
     from thinkscale.train import sft
 
     demo = DemoConfig()
@@ -282,10 +278,8 @@ def smollm2_workload(args, rank: int, world_size: int) -> Workload:
     train, test, _ = sft.load_data(options)
     module, tokenizer = sft.load_model_and_tokenizer(options, train)
 
-    def encode(examples):
-        pairs = (sft.encode_example(tokenizer, e.question, completion_from_solution(e.solution, e.answer))
-                 for e in examples)
-        return [(ids[:args.seq_len], labels[:args.seq_len]) for ids, labels in pairs]
+    def encode(examples):  # every example cut to --seq-len tokens
+        return [(ids[:args.seq_len], labels[:args.seq_len]) for ids, labels in sft.encode_examples(tokenizer, examples)]
 
     local = sft.shard(encode(train), rank, world_size)
     stream = sft.batches(local, options.batch_size, options.seed, rank)

@@ -51,7 +51,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .algorithms.bytegrad import ByteGradExchange, check_quantization_options, exchange_salt, piece_ranges
+from .algorithms.bytegrad import (ByteGradExchange, check_quantization_options, exchange_salt, fp32_elements,
+                                  piece_ranges)
 from .comm import Comm, CommunicationError
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,12 @@ WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_VERSION = 1
 
 
-def _parameter_names(model: nn.Module) -> dict[int, str]:
-    """{id(parameter): name}, names as in the unwrapped module's state_dict (DDP's "module." dropped)."""
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module whose parameter names key the saved state (DDP's "module." dropped)."""
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if not isinstance(module, nn.Module):
         raise TypeError(f"the hook state needs the model (DDP or its module), got {type(model).__name__}")
-    return {id(p): name for name, p in module.named_parameters()}
+    return module
 
 
 def _own_group(process_group: dist.ProcessGroup | None, timeout_s: float) -> Comm:
@@ -207,9 +208,9 @@ class ByteGradHookState:
                  stochastic_rounding: bool = False, full_precision_1d: bool = True,
                  timeout_s: float = DEFAULT_TIMEOUT_S):
         check_quantization_options(block_size, piece_size_mb)
-        self.names = _parameter_names(model)
-        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        self.shapes = {name: p.shape for name, p in module.named_parameters()}
+        named = list(_unwrapped(model).named_parameters())
+        self.names = {id(p): name for name, p in named}
+        self.shapes = {name: p.shape for name, p in named}
         self.block_size, self.piece_size_mb = block_size, piece_size_mb
         self.error_feedback, self.stochastic_rounding = bool(error_feedback), bool(stochastic_rounding)
         self.full_precision_1d = bool(full_precision_1d)
@@ -321,7 +322,7 @@ class ByteGradHookState:
         """One released layout's residuals into per-parameter ones."""
         names = layout_state["names"]
         numels, full, prefix, tail = self.geometry(names)
-        block, piece = self.block_size, int(self.piece_size_mb * 2**20) // 4
+        block, piece = self.block_size, fp32_elements(self.piece_size_mb)
         parts = []
         for saved, length in zip(layout_state["exchanges"], (prefix, tail)):
             sent, owned = saved.get("residual_sent"), saved.get("residual_owned")

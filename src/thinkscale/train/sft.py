@@ -125,6 +125,11 @@ def encode_example(tokenizer, question: str, completion: str) -> tuple[list[int]
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
+def encode_examples(tokenizer, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
+    """`encode_example` of each example's question and worked solution (what SFT trains on)."""
+    return [encode_example(tokenizer, e.question, completion_from_solution(e.solution, e.answer)) for e in examples]
+
+
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids/labels/attention_mask of shape (B, T_max)."""
     length = max(len(ids) for ids, _ in batch)
@@ -272,11 +277,7 @@ def run_sft(options: SFTOptions) -> dict | None:
     device = training_device()
     model.to(device)
     check_same_tokenizer_everywhere(tokenizer)
-    encoded = []
-    for e in train:
-        ids, labels = encode_example(tokenizer, e.question, completion_from_solution(e.solution, e.answer))
-        if len(ids) <= options.max_len:
-            encoded.append((ids, labels))
+    encoded = [(ids, labels) for ids, labels in encode_examples(tokenizer, train) if len(ids) <= options.max_len]
     if len(encoded) < len(train):
         logger.warning("dropped %d of %d examples longer than max_len=%d tokens",
                        len(train) - len(encoded), len(train), options.max_len)

@@ -50,6 +50,11 @@ def check_quantization_options(block_size: int, piece_size_mb: float) -> None:
         raise ValueError(f"piece_size_mb must be > 0, got {piece_size_mb!r}")
 
 
+def fp32_elements(megabytes: float) -> int:
+    """How many fp32 elements `megabytes` MiB hold (a piece's size, from `piece_size_mb`)."""
+    return int(megabytes * 2**20) // 4
+
+
 def piece_ranges(numel: int, n: int, block: int, piece_numel: int) -> list[tuple[int, int]]:
     """(start, length) of consecutive pieces covering `numel` (a multiple of n * block); every length
     is a multiple of n * block, all but the last `piece_numel` rounded down to one (at least one unit)."""
@@ -89,7 +94,7 @@ class ByteGradExchange:
                  stochastic_rounding: bool = False, salt: int = 0):
         check_quantization_options(block_size, piece_size_mb)
         self.block = block_size
-        self.piece_numel = int(piece_size_mb * 2**20) // 4
+        self.piece_numel = fp32_elements(piece_size_mb)
         self.error_feedback = error_feedback
         self.stochastic_rounding = stochastic_rounding
         self.salt = salt
