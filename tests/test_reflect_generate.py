@@ -242,9 +242,9 @@ def test_ended_rows_leave_in_batches_without_changing_any_row():
     eos = {tok.eos_token_id}
     prompts = [tok.encode(p) for p in PROMPTS]
     specs = [RowSpec(p, 20, temperature=1.0, top_p=0.9, seed=40 + i) for i, p in enumerate(prompts * 3)]
-    at_once = decode_rows(rm, specs, eos, tok.pad_token_id, compact_every=1)
+    at_once = decode_rows(rm, specs, eos, tok.pad_token_id, compact_every=100)  # > 9 rows: each leaves as it ends
     assert len({len(r.tokens) for r in at_once}) > 2  # rows end at different steps
-    for every in (2, 8, 100):
+    for every in (1, 2, 8):  # 1: ended rows stay until the end
         later = decode_rows(rm, specs, eos, tok.pad_token_id, compact_every=every)
         assert [r.tokens for r in later] == [r.tokens for r in at_once]
         for a, b in zip(later, at_once):

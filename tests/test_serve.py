@@ -142,7 +142,7 @@ def test_each_effort_answers_as_offline_sample_and_select(server, model, effort,
     assert selected["score"] == pytest.approx(chosen[0].score, abs=1e-4)
     assert selected["step_scores"] == pytest.approx(chosen[0].step_scores, abs=1e-4)
     assert out.usage.completion_tokens == sum(c.num_generated_tokens for c in groups[0])
-    assert out.usage.prompt_tokens == k * groups[0][0].num_prompt_tokens
+    assert out.usage.prompt_tokens == groups[0][0].num_prompt_tokens  # once: the k candidates share its prefill
     assert 0 <= out.usage.completion_tokens_details.reasoning_tokens <= out.usage.completion_tokens
     assert out.model == NAME and out.object == "chat.completion"
 
@@ -195,7 +195,7 @@ def test_stop_strings_cut_the_answer(server, model):
 
 
 def test_concurrent_requests_are_batched_and_exact(server, model):
-    before = server.health()["waves"]
+    before = server.health()["decode_steps"]
 
     async def main():
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
@@ -205,8 +205,9 @@ def test_concurrent_requests_are_batched_and_exact(server, model):
         return await asyncio.gather(*calls)
 
     outs = asyncio.run(main())
-    waves = server.health()["waves"] - before
-    assert waves < 8, f"16 concurrent requests took {waves} decode waves: they were not packed together"
+    steps = server.health()["decode_steps"] - before
+    # one at a time would take 16 requests x their length; together, about one request's length
+    assert steps < 3 * MAX_TOKENS, f"16 concurrent requests took {steps} decode steps: they did not share the batch"
     for i, out in enumerate(outs):
         _, chosen = offline(model, f"Two {i}", 2, seed=100 + i)
         assert out.choices[0].selected["candidate"] == chosen[0].sample_index
@@ -383,6 +384,15 @@ def test_an_untrained_head_selects_by_a_named_fallback(tmp_path):
         assert "untrained" in error["message"] and "logprob" in error["message"]
         majority = chat(untrained.client(), "Two", reasoning_effort="low", seed=3, extra_body={"selection": "majority"})
         assert majority.choices[0].selected["strategy"] == "majority"
+        for search in ("beam:width=2", "prune:signal=sprm"):  # searches that rank by the head are refused too
+            bad = httpx.post(untrained.url + "/v1/chat/completions", timeout=10, json={
+                "model": NAME, "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low",
+                "search": search})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "search"
+            assert "untrained" in bad.json()["error"]["message"]
+        searched = chat(untrained.client(), "Two", reasoning_effort="low", seed=3,
+                        extra_body={"search": "prune:signal=confidence"})
+        assert searched.choices[0].selected["search"] == "prune:signal=confidence"
     finally:
         log = untrained.stop()
     assert log.count("the SPRM head is untrained") == 1
@@ -401,6 +411,13 @@ def test_a_search_request_answers_as_offline_search_and_select(server, model):
     assert selected["search"] == spec and selected["candidate"] == chosen.sample_index
     assert out.choices[0].message.content == split_reasoning(chosen.text, ("<think>", "</think>"), True)[1]
     assert out.usage.completion_tokens == result.generated_tokens
+    for spec in ("beam:width=2", "dvts:width=4"):  # forks, made by the search's policy in the shared batch
+        out = chat(server.client(), "Two", reasoning_effort="medium", seed=9, extra_body={"search": spec})
+        result = search(rm, tok, [rm.format_prompt("Two", tok)], SearchConfig.parse(spec, 8),
+                        max_new_tokens=MAX_TOKENS, seed=9)[0]
+        chosen = select(result.complete, "sprm", think_end="</think>")
+        assert out.choices[0].selected["candidate"] == chosen.sample_index
+        assert out.usage.completion_tokens == result.generated_tokens
     bad = httpx.post(server.url + "/v1/chat/completions", timeout=10, json={
         "model": NAME, "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low", "search": "beam:width=3"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "search"
@@ -433,8 +450,12 @@ def test_metrics_count_requests_tokens_and_first_tokens(server):
     assert delta("thinkscale_requests_total", endpoint=chat_path, status="200", effort="low") == 1
     assert delta("thinkscale_requests_total", endpoint=chat_path, status="200", effort="none") == 1
     assert delta("thinkscale_requests_total", endpoint=chat_path, status="400", effort="-") == 1
-    # the low request's usage, plus the streamed one's (one sample of the same prompt)
-    assert delta("thinkscale_prompt_tokens_total") == out.usage.prompt_tokens * 3 / 2
+    # the low request's usage, plus the streamed one's (the same prompt, counted once per request)
+    assert delta("thinkscale_prompt_tokens_total") == out.usage.prompt_tokens * 2
+    # one prefill per request: the low request's 2 candidates share theirs
+    assert delta("thinkscale_prefills_total") == 2
+    assert delta("thinkscale_prefill_tokens_total") == out.usage.prompt_tokens * 2
+    assert delta("thinkscale_decode_steps_total") >= out.usage.completion_tokens / 2
     assert delta("thinkscale_generated_tokens_total") >= out.usage.completion_tokens
     assert delta("thinkscale_time_to_first_token_seconds_count") == 1
     assert delta("thinkscale_request_seconds_count", endpoint=chat_path) == 3

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from thinkscale.serve.protocol import ApiError, Settings, chat_messages, completion_prompts, parse_generation
-from thinkscale.serve.text import DeltaStream, cut_at_stop, opens_think, split_reasoning
+from thinkscale.reflect.answer import cut_at_stop
+from thinkscale.serve.text import DeltaStream, opens_think, split_reasoning
 
 TAGS = ("<think>", "</think>")
 

@@ -15,7 +15,7 @@ import importlib
 BENCHMARKS = {
     "relax": ("thinkscale.bench.relax_grid", "relax vs DDP on network namespaces with shaped, delayed links (root)"),
     "reflect": ("thinkscale.bench.reflect_cost", "cost of SPRM scoring: fused vs rescoring vs an external reward model"),
-    "serve": ("thinkscale.bench.serve_load", "thinkscale serve under 1/4/16 concurrent clients: batched scheduler vs one at a time"),
+    "serve": ("thinkscale.bench.serve_load", "thinkscale serve under concurrent clients: continuous vs static (or one-at-a-time) scheduler"),
     "search": ("thinkscale.bench.search_wall", "wall time of each test-time search against best_of_n at the same k"),
     "probe": ("thinkscale.bench.sprm_probe", "linear probes of the true step labels on the policy's hidden states"),
     "real-model": ("thinkscale.bench.real_model", "the SPRM on a pretrained model (SmolLM2): screen, fine-tune, fit "

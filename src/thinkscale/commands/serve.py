@@ -49,12 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-candidates", type=positive_int, default=d.max_candidates,
                         help="most rows one request may ask for: prompts x n x k (default %(default)s)")
     parser.add_argument("--max-batch", type=positive_int, default=d.max_batch,
-                        help="most rows decoded together; the candidates of waiting requests share it "
+                        help="most rows decoding together; requests join the running batch as rows free up "
+                             "(default %(default)s)")
+    parser.add_argument("--max-kv-tokens", type=positive_int, default=d.max_kv_tokens, metavar="N",
+                        help="also bound the running rows by the KV cache they may grow to: the sum of prompt + "
+                             "max_tokens over them stays <= N (rows that do not fit wait; one that never can gets "
+                             "400); default: no bound beyond --max-batch")
+    parser.add_argument("--scheduler", choices=("continuous", "static"), default=d.scheduler,
+                        help="continuous: requests join the running batch at the next token and share one "
+                             "prefill per prompt; static: the former waves (a wave decodes to its end before "
+                             "the next starts, every candidate prefills its prompt), kept for comparison "
                              "(default %(default)s)")
     parser.add_argument("--max-queue", type=positive_int, default=d.max_queue,
                         help="requests that may wait; more get 429 with Retry-After (default %(default)s)")
     parser.add_argument("--no-batching", action="store_true",
-                        help="decode one request at a time (the baseline `thinkscale bench serve` compares against)")
+                        help="decode one request at a time, with either scheduler (the baseline `thinkscale bench serve` "
+                             "calls sequential)")
     parser.add_argument("--shutdown-timeout", type=positive_float, default=30.0,
                         help="seconds a SIGTERM waits for requests in flight before refusing them (default 30)")
 
@@ -85,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
                                default_search=args.search,
                                temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                                max_candidates=args.max_candidates, max_batch=args.max_batch,
-                               max_queue=args.max_queue, pack=not args.no_batching)
+                               max_queue=args.max_queue, pack=not args.no_batching,
+                               scheduler=args.scheduler, max_kv_tokens=args.max_kv_tokens)
         Settings.from_options("check", options)  # a bad default effort, selection or search fails here, in one line
     except ValueError as error:
         print(f"thinkscale serve: error: {error}", file=sys.stderr)

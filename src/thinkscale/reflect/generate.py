@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .candidate import Candidate
-from .engine import SAMPLING, RowSpec, decode_rows, row_seed
+from .engine import SAMPLING, RowSpec, candidate_rows, decode_rows
 from .model import ReflectiveModel
 from .scoring import Features, scores_from_features
 
@@ -130,7 +130,7 @@ def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
 
     prompts: text used verbatim (apply `rm.format_prompt` first) or token ids. Rows (prompt p, sample j)
     are decoded `batch_size` at a time (default k); row (p, j) samples from its own stream seeded with
-    `engine.row_seed(seed, p, j)`, so the same seed gives the same candidates whatever the batch size
+    `engine.row_seed(seed, p, j)` (`engine.candidate_rows`), so the same seed gives the same candidates whatever the batch size
     (and `thinkscale serve` gives the same as this for a request with that seed). Without a seed the
     row seeds come from torch's global RNG. temperature 0 is greedy; top_p 1.0 disables nucleus filtering.
     Returns one list of k Candidates per prompt; `score=False` skips scoring (scores are then empty/0).
@@ -163,8 +163,7 @@ def sample(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
 
-    rows = [RowSpec(encoded[p], max_new_tokens, temperature, top_p, row_seed(seed, p, j), tag=(p, j))
-            for p in range(len(prompts)) for j in range(k)]
+    rows = candidate_rows(encoded, 1, k, max_new_tokens, temperature, top_p, seed)  # tagged (p, j)
     out: list[list[Candidate]] = [[] for _ in prompts]
     feature_tokens = rm.step_feature_tokens(tokenizer) if score else None
     with eval_mode(rm):

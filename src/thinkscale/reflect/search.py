@@ -73,6 +73,11 @@ class SearchConfig:
     def warmup_rows(self) -> int:
         return self.warmup if self.warmup is not None else max(1, self.k // 4)
 
+    @property
+    def ranks_by_head(self) -> bool:
+        """Whether this search ranks rows by the SPRM head's scores (beam, dvts, prune with signal=sprm)."""
+        return self.method in ("beam", "dvts") or (self.method == "prune" and self.signal == "sprm")
+
     @classmethod
     def parse(cls, spec: str, k: int, budget: int | None = None) -> "SearchConfig":
         """ "method:key=value,..." (e.g. "prune:signal=confidence,keep=90", "beam:width=4"), read by
@@ -179,9 +184,13 @@ Policy = Callable[[list[Row], _Context], None]
 
 def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]], config: SearchConfig,
            temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p, max_new_tokens: int = 512, seed: int = 0,
-           repetition_penalty: float = SAMPLING.repetition_penalty, cancelled: Callable[[], bool] | None = None) -> list[SearchResult]:
+           repetition_penalty: float = SAMPLING.repetition_penalty, cancelled: Callable[[], bool] | None = None,
+           run_rows: Callable[[list[RowSpec], Callable[[list[Row]], None]], list[Row]] | None = None) -> list[SearchResult]:
     """Run `config`'s search on each prompt (text verbatim, or token ids); one SearchResult per prompt.
     `cancelled()` returning True stops every row at its next token (a server's client went away).
+    `run_rows(specs, after_token)` decodes each batch of the search's rows under its policy and returns
+    them as `decode_rows` does (default: `decode_rows` on a batch of their own; a server passes one that
+    joins its running batch - repetition penalty 1 and the model's step feature tokens).
 
     Example::
 
@@ -213,6 +222,8 @@ def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
             if policy is not None:
                 policy(batch, ctx)
 
+        if run_rows is not None:
+            return run_rows(specs, after_token)
         with eval_mode(rm):
             return decode_rows(rm, specs, eos_ids, pad_id, repetition_penalty, after_token=after_token,
                                feature_tokens=rm.step_feature_tokens(tokenizer))

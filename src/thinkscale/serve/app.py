@@ -26,16 +26,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from thinkscale.reflect.engine import RowSpec, row_seed
+from thinkscale.reflect.answer import AnswerRequest, Decoded, choose
 from thinkscale.reflect.generate import encode_prompt, eos_token_ids, pad_token_id
-from thinkscale.reflect.search import SearchConfig, search
-from thinkscale.reflect.select import HEAD_FALLBACK, HEAD_STRATEGIES, choosing_strategy, parse_strategy, select
+from thinkscale.reflect.search import SearchConfig
+from thinkscale.reflect.select import HEAD_FALLBACK, HEAD_STRATEGIES, parse_strategy
 
 from . import protocol
 from .metrics import MetricsMiddleware, ServeMetrics
 from .protocol import Answer, ApiError, Generation, ServeOptions, Settings
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
-from .text import DeltaStream, cut_at_stop, opens_think, split_reasoning, token_bytes
+from .text import DeltaStream, opens_think, split_reasoning, token_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +98,18 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
     @asynccontextmanager
     async def lifespan(_app) -> AsyncIterator[None]:
         state["scheduler"] = Scheduler(served.rm, served.tokenizer, eos_ids, pad_token_id(served.tokenizer, eos_ids),
-                                       options.max_batch, options.max_queue, options.pack)
-        logger.info("serving %s (context %s, max batch %d rows)", served.name, served.context, options.max_batch)
+                                       options.max_batch, options.max_queue, options.pack, options.scheduler,
+                                       options.max_kv_tokens)
+        logger.info("serving %s (context %s, max batch %d rows, %s scheduler)", served.name, served.context,
+                    options.max_batch, options.scheduler)
         if not head_trained and parse_strategy(options.default_selection)[0] in HEAD_STRATEGIES:
             logger.warning("the SPRM head is untrained (its saved record says so): requests that name no selection "
                            "are chosen by %s, not by the default %s; asking for %s explicitly is refused",
                            HEAD_FALLBACK, options.default_selection, " or ".join(HEAD_STRATEGIES))
+        if not head_trained and SearchConfig.parse(options.default_search, 2).ranks_by_head:
+            logger.warning("the default search %s ranks by the untrained SPRM head: requests that name no search "
+                           "get 400 at low/medium/high effort; pass --search best_of_n or prune:signal=confidence",
+                           options.default_search)
         try:
             yield
         finally:
@@ -169,66 +175,64 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         return await _answer(request, gen)
 
     # -- answering -------------------------------------------------------------------------------
-    def _job(gen: Generation, listener=None) -> Job:
+    def _job(gen: Generation, request: AnswerRequest, listener=None) -> Job:
         seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**62)
-        answers = len(gen.prompts) * gen.n
-        if gen.search != "best_of_n":  # one search call on the engine, for all the request's answers
-            config = SearchConfig.parse(gen.search, gen.k)
-            prompts = [gen.prompts[q // gen.n] for q in range(answers)]
-            return Job([], gen.stop, call=lambda cancelled: search(
-                served.rm, served.tokenizer, prompts, config, gen.temperature, gen.top_p, gen.max_tokens, seed,
-                cancelled=cancelled))
-        # answer q (prompt p, choice i: q = p * n + i) and candidate j use row (q, j): the rows of offline
-        # sample([prompt p repeated n times...], k, seed) - a seeded request answers as that would
-        rows = [RowSpec(gen.prompts[q // gen.n], gen.max_tokens, gen.temperature, gen.top_p, row_seed(seed, q, j))
-                for q in range(answers) for j in range(gen.k)]
-        return Job(rows, gen.stop, listener, top_logprobs=gen.top_logprobs if gen.logprobs else 0)
+        if request.search_config is not None:  # one search call on the engine, for all the request's answers
+            try:  # its rows are made as it goes: check now that they fit (best-of-k rows are checked on submit)
+                state["scheduler"].check_fits(request.rows(seed))
+            except ValueError as error:
+                raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
+            return Job([], gen.stop, call=lambda cancelled, run_rows: request.run_search(
+                served.rm, served.tokenizer, seed, cancelled, run_rows))
+        return Job(request.rows(seed), gen.stop, listener)
+
+    def _answer_request(gen: Generation) -> AnswerRequest:
+        try:
+            return gen.answer_request()
+        except ValueError as error:  # protocol checked every field; this is the last line of defence
+            raise ApiError(400, str(error), code="invalid_value") from None
 
     def _submit(job: Job) -> asyncio.Future:
         try:
             return asyncio.wrap_future(state["scheduler"].submit(job))
+        except ValueError as error:  # a candidate larger than the server's whole KV budget
+            raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
         except QueueFull as error:
             raise ApiError(429, f"the server is busy: {error}; retry later", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         except ShuttingDown as error:
             raise ApiError(503, str(error), code="shutting_down") from None
 
-    def _answers(gen: Generation, result: list) -> tuple[list[Answer], dict]:
-        """The chosen answer of each group of candidates, and the usage of everything decoded."""
-        if gen.search != "best_of_n":  # a search: SearchResults, whose cost is what they generated
-            groups = [r.complete for r in result]
-            completion_tokens = sum(r.generated_tokens for r in result)
-        else:
-            groups = [result[q * gen.k:(q + 1) * gen.k] for q in range(len(result) // gen.k)]
-            completion_tokens = sum(c.num_generated_tokens for c in result)
-        answers, answer_tokens = [], 0
+    def _answers(gen: Generation, request: AnswerRequest, result) -> tuple[list[Answer], dict]:
+        """The chosen answer of each group of candidates (reflect.answer.choose), in the wire's terms, and
+        the usage: the prompts once (their candidates share one prefill), every token decoded."""
+        decoded = result if isinstance(result, Decoded) else Decoded.of_candidates(request, result)
         think_end = served.think_tags[1] if served.think_tags is not None else None
-        for q, group in enumerate(groups):
-            # an untrained head, or no scored step, cannot choose: the named fallback does, and says so
-            strategy = choosing_strategy(gen.selection, head_trained, group)
-            chosen = group[0] if len(group) == 1 else select(group, strategy, think_end=think_end,
-                                                             timeout_s=options.grade_timeout_s)
-            text, stopped = cut_at_stop(chosen.text, gen.stop)
+        choices = choose(request, decoded, head_trained, think_end, options.grade_timeout_s)
+        answers, answer_tokens = [], 0
+        for q, choice in enumerate(choices):
             in_think = opens_think(gen.prompt_texts[q // gen.n], served.think_tags)
             tags = served.think_tags if gen.kind == "chat" else None
-            reasoning, content = split_reasoning(text, tags, in_think)
+            reasoning, content = split_reasoning(choice.text, tags, in_think)
             answer_tokens += len(served.tokenizer.encode(content, add_special_tokens=False)) if content else 0
-            selected = {"strategy": strategy if gen.k > 1 else "single", "k": gen.k, "search": gen.search,
+            chosen = choice.candidate
+            selected = {"strategy": choice.strategy, "k": gen.k, "search": gen.search,
                         "candidate": chosen.sample_index, "score": chosen.score, "step_scores": chosen.step_scores,
-                        "candidate_scores": [c.score for c in group]}
-            finish = "stop" if chosen.finished or stopped else "length"
-            logprobs = token_logprobs(chosen, text, gen, served.tokenizer, eos_ids) if gen.logprobs else None
-            answers.append(Answer(text, reasoning, content, finish, selected, logprobs))
-        prompt_tokens = sum(len(gen.prompts[q // gen.n]) * gen.k for q in range(len(gen.prompts) * gen.n))
+                        "candidate_scores": [c.score for c in choice.group]}
+            finish = "stop" if choice.finished else "length"
+            logprobs = token_logprobs(chosen, choice.text, gen, served.tokenizer, eos_ids) if gen.logprobs else None
+            answers.append(Answer(choice.text, reasoning, content, finish, selected, logprobs))
+        prompt_tokens = sum(len(p) for p in gen.prompts)
         metrics.prompt_tokens.inc(prompt_tokens)
-        metrics.generated_tokens.inc(completion_tokens)
-        return answers, protocol.usage(prompt_tokens, completion_tokens, answer_tokens)
+        metrics.generated_tokens.inc(decoded.generated_tokens)
+        return answers, protocol.usage(prompt_tokens, decoded.generated_tokens, answer_tokens)
 
     async def _answer(request, gen: Generation):
         if gen.stream:
             events = _stream(gen, request.state.started)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        job = _job(gen)
+        answer_request = _answer_request(gen)
+        job = _job(gen, answer_request)
         future = _submit(job)
         try:
             while True:  # wait, and give up the rows if the client goes away
@@ -242,7 +246,7 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         finally:
             if not future.done():
                 job.cancel()
-        answers, usage = await asyncio.to_thread(_answers, gen, result)
+        answers, usage = await asyncio.to_thread(_answers, gen, answer_request, result)
         return protocol.response_body(gen, settings, answers, usage)
 
     def _result(future: asyncio.Future) -> list:
@@ -266,8 +270,9 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         listener = None
         if gen.k == 1:  # one sample per answer: its tokens go out as they come
             listener = lambda i, tokens, ended: loop.call_soon_threadsafe(events.put_nowait, (i, tokens, ended))
-        job = _job(gen, listener)
         try:
+            answer_request = _answer_request(gen)
+            job = _job(gen, answer_request, listener)
             future = _submit(job)
         except ApiError as error:
             yield _sse(error.body()), False
@@ -303,7 +308,7 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
                 yield _sse(error.body()), False
                 yield "data: [DONE]\n\n", False
                 return
-            answers, usage = await asyncio.to_thread(_answers, gen, result)
+            answers, usage = await asyncio.to_thread(_answers, gen, answer_request, result)
             for q, answer in enumerate(answers):
                 if listener is None:  # best of k: the chosen candidate goes out once it is chosen
                     text = answer.text

@@ -3,11 +3,13 @@
     thinkscale_requests_total{endpoint, status, effort}   requests answered (any status: 200, 400, 429, ...)
     thinkscale_request_seconds{endpoint}                  latency histogram, request received -> response sent
     thinkscale_time_to_first_token_seconds                streamed requests: received -> first content chunk
-    thinkscale_prompt_tokens_total                        prompt tokens of every candidate decoded
+    thinkscale_prompt_tokens_total                        prompt tokens of every request (once per prompt)
     thinkscale_generated_tokens_total                     tokens generated, every candidate (search: what it generated)
     thinkscale_queue_requests, thinkscale_queue_rows      waiting for the decode thread (read at scrape time)
     thinkscale_running_rows, thinkscale_batch_occupancy   rows decoding now, and their share of --max-batch
     thinkscale_decoded_rows_total, thinkscale_cancelled_rows_total, thinkscale_waves_total
+    thinkscale_decode_steps_total                         engine steps (one token for every running row)
+    thinkscale_prefills_total, thinkscale_prefill_tokens_total   prompts prefilled (k candidates share one), tokens
 
 Each app has a registry of its own (several servers in one process, as the tests run them, never share
 counters); nothing is written by hand in the exposition format.
@@ -36,7 +38,7 @@ class ServeMetrics:
         self.first_token = Histogram("thinkscale_time_to_first_token_seconds",
                                      "Streamed requests: seconds from arrival to the first content chunk",
                                      buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.prompt_tokens = Counter("thinkscale_prompt_tokens", "Prompt tokens of every candidate decoded",
+        self.prompt_tokens = Counter("thinkscale_prompt_tokens", "Prompt tokens of every request, once per prompt",
                                      registry=self.registry)
         self.generated_tokens = Counter("thinkscale_generated_tokens", "Tokens generated over every candidate",
                                         registry=self.registry)
@@ -100,8 +102,11 @@ class _SchedulerCollector:
                    s["running_rows"] / self.max_batch))
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
-        counters = (("thinkscale_decoded_rows", "Rows decoded in best-of-k waves", s["decoded_rows"]),
+        counters = (("thinkscale_decoded_rows", "Best-of-k candidate rows decoded", s["decoded_rows"]),
                     ("thinkscale_cancelled_rows", "Rows stopped because their client went away", s["cancelled_rows"]),
-                    ("thinkscale_waves", "Decode waves and search calls run", s["waves"]))
+                    ("thinkscale_waves", "Static waves and search calls run", s["waves"]),
+                    ("thinkscale_decode_steps", "Decode steps: one token for every running row", s["decode_steps"]),
+                    ("thinkscale_prefills", "Prompts prefilled (a prompt's k candidates share one)", s["prefills"]),
+                    ("thinkscale_prefill_tokens", "Tokens of the prompts prefilled", s["prefill_tokens"]))
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

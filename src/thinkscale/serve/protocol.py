@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from thinkscale.reflect.answer import AnswerRequest
 from thinkscale.reflect.engine import MAX_TOP_LOGPROBS, SAMPLING
 from thinkscale.reflect.search import SearchConfig
 from thinkscale.reflect.select import EFFORT_K, HEAD_FALLBACK, HEAD_STRATEGIES, parse_strategy
@@ -50,7 +51,9 @@ class ServeOptions:
     max_batch: int = 32
     max_queue: int = 64
     max_body_bytes: int = 1 << 20
-    pack: bool = True
+    pack: bool = True  # False: one request at a time (either scheduler)
+    scheduler: str = "continuous"  # or "static" (serve.scheduler)
+    max_kv_tokens: int | None = None  # bound on the running rows' prompt + max_tokens, summed
     grade_timeout_s: float = 5.0
 
 
@@ -116,6 +119,11 @@ class Generation:
     @property
     def rows(self) -> int:
         return len(self.prompts) * self.n * self.k
+
+    def answer_request(self) -> AnswerRequest:
+        """What reflect answers for this request (fan-out, search, selection and stops live there)."""
+        return AnswerRequest(self.prompts, self.n, self.k, self.max_tokens, self.temperature, self.top_p, self.seed,
+                             self.stop, self.search, self.selection, self.top_logprobs if self.logprobs else 0)
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -257,9 +265,12 @@ def parse_generation(body: Any, kind: str, settings: Settings, prompts: list[lis
     search = _optional(body, "search", lambda v: isinstance(v, str), "a search spec such as 'prune:signal=sprm'")
     search = settings.default_search if search is None else search
     try:  # one sample has nothing to search (the field is then ignored), but a malformed spec is refused
-        SearchConfig.parse(search, EFFORTS[effort] if EFFORTS[effort] > 1 else EFFORT_K["high"])
+        config = SearchConfig.parse(search, EFFORTS[effort] if EFFORTS[effort] > 1 else EFFORT_K["high"])
     except ValueError as error:
         raise _bad("search", str(error)) from None
+    if config.ranks_by_head and not settings.head_trained and EFFORTS[effort] > 1:
+        raise _bad("search", f"{search!r} ranks rows by the SPRM head's scores, and this server's head is untrained "
+                             "(its saved record says so); ask for best_of_n or prune:signal=confidence")
     n = _optional(body, "n", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     n = 1 if n is None else n
     k = EFFORTS[effort]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from thinkscale.reflect.answer import cut_at_stop
+
 REPLACEMENT = "\ufffd"  # what a tokenizer writes for the first bytes of a character still being generated
 
 
@@ -13,12 +15,6 @@ def opens_think(prompt_text: str, think_tags: tuple[str, str] | None) -> bool:
         return False
     start, end = think_tags
     return prompt_text.rfind(start) > prompt_text.rfind(end)
-
-
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    """The text before the earliest stop string, and whether one occurred."""
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
 
 
 def split_reasoning(text: str, think_tags: tuple[str, str] | None, in_think: bool) -> tuple[str | None, str]:
