@@ -92,3 +92,13 @@ def fit_format(model, tokenizer, problems, steps: int = 40, seed: int = 0):
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def stepping_model(kind: str = "llama", eos_scale: float = 10.0):
+    """(ReflectiveModel in eval mode, tokenizer): a tiny policy favouring ".", "\\n" (the step delimiter),
+    " we", " is" and, by `eos_scale`, EOS; no think tags. The model of the engine, answer and scheduler tests."""
+    from thinkscale.reflect import ReflectiveModel
+
+    tok = bpe_tokenizer()
+    policy = favor_tokens(tiny_policy(kind, vocab_size=len(tok)), tok, eos_scale=eos_scale, scale=80.0)
+    return ReflectiveModel.from_pretrained(policy, step_delimiter="\n", think_tags=None).eval(), tok

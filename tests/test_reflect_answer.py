@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from reflect_util import bpe_tokenizer, favor_tokens, tiny_policy
-from thinkscale.reflect import ReflectiveModel, sample, select
+from reflect_util import stepping_model
+from thinkscale.reflect import sample, select
 from thinkscale.reflect.answer import AnswerRequest, answer, cut_at_stop
 from thinkscale.reflect.search import SearchConfig, search
 
@@ -14,10 +14,7 @@ PROMPTS = ["First we add the numbers.\n\n", "Two"]
 
 @pytest.fixture(scope="module")
 def model():
-    tok = bpe_tokenizer()
-    policy = favor_tokens(tiny_policy("llama", vocab_size=len(tok)), tok, eos_scale=10.0, scale=80.0)
-    rm = ReflectiveModel.from_pretrained(policy, step_delimiter="\n", think_tags=None).eval()
-    return rm, tok
+    return stepping_model(eos_scale=10.0)
 
 
 def test_a_seeded_request_answers_as_offline_sample_and_select(model):

@@ -5,19 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reflect_util import bpe_tokenizer, favor_tokens, tiny_policy
-from thinkscale.reflect import ReflectiveModel
+from reflect_util import stepping_model
 from thinkscale.reflect.engine import DecodeBatch, RowSpec, decode_rows
 
 PROMPTS = ["First we add the numbers.\n\n", "Two", "Compute 3 times 5 (carefully) and then add seven to it."]
 
 
 def make_rm(kind="llama"):
-    tok = bpe_tokenizer()
-    policy = favor_tokens(tiny_policy(kind, vocab_size=len(tok)), tok, eos_scale=2.0, scale=80.0)
-    rm = ReflectiveModel.from_pretrained(policy, step_delimiter="\n", think_tags=None)
-    rm.eval()
-    return rm, tok
+    return stepping_model(kind, eos_scale=2.0)
 
 
 def alone(rm, tok, spec, **kw):

@@ -412,12 +412,21 @@ def test_a_search_request_answers_as_offline_search_and_select(server, model):
     assert out.choices[0].message.content == split_reasoning(chosen.text, ("<think>", "</think>"), True)[1]
     assert out.usage.completion_tokens == result.generated_tokens
     for spec in ("beam:width=2", "dvts:width=4"):  # forks, made by the search's policy in the shared batch
+        before = scrape(server)
         out = chat(server.client(), "Two", reasoning_effort="medium", seed=9, extra_body={"search": spec})
+        after = scrape(server)
         result = search(rm, tok, [rm.format_prompt("Two", tok)], SearchConfig.parse(spec, 8),
                         max_new_tokens=MAX_TOKENS, seed=9)[0]
         chosen = select(result.complete, "sprm", think_end="</think>")
         assert out.choices[0].selected["candidate"] == chosen.sample_index
         assert out.usage.completion_tokens == result.generated_tokens
+
+        def delta(name):
+            return after[(name, ())] - before[(name, ())]
+
+        assert result.stopped_rows > 0  # beams that lost: the counter is not trivially 0 here
+        assert delta("thinkscale_search_stopped_rows_total") == result.stopped_rows
+        assert delta("thinkscale_search_unspent_tokens_total") == 8 * MAX_TOKENS - result.generated_tokens
     bad = httpx.post(server.url + "/v1/chat/completions", timeout=10, json={
         "model": NAME, "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low", "search": "beam:width=3"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "search"

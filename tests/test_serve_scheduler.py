@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from reflect_util import bpe_tokenizer, favor_tokens, tiny_policy
-from thinkscale.reflect import ReflectiveModel
+from reflect_util import stepping_model
 from thinkscale.reflect.engine import RowSpec, decode_rows
 from thinkscale.serve.scheduler import Job, Scheduler
 
@@ -17,10 +16,7 @@ HIGH_ROWS, HIGH_TOKENS, NONE_TOKENS = 32, 40, 8
 
 @pytest.fixture(scope="module")
 def model():
-    tok = bpe_tokenizer()
-    policy = favor_tokens(tiny_policy("llama", vocab_size=len(tok)), tok, eos_scale=1.0, scale=80.0)
-    rm = ReflectiveModel.from_pretrained(policy, step_delimiter="\n", think_tags=None).eval()
-    return rm, tok
+    return stepping_model(eos_scale=1.0)
 
 
 def scheduler(model, max_batch=64, eos=(), **kw) -> Scheduler:

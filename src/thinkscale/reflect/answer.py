@@ -93,7 +93,8 @@ class AnswerRequest:
         prompts = [list(self.prompt_of(q)) for q in range(self.answers)]
         results = search(rm, tokenizer, prompts, self.search_config, self.temperature, self.top_p,
                          self.max_new_tokens, seed, cancelled=cancelled, run_rows=run_rows)
-        return Decoded([r.complete for r in results], sum(r.generated_tokens for r in results))
+        return Decoded([r.complete for r in results], sum(r.generated_tokens for r in results),
+                       sum(r.stopped_rows for r in results))
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Decoded:
 
     groups: list[list[Candidate]]
     generated_tokens: int
+    stopped_rows: int = 0  # rows a search ended early (their tokens are what pruning saves)
 
     @classmethod
     def of_candidates(cls, request: AnswerRequest, candidates: Sequence[Candidate]) -> "Decoded":

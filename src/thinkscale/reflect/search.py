@@ -101,6 +101,11 @@ class SearchResult:
         done = [c for c in self.candidates if c.extra.get("stopped") is None]
         return done or list(self.candidates)
 
+    @property
+    def stopped_rows(self) -> int:
+        """Rows the search ended before their end (pruned, over budget, or discarded beam partials)."""
+        return self.rows - sum(c.extra.get("stopped") is None for c in self.candidates)
+
 
 @dataclass
 class _Track:

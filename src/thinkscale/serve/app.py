@@ -225,6 +225,10 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
         prompt_tokens = sum(len(p) for p in gen.prompts)
         metrics.prompt_tokens.inc(prompt_tokens)
         metrics.generated_tokens.inc(decoded.generated_tokens)
+        if request.search_config is not None:
+            metrics.search_stopped_rows.inc(decoded.stopped_rows)
+            budget = request.answers * request.k * request.max_new_tokens
+            metrics.search_unspent_tokens.inc(max(0, budget - decoded.generated_tokens))
         return answers, protocol.usage(prompt_tokens, decoded.generated_tokens, answer_tokens)
 
     async def _answer(request, gen: Generation):

@@ -5,6 +5,9 @@
     thinkscale_time_to_first_token_seconds                streamed requests: received -> first content chunk
     thinkscale_prompt_tokens_total                        prompt tokens of every request (once per prompt)
     thinkscale_generated_tokens_total                     tokens generated, every candidate (search: what it generated)
+    thinkscale_search_stopped_rows_total                  rows a search ended early (pruned, over budget, discarded)
+    thinkscale_search_unspent_tokens_total                searches: their rows' whole token budget minus what they
+                                                          generated (an upper bound on what pruning saved)
     thinkscale_queue_requests, thinkscale_queue_rows      waiting for the decode thread (read at scrape time)
     thinkscale_running_rows, thinkscale_batch_occupancy   rows decoding now, and their share of --max-batch
     thinkscale_decoded_rows_total, thinkscale_cancelled_rows_total, thinkscale_waves_total
@@ -42,6 +45,12 @@ class ServeMetrics:
                                      registry=self.registry)
         self.generated_tokens = Counter("thinkscale_generated_tokens", "Tokens generated over every candidate",
                                         registry=self.registry)
+        self.search_stopped_rows = Counter("thinkscale_search_stopped_rows",
+                                           "Rows a search ended early (pruned, over budget, discarded beams)",
+                                           registry=self.registry)
+        self.search_unspent_tokens = Counter("thinkscale_search_unspent_tokens",
+                                             "Searched requests: k x answers x max_tokens minus the tokens generated",
+                                             registry=self.registry)
         self.registry.register(_SchedulerCollector(scheduler_stats, max_batch))
 
     def exposition(self) -> tuple[bytes, str]:
