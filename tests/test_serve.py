@@ -254,10 +254,8 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, model):
     _error(post({**ok, "selection": "oracle"}), 400, "selection")
     _error(post({**ok, "stop": [""]}), 400, "stop")
     _error(post({**ok, "max_tokens": 0}), 400, "max_tokens")
-    _error(post({**ok, "logprobs": True, "stream": True}), 400, "logprobs")  # streamed: not yet
     _error(post({**ok, "top_logprobs": 2}), 400, "top_logprobs")  # needs logprobs: true
     _error(post({**ok, "logprobs": True, "top_logprobs": 21}), 400, "top_logprobs")
-    _error(post({**ok, "logprobs": True, "reasoning_effort": "low", "search": "beam:width=2"}), 400, "logprobs")
     long_question = " we" * 300  # > 256 positions
     assert _error(post({**ok, "messages": [{"role": "user", "content": long_question}]}), 400)["code"] == \
         "context_length_exceeded"
@@ -487,6 +485,27 @@ def test_logprobs_are_the_chosen_candidates(server, model):
         assert len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode("utf-8"))
         values = [t.logprob for t in c.top_logprobs]
         assert values == sorted(values, reverse=True) and c.logprob <= values[0] + 1e-4
+    # streamed: the same object, whole, with the choice's last chunk (k = 1 and best of 2)
+    for effort, k in (("none", 1), ("low", 2)):
+        whole = chat(server.client(), question, reasoning_effort=effort, seed=6, logprobs=True, top_logprobs=2)
+        chunks = list(chat(server.client(), question, reasoning_effort=effort, seed=6, logprobs=True, top_logprobs=2,
+                           stream=True))
+        streamed = [c for chunk in chunks for choice in chunk.choices if choice.logprobs for c in choice.logprobs.content]
+        assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in whole.choices[0].logprobs.content]
+        assert [[t.token for t in c.top_logprobs] for c in streamed] == \
+            [[t.token for t in c.top_logprobs] for c in whole.choices[0].logprobs.content]
+    # searched: the chosen candidate of the offline search, with its top tokens
+    from thinkscale.reflect.search import SearchConfig, search
+
+    searched = chat(server.client(), question, reasoning_effort="medium", seed=7, logprobs=True, top_logprobs=2,
+                    extra_body={"search": "beam:width=2"})
+    result = search(rm, tok, [rm.format_prompt(question, tok)], SearchConfig.parse("beam:width=2", 8),
+                    max_new_tokens=MAX_TOKENS, seed=7, top_logprobs=2)[0]
+    best = select(result.complete, "sprm", think_end="</think>")
+    expected = [t for t in best.token_ids if t != eos]
+    content = searched.choices[0].logprobs.content
+    assert [c.logprob for c in content] == best.token_logprobs[:len(expected)]
+    assert [[t.logprob for t in c.top_logprobs] for c in content] == [lps for _, lps in best.extra["top_logprobs"][:len(expected)]]
     # greedy: each token is its position's most likely one
     greedy = chat(server.client(), question, reasoning_effort="none", temperature=0, logprobs=True, top_logprobs=1)
     assert all(c.token == c.top_logprobs[0].token for c in greedy.choices[0].logprobs.content)

@@ -92,7 +92,8 @@ class AnswerRequest:
             raise ValueError("this request is best-of-k, not a search")
         prompts = [list(self.prompt_of(q)) for q in range(self.answers)]
         results = search(rm, tokenizer, prompts, self.search_config, self.temperature, self.top_p,
-                         self.max_new_tokens, seed, cancelled=cancelled, run_rows=run_rows)
+                         self.max_new_tokens, seed, cancelled=cancelled, run_rows=run_rows,
+                         top_logprobs=self.top_logprobs)
         return Decoded([r.complete for r in results], sum(r.generated_tokens for r in results),
                        sum(r.stopped_rows for r in results))
 
@@ -171,8 +172,5 @@ def answer(rm, tokenizer, request: AnswerRequest, head_trained: bool | None = No
 
 def row_candidate(rm, tokenizer, row, sample_index: int) -> Candidate:
     """A decoded row as a Candidate (its sample_index: j of row (q, j)), with its top log-probs."""
-    candidate = to_candidate(rm, tokenizer, list(row.spec.prompt), row.tokens, row.finish == "eos", row.features,
-                             row.signal_matrix(), sample_index=sample_index)
-    if row.spec.top_logprobs:  # (ids, log-probs) of the most likely tokens at each generated position
-        candidate.extra["top_logprobs"] = [(ids.tolist(), [round(v, 4) for v in lps.tolist()]) for ids, lps in row.top]
-    return candidate
+    return to_candidate(rm, tokenizer, list(row.spec.prompt), row.tokens, row.finish == "eos", row.features,
+                        row.signal_matrix(), sample_index=sample_index, top=row.top)

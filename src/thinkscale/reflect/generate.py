@@ -95,16 +95,17 @@ def eos_token_ids(rm: ReflectiveModel, tokenizer) -> set[int]:
 
 def to_candidate(rm: ReflectiveModel, tokenizer, prompt_ids: list[int], tokens: list[int], finished: bool,
                  features: Features | None, signals: torch.Tensor, prompt_index: int = 0,
-                 sample_index: int = 0) -> Candidate:
+                 sample_index: int = 0, top: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Candidate:
     """A decoded row as a Candidate: step ends, SPRM step scores (when `features` were kept) and the
-    token signals."""
+    token signals; with `top` (a row's kept (ids, log-probs) per position) extra["top_logprobs"]."""
     step_ends, step_scores, traj = scores_from_features(rm, tokenizer, prompt_ids, tokens, features, signals)
     logprob, confidence, certainty = (_rounded(signals[:, i]) if signals.shape[1] else [] for i in range(3))
+    extra = {"top_logprobs": [(ids.tolist(), _rounded(lps)) for ids, lps in top]} if top else {}
     return Candidate(
         prompt_index=prompt_index, sample_index=sample_index, text=tokenizer.decode(tokens, skip_special_tokens=True),
         token_ids=list(tokens), step_scores=step_scores, score=traj, finished=finished, truncated=not finished,
         num_prompt_tokens=len(prompt_ids), num_generated_tokens=len(tokens), step_ends=step_ends,
-        token_logprobs=logprob, token_confidences=confidence, token_certainties=certainty)
+        token_logprobs=logprob, token_confidences=confidence, token_certainties=certainty, extra=extra)
 
 
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:

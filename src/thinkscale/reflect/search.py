@@ -190,12 +190,14 @@ Policy = Callable[[list[Row], _Context], None]
 def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]], config: SearchConfig,
            temperature: float = SAMPLING.temperature, top_p: float = SAMPLING.top_p, max_new_tokens: int = 512, seed: int = 0,
            repetition_penalty: float = SAMPLING.repetition_penalty, cancelled: Callable[[], bool] | None = None,
-           run_rows: Callable[[list[RowSpec], Callable[[list[Row]], None]], list[Row]] | None = None) -> list[SearchResult]:
+           run_rows: Callable[[list[RowSpec], Callable[[list[Row]], None]], list[Row]] | None = None,
+           top_logprobs: int = 0) -> list[SearchResult]:
     """Run `config`'s search on each prompt (text verbatim, or token ids); one SearchResult per prompt.
     `cancelled()` returning True stops every row at its next token (a server's client went away).
     `run_rows(specs, after_token)` decodes each batch of the search's rows under its policy and returns
     them as `decode_rows` does (default: `decode_rows` on a batch of their own; a server passes one that
-    joins its running batch - repetition penalty 1 and the model's step feature tokens).
+    joins its running batch - repetition penalty 1 and the model's step feature tokens). `top_logprobs` n
+    keeps each token's n most likely alternatives (candidates' extra["top_logprobs"]).
 
     Example::
 
@@ -212,8 +214,8 @@ def search(rm: ReflectiveModel, tokenizer, prompts: Sequence[str | Sequence[int]
 
     def rows(first: int, last: int, group: int = 1) -> list[RowSpec]:
         # tag (question, group): beam and dvts choose survivors within a group
-        return [RowSpec(encoded[q], max_new_tokens, temperature, top_p, row_seed(seed, q, j), tag=(q, j // group))
-                for q in questions for j in range(first, last)]
+        return [RowSpec(encoded[q], max_new_tokens, temperature, top_p, row_seed(seed, q, j), tag=(q, j // group),
+                        top_logprobs=top_logprobs) for q in questions for j in range(first, last)]
 
     def run(specs: list[RowSpec], policy: Policy | None) -> list[Row]:
         def after_token(batch: list[Row]) -> None:
@@ -347,7 +349,7 @@ def _results(rm, tokenizer, encoded: list[list[int]], rows: list[Row], ctx: _Con
         if row.finish == "pruned" and ctx.config.method in ("beam", "dvts"):
             continue  # a discarded partial beam: its tokens count, it is not a candidate
         c = to_candidate(rm, tokenizer, encoded[q], row.tokens, row.finish == "eos", row.features,
-                         row.signal_matrix(), q, len(res.candidates))
+                         row.signal_matrix(), q, len(res.candidates), top=row.top)
         if row.finish not in ("eos", "length"):
             c.extra["stopped"] = row.finish
         c.extra["generated_tokens"] = row.generated

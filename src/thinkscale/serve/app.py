@@ -323,7 +323,7 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
                     chunk = protocol.chunk_body(gen, settings, q, reasoning, content, first=True)
                     yield _sse(chunk), bool(reasoning or content)
                 yield _sse(protocol.chunk_body(gen, settings, q, finish_reason=answer.finish_reason,
-                                               selected=answer.selected)), False
+                                               selected=answer.selected, logprobs=answer.logprobs)), False
             if gen.include_usage:
                 yield _sse(protocol.usage_chunk(gen, settings, usage)), False
             yield "data: [DONE]\n\n", False

@@ -286,12 +286,6 @@ def parse_generation(body: Any, kind: str, settings: Settings, prompts: list[lis
     include_usage = bool((options or {}).get("include_usage", False))
 
     logprobs, top_logprobs = _logprobs(body, kind)
-    if logprobs and stream:
-        raise ApiError(400, "logprobs are returned for non-streamed requests only", param="logprobs",
-                       code="unsupported")
-    if logprobs and k > 1 and search != "best_of_n":
-        raise ApiError(400, "logprobs are not returned for a searched request (search other than best_of_n)",
-                       param="logprobs", code="unsupported")
     limit = _max_tokens(body, settings, max(len(p) for p in prompts))
     if vocab_size is not None:
         for i, ids in enumerate(prompts):
@@ -375,18 +369,20 @@ def response_body(gen: Generation, settings: Settings, answers: list[Answer], us
 
 
 def chunk_body(gen: Generation, settings: Settings, index: int, reasoning: str = "", content: str = "",
-               finish_reason: str | None = None, selected: dict | None = None, first: bool = False) -> dict[str, Any]:
-    """One server-sent event of a streamed response."""
+               finish_reason: str | None = None, selected: dict | None = None, first: bool = False,
+               logprobs: dict | None = None) -> dict[str, Any]:
+    """One server-sent event of a streamed response (`logprobs`: the choice's logprobs object, sent whole
+    with its last chunk)."""
     if gen.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         if reasoning:
             delta["reasoning_content"] = delta["reasoning"] = reasoning
         if content or (first and not reasoning):
             delta["content"] = content
-        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
         obj, prefix = "chat.completion.chunk", "chatcmpl"
     else:
-        choice = {"index": index, "text": reasoning + content, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": reasoning + content, "finish_reason": finish_reason, "logprobs": logprobs}
         obj, prefix = "text_completion", "cmpl"
     if selected is not None:
         choice["selected"] = selected
