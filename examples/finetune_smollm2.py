@@ -23,10 +23,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from thinkscale.reflect.loading import check_model_arg, load_policy, load_tokenizer
+from thinkscale.reflect.loading import check_model_arg
 from thinkscale.relax import DataParallel, algorithms, end_process_group, exit_process
 from thinkscale.relax.hooks import ByteGradHookState, Wire16HookState, bytegrad_hook, wire16_hook
 from thinkscale.train import sft
+from thinkscale.train.optim import make_optimizer
 
 DDP_HOOKS = ("none", "bytegrad", "bf16", "fp16")
 
@@ -62,18 +63,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def data(args, tokenizer, rank: int, world_size: int):
-    """Each rank's training micro-batches and the shared held-out batch, from the SFT stage's own helpers."""
-    options = sft.SFTOptions(out="-", num_train=args.train_examples, num_test=args.eval_examples, num_hard=0,
-                             seed=args.seed, batch_size=args.batch_size)
+def model_and_data(args, rank: int, world_size: int):
+    """The policy, its tokenizer, each rank's training micro-batches and the shared held-out batch, from the
+    SFT stage's own helpers (every example cut to --seq-len tokens)."""
+    options = sft.SFTOptions(out="-", model=args.model, num_train=args.train_examples, num_test=args.eval_examples,
+                             num_hard=0, seed=args.seed, batch_size=args.batch_size)
     train, test, _ = sft.load_data(options)
-
-    def encode(examples):  # every example cut to --seq-len tokens
-        return [(ids[:args.seq_len], labels[:args.seq_len]) for ids, labels in sft.encode_examples(tokenizer, examples)]
-
-    stream = sft.batches(sft.shard(encode(train), rank, world_size), args.batch_size, args.seed, rank)
+    module, tokenizer = sft.load_model_and_tokenizer(options, train)
+    local = sft.shard(sft.encode_examples(tokenizer, train, args.seq_len), rank, world_size)
+    stream = sft.batches(local, args.batch_size, args.seed, rank)
     micro_batches = (sft.collate(next(stream), tokenizer.pad_token_id) for _ in range(args.steps * args.accumulate))
-    return micro_batches, sft.collate(encode(test), tokenizer.pad_token_id)
+    held_out = sft.collate(sft.encode_examples(tokenizer, test, args.seq_len), tokenizer.pad_token_id)
+    return module.train(), tokenizer, micro_batches, held_out
 
 
 def wrap(args, module, optimizer):
@@ -96,16 +97,10 @@ def main(argv=None) -> int:
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout_s))
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(args.seed)
-    source = check_model_arg(args.model)
-    tokenizer = load_tokenizer(source)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss and attention
-    module = load_policy(source).train()
-    micro_batches, held_out = data(args, tokenizer, rank, world_size)
-    optimizer = algorithms.REGISTRY[args.algorithm].make_optimizer(
-        module.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, total_steps=args.steps) \
-        if args.ddp_hook is None else None
-    optimizer = optimizer or torch.optim.AdamW(module.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    module, tokenizer, micro_batches, held_out = model_and_data(args, rank, world_size)
+    # AdamW, or the algorithm's own optimizer (qadam)
+    optimizer = make_optimizer(module.parameters(), args.algorithm if args.ddp_hook is None else "gradient_allreduce",
+                               args.lr, 0.0, args.steps, betas=(0.9, 0.95))
     model = wrap(args, module, optimizer) if distributed else module
     how = f"DDP + {args.ddp_hook} hook" if args.ddp_hook else f"relax {args.algorithm}"
     if rank == 0:

@@ -2,6 +2,8 @@
 rejects bad input."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -258,7 +260,7 @@ def test_features_kept_at_possible_step_ends_only_and_top_logprobs():
     assert tok.convert_tokens_to_ids("Ċ") in openers or any("\n" in tok.decode([i]) for i in openers)
     prompts = [tok.encode(p) for p in PROMPTS]
     specs = [RowSpec(p, 20, temperature=1.0, top_p=0.9, seed=60 + i) for i, p in enumerate(prompts)]
-    full = decode_rows(rm, specs, {tok.eos_token_id}, tok.pad_token_id, top_logprobs=5)
+    full = decode_rows(rm, [replace(s, top_logprobs=5) for s in specs], {tok.eos_token_id}, tok.pad_token_id)
     kept = decode_rows(rm, specs, {tok.eos_token_id}, tok.pad_token_id, feature_tokens=openers)
     for p, a, b in zip(prompts, full, kept):
         assert a.tokens == b.tokens
@@ -275,7 +277,7 @@ def test_features_kept_at_possible_step_ends_only_and_top_logprobs():
         assert torch.allclose(logp.gather(-1, ids), logprobs, atol=1e-4)
     assert sum(len(r.features) for r in kept) < sum(len(r.tokens) for r in kept)
     with pytest.raises(ValueError, match="top_logprobs"):
-        decode_rows(rm, specs, {tok.eos_token_id}, tok.pad_token_id, top_logprobs=21)
+        decode_rows(rm, [replace(s, top_logprobs=21) for s in specs], {tok.eos_token_id}, tok.pad_token_id)
 
 
 def rm_scores(rm, tok, prompt, tokens, features):

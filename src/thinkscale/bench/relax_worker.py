@@ -278,13 +278,10 @@ def smollm2_workload(args, rank: int, world_size: int) -> Workload:
     train, test, _ = sft.load_data(options)
     module, tokenizer = sft.load_model_and_tokenizer(options, train)
 
-    def encode(examples):  # every example cut to --seq-len tokens
-        return [(ids[:args.seq_len], labels[:args.seq_len]) for ids, labels in sft.encode_examples(tokenizer, examples)]
-
-    local = sft.shard(encode(train), rank, world_size)
+    local = sft.shard(sft.encode_examples(tokenizer, train, args.seq_len), rank, world_size)
     stream = sft.batches(local, options.batch_size, options.seed, rank)
     batches = [sft.collate(next(stream), tokenizer.pad_token_id) for _ in range(args.steps * args.accumulate)]
-    eval_batch = sft.collate(encode(test), tokenizer.pad_token_id)
+    eval_batch = sft.collate(sft.encode_examples(tokenizer, test, args.seq_len), tokenizer.pad_token_id)
     lr = args.lr or 3e-5
     return Workload(module=module, batches=batches, eval_batch=eval_batch,
                     loss=lambda model, batch: model(**batch).loss, batch_size=options.batch_size, lr=lr, qadam_lr=lr)
@@ -303,7 +300,7 @@ def make_optimizer(args, workload: Workload, contender: Contender) -> torch.opti
         # the algorithm validates its options against the optimizer's, so both come from the spec
         own = algorithms.REGISTRY[contender.name].make_optimizer(
             params, lr=o.get("lr", workload.qadam_lr), betas=betas, weight_decay=o.get("weight_decay", 0.0),
-            total_steps=args.steps, **{k: o[k] for k in ("warmup_steps", "eps", "second_moment") if k in o})
+            total_steps=args.steps, **{k: o[k] for k in algorithms.REGISTRY[contender.name].optimizer_options if k in o})
         if own is not None:
             return own
     if args.workload != "mlp":

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from .candidate import Candidate
-from .engine import SAMPLING, RowSpec, candidate_rows, decode_rows
+from .engine import SAMPLING, Row, RowSpec, candidate_rows, decode_rows
 from .generate import check_sampling, eos_token_ids, eval_mode, pad_token_id, to_candidate
 from .search import SearchConfig, search
 from .select import choosing_strategy, parse_strategy, select
@@ -31,13 +31,15 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(hits)], True) if hits else (text, False)
 
 
-def reached_stop(tokenizer, tokens: Sequence[int], stop: Sequence[str]) -> bool:
-    """Whether a stop string has just completed in a row's newest tokens. Only the tail is decoded (a token
-    holds at least one byte, a character at most 4), not the whole row at every step."""
+def stop_at_strings(rows: Sequence[Row], tokenizer, stop: Sequence[str]) -> None:
+    """Stop each running row in which a stop string has just completed (an `after_token` policy). Only a
+    row's tail is decoded (a token holds at least one byte, a character at most 4), not the whole row."""
     if not stop:
-        return False
-    tail = list(tokens[-(4 * max(len(s) for s in stop) + 4):])
-    return cut_at_stop(tokenizer.decode(tail, skip_special_tokens=True), stop)[1]
+        return
+    tail = 4 * max(len(s) for s in stop) + 4
+    for row in rows:
+        if row.running and cut_at_stop(tokenizer.decode(row.tokens[-tail:], skip_special_tokens=True), stop)[1]:
+            row.stop("stop")
 
 
 @dataclass(frozen=True)
@@ -155,16 +157,10 @@ def answer(rm, tokenizer, request: AnswerRequest, head_trained: bool | None = No
         decoded = request.run_search(rm, tokenizer, seed)
     else:
         eos_ids = eos_token_ids(rm, tokenizer)
-        stop = request.stop
-
-        def at_stop(rows) -> None:
-            for row in rows:
-                if row.running and reached_stop(tokenizer, row.tokens, stop):
-                    row.stop("stop")
-
+        at_stop = (lambda rows: stop_at_strings(rows, tokenizer, request.stop)) if request.stop else None
         with eval_mode(rm):
             rows = decode_rows(rm, request.rows(seed), eos_ids, pad_token_id(tokenizer, eos_ids),
-                               after_token=at_stop if stop else None, feature_tokens=rm.step_feature_tokens(tokenizer))
+                               after_token=at_stop, feature_tokens=rm.step_feature_tokens(tokenizer))
         decoded = Decoded.of_candidates(request, [row_candidate(rm, tokenizer, row, row.spec.tag[1]) for row in rows])
     trained = bool(rm.head_is_trained) if head_trained is None else head_trained
     return choose(request, decoded, trained, think_end)

@@ -303,13 +303,15 @@ class DecodeBatch:
             raise ValueError("this model's KV cache cannot be spliced: rows join only an empty batch")
         rows = [Row(spec, policy=policy) for spec in specs]
         prompts = [tuple(spec.prompt) for spec in specs]
-        distinct = list(dict.fromkeys(prompts)) if self.share_prefill else prompts
-        where = {p: i for i, p in enumerate(distinct)}
+        if self.share_prefill:  # row r reads prefill row order[r]
+            distinct = list(dict.fromkeys(prompts))
+            order = [{p: i for i, p in enumerate(distinct)}[p] for p in prompts]
+        else:
+            distinct, order = prompts, list(range(len(prompts)))
         ids, attn = left_padded(distinct, self.pad_id, self.device)
         positions = (attn.cumsum(dim=1) - 1).clamp(min=0)  # left padding: real tokens count from 0
         out, feats = self._forward(ids, attn, positions, None, **self._extra)
-        index = torch.tensor([where[p] for p in prompts] if self.share_prefill else range(len(prompts)),
-                             device=self.device)
+        index = torch.tensor(order, device=self.device)
         if len(distinct) != len(prompts):
             out.cache.reorder_cache(index)  # a prompt's cache row, copied to each row that shares it
         attn, logits = attn[index], out.logits[:, -1].index_select(0, index)
@@ -402,8 +404,8 @@ def _run_policies(rows: list[Row]) -> None:
 def decode_rows(rm: ReflectiveModel, specs: Sequence[RowSpec], eos_ids: set[int], pad_id: int,
                 repetition_penalty: float = 1.0, keep_features: bool = True, keep_signals: bool = True,
                 after_token: AfterToken | None = None, feature_tokens: frozenset[int] | None = None,
-                top_logprobs: int = 0, nucleus_slice: int = NUCLEUS_SLICE,
-                compact_every: int = COMPACT_EVERY, share_prefill: bool = True) -> list[Row]:
+                nucleus_slice: int = NUCLEUS_SLICE, compact_every: int = COMPACT_EVERY,
+                share_prefill: bool = True) -> list[Row]:
     """Decode every row to its end (a `DecodeBatch` with all of them admitted at once); returns the rows of
     `specs` in order, then any forked rows in the order they were forked.
 
@@ -412,19 +414,15 @@ def decode_rows(rm: ReflectiveModel, specs: Sequence[RowSpec], eos_ids: set[int]
     `pause()`, `resume()` or `fork()` any of them. `keep_features` False runs the loop with no hook
     (generation alone); `feature_tokens` keeps a token's feature only when the token is one of these ids
     (the first tokens of the step delimiter: `ReflectiveModel.step_feature_tokens`). `keep_signals` False
-    leaves the signal rows empty; `top_logprobs` n in [0, 20] keeps each token's n most likely tokens (a
-    row's own `RowSpec.top_logprobs`, if larger, wins). `nucleus_slice` (see `next_tokens`),
-    `compact_every` (ended rows leave once they are 1/compact_every of the batch; more than
-    the batch's rows: as each ends) and
-    `share_prefill` (False: prefill a prompt once per row, the former cost) change the cost, never the
-    distribution a row samples from.
+    leaves the signal rows empty (a row's `RowSpec.top_logprobs` n in [0, 20] keeps each of its tokens' n
+    most likely alternatives). `nucleus_slice` (see `next_tokens`), `compact_every` (ended rows leave once
+    they are 1/compact_every of the batch; more than the batch's rows: as each ends) and `share_prefill`
+    (False: prefill a prompt once per row, the former cost) change the cost, never the distribution a row
+    samples from.
     """
-    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-        raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
     batch = DecodeBatch(rm, eos_ids, pad_id, repetition_penalty, keep_features, keep_signals, feature_tokens,
                         nucleus_slice, compact_every, share_prefill)
-    rows = batch.admit([s if s.top_logprobs >= top_logprobs else replace(s, top_logprobs=top_logprobs) for s in specs],
-                       after_token)
+    rows = batch.admit(specs, after_token)
     while batch.rows:
         rows += batch.step()
     return rows

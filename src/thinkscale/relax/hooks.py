@@ -279,7 +279,7 @@ class ByteGradHookState:
             error = CommunicationError(f"bytegrad_hook, bucket {index} failed: {self.failed} (if a peer rank died "
                                        f"or stopped calling in, its collectives time out after {self.timeout_s:.0f} s)")
             waiting, self._waiting = self._waiting, []
-            for pending in [f for *_, f in waiting if f is not future] + [future]:
+            for pending in [f for *_, f in waiting] + [future]:  # `future` may be among them: done once
                 if not pending.done():
                     pending.set_exception(error)
 
@@ -419,9 +419,10 @@ class Wire16HookState:
         self.messages: dict[tuple, torch.Tensor] = {}
 
     def message_for(self, index: int, buffer: torch.Tensor) -> torch.Tensor:
-        """The message of bucket `index` (buckets of one size are in flight together: one buffer each)."""
-        key = (index, buffer.numel(), buffer.device)
-        if key not in self.messages:
+        """The message of bucket `index` (buckets are in flight together: one buffer each; a bucket that
+        changes size - DDP's rebuild - gets a new one in place of the old)."""
+        key = (index, buffer.device)
+        if key not in self.messages or self.messages[key].numel() != buffer.numel():
             self.messages[key] = torch.empty(buffer.numel(), dtype=WIRE_DTYPES[self.wire_dtype], device=buffer.device)
         return self.messages[key]
 

@@ -50,7 +50,6 @@ from .wrapper import DEFAULT_TIMEOUT_S, DataParallel
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "relax"
-OWN_OPTIMIZER_OPTIONS = ("warmup_steps", "eps", "second_moment")  # what qadam's optimizer takes from the options
 
 
 class RelaxStrategy(DDPStrategy):
@@ -114,7 +113,7 @@ class RelaxStrategy(DDPStrategy):
             return
         # the algorithm's configured values (None: not given) with the options passed as keywords
         configured = {k: v for k, v in dataclasses.asdict(self.algorithm).items() if v is not None}
-        own_options = {k: v for k, v in configured.items() if k in OWN_OPTIMIZER_OPTIONS}
+        own_options = {k: v for k, v in configured.items() if k in self.algorithm.optimizer_options}
         settings, total = given.defaults, trainer.estimated_stepping_batches
         if "betas" not in settings or "lr" not in settings:
             raise ValueError(f"algorithm {self.algorithm.name!r} builds its own optimizer from an Adam-like one "

@@ -177,14 +177,15 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
     # -- answering -------------------------------------------------------------------------------
     def _job(gen: Generation, request: AnswerRequest, listener=None) -> Job:
         seed = gen.seed if gen.seed is not None else random.SystemRandom().randrange(2**62)
+        rows = request.rows(seed)  # a search makes rows like these as it goes: all are checked here
+        try:
+            state["scheduler"].check_fits(rows)
+        except ValueError as error:  # a candidate larger than the server's whole KV budget
+            raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
         if request.search_config is not None:  # one search call on the engine, for all the request's answers
-            try:  # its rows are made as it goes: check now that they fit (best-of-k rows are checked on submit)
-                state["scheduler"].check_fits(request.rows(seed))
-            except ValueError as error:
-                raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
             return Job([], gen.stop, call=lambda cancelled, run_rows: request.run_search(
                 served.rm, served.tokenizer, seed, cancelled, run_rows))
-        return Job(request.rows(seed), gen.stop, listener)
+        return Job(rows, gen.stop, listener)
 
     def _answer_request(gen: Generation) -> AnswerRequest:
         try:
@@ -195,8 +196,6 @@ def create_app(served: Served, options: ServeOptions = ServeOptions()) -> FastAP
     def _submit(job: Job) -> asyncio.Future:
         try:
             return asyncio.wrap_future(state["scheduler"].submit(job))
-        except ValueError as error:  # a candidate larger than the server's whole KV budget
-            raise ApiError(400, str(error), param="max_tokens", code="context_length_exceeded") from None
         except QueueFull as error:
             raise ApiError(429, f"the server is busy: {error}; retry later", code="queue_full",
                            headers={"Retry-After": "1"}) from None

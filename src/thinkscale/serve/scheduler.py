@@ -32,7 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
-from thinkscale.reflect.answer import reached_stop, row_candidate
+from thinkscale.reflect.answer import row_candidate, stop_at_strings
 from thinkscale.reflect.candidate import Candidate
 from thinkscale.reflect.engine import AfterToken, DecodeBatch, Row, RowSpec
 from thinkscale.reflect.generate import eval_mode
@@ -104,8 +104,8 @@ class Scheduler:
         self.max_batch, self.max_queue, self.pack, self.mode = max_batch, max_queue, pack, mode
         self.max_kv_tokens = max_kv_tokens
         self._pending: collections.deque[Job] = collections.deque()
-        self._groups: list[Job] = []
-        self._searches = 0  # search calls running on their own threads  # row groups in the batch, resolved when all their rows ended
+        self._groups: list[Job] = []  # row groups in the batch, resolved when all their rows ended
+        self._searches = 0  # search calls running on their own threads
         self._cond = threading.Condition()
         self._closing = False
         self.decoded_rows = 0
@@ -277,7 +277,7 @@ class Scheduler:
         while True:
             work = self._take_joining(batch)
             if work is None:
-                self._stop_rows(batch)
+                self._fail_running(batch)
                 return
             calls, taken = work
             for job in calls:
@@ -351,7 +351,7 @@ class Scheduler:
                 job.finished_step = self.steps
                 _resolve(job, list(job._rows))
 
-    def _stop_rows(self, batch: DecodeBatch) -> None:
+    def _fail_running(self, batch: DecodeBatch) -> None:
         for row in batch.rows:
             _fail(row.owner[0], ShuttingDown("the server shut down while this request was decoding"))
 
@@ -430,10 +430,9 @@ class Scheduler:
         if job.policy is not None:  # a search's rows: its policy decides (stop strings are cut afterwards)
             job.policy(rows)
             return
+        stop_at_strings(rows, self.tokenizer, job.stop)
         for row in rows:
             i = row.owner[1]
-            if job.stop and row.running and reached_stop(self.tokenizer, row.tokens, job.stop):
-                row.stop("stop")
             if job.listener is not None:
                 job.listener(i, list(row.tokens), not row.running)
             if not row.running:

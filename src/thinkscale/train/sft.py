@@ -125,9 +125,11 @@ def encode_example(tokenizer, question: str, completion: str) -> tuple[list[int]
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
-def encode_examples(tokenizer, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
-    """`encode_example` of each example's question and worked solution (what SFT trains on)."""
-    return [encode_example(tokenizer, e.question, completion_from_solution(e.solution, e.answer)) for e in examples]
+def encode_examples(tokenizer, examples: list[Example], max_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """`encode_example` of each example's question and worked solution (what SFT trains on); with
+    `max_tokens`, each cut to that many tokens."""
+    encoded = [encode_example(tokenizer, e.question, completion_from_solution(e.solution, e.answer)) for e in examples]
+    return encoded if max_tokens is None else [(ids[:max_tokens], labels[:max_tokens]) for ids, labels in encoded]
 
 
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -159,7 +161,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 
 def batches(examples: list, batch_size: int, seed: int, rank: int):
-    """Endless batches over `examples`, reshuffled every epoch (different order on every rank)."""
+    """Endless batches over `examples`, reshuffled every epoch (different order on every rank). Fewer
+    examples than `batch_size` make no batch: ValueError at the first one, not an endless loop."""
+    if len(examples) < batch_size:
+        raise ValueError(f"{len(examples)} training examples on this rank, fewer than the batch size {batch_size}")
     generator = torch.Generator().manual_seed(seed * 100_003 + rank)
     while True:
         order = torch.randperm(len(examples), generator=generator).tolist()

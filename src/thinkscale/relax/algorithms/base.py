@@ -67,6 +67,9 @@ class Algorithm:
 
     # Whether it sends 8-bit codes through `relax.quantize` (whose compiled kernels a benchmark may warm up).
     quantizes: ClassVar[bool] = False
+    # The config fields `make_optimizer` passes on as its own optimizer's options (an algorithm that
+    # builds its own optimizer: qadam).
+    optimizer_options: ClassVar[tuple[str, ...]] = ()
 
     def reify(self, engine: Engine) -> "AlgorithmImpl":
         raise NotImplementedError

@@ -233,6 +233,7 @@ class QAdam(Algorithm):
     full_precision_1d: bool = True  # m of 1-D parameters averaged in full precision
 
     quantizes = True
+    optimizer_options = ("warmup_steps", "eps", "second_moment")
 
     @classmethod
     def make_optimizer(cls, params, *, lr, betas, weight_decay, total_steps, **options) -> QAdamOptimizer:
